@@ -1,0 +1,79 @@
+"""The `distill` command: parses arguments, loads the config, calls a stage. No logic here.
+
+    distill run --config configs/default.yaml              # the whole pipeline
+    distill prepare|generate|curate|train|evaluate --config C [key=value ...]
+    distill data synth --task sentiment --n 600 --seed 0 --out data/sentiment.jsonl
+    distill config --config C [key=value ...]              # print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distill.config import ConfigError, dump_config, load_config
+from distill.curate_rules import CurationGateError
+
+# stage name -> "module:function"; imported lazily so `distill --help` does not load Ray
+STAGES = {
+    "prepare": "distill.data:prepare",
+    "generate": "distill.teacher:generate",
+    "curate": "distill.curate:curate",
+    "train": "distill.train:train",
+    "evaluate": "distill.evaluate:evaluate",
+    "run": "distill.pipeline:run",
+}
+
+
+def _stage(name: str):
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="LLM distillation on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        p = sub.add_parser(name, help=f"run the {name} stage" if name != "run" else "run the whole pipeline")
+        p.add_argument("--config", "-c", help="YAML run config (default: built-in defaults)")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p = sub.add_parser("config", help="validate and print the resolved config")
+    p.add_argument("--config", "-c")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the built-in dataset as JSONL")
+    synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
+    synth.add_argument("--n", type=int, default=600)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            from distill.synth import synth_rows, write_jsonl
+
+            count = write_jsonl(synth_rows(args.task, args.n, args.seed), args.out)
+            print(f"wrote {count} {args.task} rows to {args.out}")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(dump_config(cfg), end="")
+            return 0
+        _stage(args.command)(cfg, force=args.force)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CurationGateError) as e:
+        # user-facing failures (bad data, curation gate, missing files): no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

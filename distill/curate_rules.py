@@ -1,0 +1,146 @@
+"""Curation rules: pure functions that decide which teacher responses the student learns from.
+
+No Ray and no I/O here: `distill.curate` applies these over Ray Data and writes the results.
+Every dropped response gets exactly one named reason (the first rule it fails, in the order of
+`REASONS`), so the kept/dropped table adds up to the number of responses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, Iterable
+
+from distill import schema as S
+from distill.config import CurationConfig
+from distill.tasks import Task
+
+REASONS = ("error", "empty", "truncated", "too_short", "too_long", "refusal", "repetition",
+           "wrong_answer", "duplicate", "near_duplicate", "not_selected")
+
+_REFUSAL = re.compile(
+    r"\b(i'?m sorry|i am sorry|i cannot|i can'?t (help|assist|answer)|as an ai\b|i am unable|"
+    r"i'?m (not able|unable) to|i won'?t be able)",
+    re.I,
+)
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(text[:300]))
+
+
+def repetition_ratio(text: str, n: int) -> float:
+    """Share of word n-grams that repeat an earlier one: 0 for fresh text, near 1 for loops."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 2 * n:  # too short to call it degenerate
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def row_reason(row: dict[str, Any], task: Task, cfg: CurationConfig) -> str | None:
+    """The first rule that `row` (a teacher output) fails, or None when it passes all."""
+    text = row.get(S.TEXT) or ""
+    tokens = row.get(S.OUTPUT_TOKENS)  # None for imported outputs: no length bounds
+    if cfg.drop_errors and row.get(S.ERROR):
+        return "error"
+    if cfg.drop_empty and not text.strip():
+        return "empty"
+    if cfg.drop_truncated and row.get(S.FINISH_REASON) == "length":
+        return "truncated"
+    if tokens is not None and tokens < cfg.min_tokens:
+        return "too_short"
+    if tokens is not None and cfg.max_tokens is not None and tokens > cfg.max_tokens:
+        return "too_long"
+    if cfg.drop_refusals and is_refusal(text):
+        return "refusal"
+    if cfg.drop_repetition and repetition_ratio(text, cfg.repetition_ngram) > cfg.repetition_max_ratio:
+        return "repetition"
+    if cfg.check_answer and task.is_correct(text, row.get(S.REFERENCE)) is False:
+        return "wrong_answer"
+    return None
+
+
+def _pair_text(row: dict[str, Any]) -> str:
+    prompt = " ".join(m["content"] for m in row[S.MESSAGES])
+    return " ".join(f"{prompt} ||| {row[S.TEXT]}".lower().split())
+
+
+def exact_duplicates(rows: list[dict[str, Any]]) -> set[int]:
+    """Indices of rows whose (prompt, response) pair already occurred earlier.
+
+    Duplicates are judged on the pair, not the response alone: in classification tasks many
+    prompts legitimately share the response "positive"."""
+    seen: set[str] = set()
+    dup = set()
+    for i, row in enumerate(rows):
+        key = _pair_text(row)
+        if key in seen:
+            dup.add(i)
+        seen.add(key)
+    return dup
+
+
+def near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm: int = 64) -> set[int]:
+    """Indices of rows whose (prompt, response) pair is a MinHash-LSH near-duplicate of an
+    earlier one (Jaccard over word 3-shingles >= threshold), via datasketch."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    dup = set()
+    for i, row in enumerate(rows):
+        words = _pair_text(row).split()
+        shingles = {" ".join(words[j:j + 3]) for j in range(max(1, len(words) - 2))}
+        mh = MinHash(num_perm=num_perm, seed=1)
+        mh.update_batch([s.encode() for s in shingles])
+        if lsh.query(mh):
+            dup.add(i)
+        else:
+            lsh.insert(str(i), mh)
+    return dup
+
+
+def select_per_prompt(rows: list[dict[str, Any]], rule: str) -> set[int]:
+    """Indices (among passing rows) to keep: one per prompt, or all with `all_correct`."""
+    if rule == "all_correct":
+        return set(range(len(rows)))
+    best: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        j = best.get(row[S.ID])
+        if j is None:
+            best[row[S.ID]] = i
+        elif rule == "shortest_correct" and row[S.OUTPUT_TOKENS] < rows[j][S.OUTPUT_TOKENS]:
+            best[row[S.ID]] = i
+        elif rule == "first_correct" and row[S.SAMPLE] < rows[j][S.SAMPLE]:
+            best[row[S.ID]] = i
+    return set(best.values())
+
+
+def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
+                 prompts: int, kept_prompts: int) -> dict[str, Any]:
+    """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""
+    counts = Counter(r or "kept" for r in reasons)
+    return {
+        "responses": sum(counts.values()),
+        "kept": counts.get("kept", 0),
+        "dropped": {r: counts[r] for r in REASONS if counts.get(r)},
+        "examples": {r: ex for r, ex in examples.items() if ex},
+        "prompts": prompts,
+        "kept_prompts": kept_prompts,
+        "kept_ratio": round(kept_prompts / prompts, 4) if prompts else 0.0,
+    }
+
+
+def format_table(table: dict[str, Any]) -> str:
+    lines = [f"{'reason':<16}{'responses':>10}",
+             f"{'kept':<16}{table['kept']:>10}"]
+    lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
+    lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
+    for reason, examples in table["examples"].items():
+        for ex in examples[:2]:
+            lines.append(f"  e.g. {reason}: {ex[:100]!r}")
+    return "\n".join(lines)
+
+
+class CurationGateError(RuntimeError):
+    """Too few prompts kept a response: training on what is left would not be worth it."""

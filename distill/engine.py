@@ -1,0 +1,155 @@
+"""The vLLM engine behind one small interface: CPU (laptop, CI) and CUDA (cluster) differ only here.
+
+    llm = make_llm(model_path, EngineConfig())
+    outputs = generate_rows(llm, tokenizer, messages_batch, SamplingConfig(), top_k=5)
+
+Everything that turns config into vLLM arguments, and vLLM outputs into schema rows, lives here;
+`teacher.py`, `evaluate.py` and `serve/` call it and never touch vLLM's settings themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+
+from distill import schema as S
+from distill.config import EngineConfig, SamplingConfig
+from distill.hardware import cuda_available, fast_dtype
+
+
+def resolve_device(cfg: EngineConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if cuda_available() else "cpu"
+
+
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
+    """Environment for a process that will host an engine (set before vLLM is imported)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if cfg.cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    return env
+
+
+def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
+    device = resolve_device(cfg)
+    kw: dict[str, Any] = {
+        "model": model,
+        "dtype": fast_dtype(device) if cfg.dtype == "auto" else cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "enforce_eager": cfg.enforce_eager,
+        "max_num_seqs": cfg.max_num_seqs,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "seed": 0,
+    }
+    if device == "cpu":
+        # the KV cache lives in RAM: size it explicitly (vLLM's fraction-of-memory default fails)
+        kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 512 * 2**20
+        kw["distributed_executor_backend"] = "uni" if cfg.tensor_parallel_size == 1 else "mp"
+    else:
+        kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.kv_cache_memory_bytes:
+            kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        # tensor parallelism inside one actor that holds all its GPUs: local worker processes
+        kw["distributed_executor_backend"] = "mp" if cfg.tensor_parallel_size > 1 else "uni"
+    return kw
+
+
+def make_llm(model: str, cfg: EngineConfig):
+    for key, value in engine_env(cfg).items():
+        os.environ.setdefault(key, value)
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model, cfg))
+
+
+def request_seed(row_id: str, seed: int) -> int:
+    """Per-request seed from the row id: sampled outputs do not depend on batching or resumes."""
+    return int(hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()[:8], 16)
+
+
+def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_tokens,
+        seed=request_seed(row_id, cfg.seed) if row_id is not None and cfg.temperature > 0 else None,
+        logprobs=top_k if top_k > 0 else None,
+        flat_logprobs=top_k > 0,
+    )
+
+
+def pack_topk(flat, sampled_ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vLLM FlatLogprobs -> (topk_ids[T*k], topk_logprobs[T*k], sampled_logprobs[T]).
+
+    Per position vLLM lists the sampled token first, then ranks 1..k (the sampled token may
+    appear twice). We store ranks 1..k sorted by descending logprob, and the sampled token's
+    logprob separately.
+    """
+    T = len(sampled_ids)
+    ids = np.zeros((T, k), dtype=np.int32)
+    vals = np.full((T, k), -np.inf, dtype=np.float32)
+    sampled = np.zeros(T, dtype=np.float32)
+    for t in range(T):
+        start, end = flat.start_indices[t], flat.end_indices[t]
+        sampled[t] = flat.logprobs[start]
+        entries = [(flat.logprobs[i], flat.token_ids[i]) for i in range(start + 1, end)
+                   if flat.ranks[i] is not None and flat.ranks[i] <= k]
+        if len(entries) < k:  # the sampled token was within the top k and is listed once only
+            entries = sorted({(flat.logprobs[i], flat.token_ids[i]) for i in range(start, end)},
+                             reverse=True)
+        entries = sorted(entries, reverse=True)[:k]
+        for r, (lp, tid) in enumerate(entries):
+            ids[t, r], vals[t, r] = tid, lp
+    return ids.reshape(-1), vals.reshape(-1), sampled
+
+
+def error_rows(row: dict[str, Any], error: str, n: int) -> list[dict[str, Any]]:
+    return [{**row, S.SAMPLE: s, S.TEXT: "", S.TOKEN_IDS: [], S.PROMPT_TOKENS: 0,
+             S.OUTPUT_TOKENS: 0, S.FINISH_REASON: "error", S.ERROR: error, S.TOPK: 0,
+             S.TOPK_IDS: [], S.TOPK_LOGPROBS: [], S.SAMPLED_LOGPROBS: []} for s in range(n)]
+
+
+def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
+                  max_model_len: int) -> list[dict[str, Any]]:
+    """Generate for prompt rows (schema.PROMPT_SCHEMA dicts); n output rows per prompt.
+
+    Prompts are tokenised here with the model's chat template so an over-long prompt becomes
+    an error row instead of failing the whole batch."""
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    out: list[dict[str, Any]] = []
+    todo, prompts, params = [], [], []
+    for row in rows:
+        ids = tokenizer.apply_chat_template(list(row[S.MESSAGES]), add_generation_prompt=True,
+                                            tokenize=True)
+        if hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        if len(ids) >= max_model_len:
+            out += error_rows(row, f"prompt has {len(ids)} tokens; max_model_len is {max_model_len}",
+                              sampling.n)
+            continue
+        todo.append(row)
+        prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
+        params.append(sampling_params(sampling, top_k, row[S.ID]))
+    results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+    for row, res in zip(todo, results):
+        for s, comp in enumerate(res.outputs):
+            token_ids = list(comp.token_ids)
+            if top_k > 0 and comp.logprobs is not None:
+                tk_ids, tk_vals, sampled = pack_topk(comp.logprobs, token_ids, top_k)
+            else:
+                tk_ids, tk_vals, sampled = np.array([], np.int32), np.array([], np.float32), np.array([], np.float32)
+            out.append({**row, S.SAMPLE: s, S.TEXT: comp.text, S.TOKEN_IDS: token_ids,
+                        S.PROMPT_TOKENS: len(res.prompt_token_ids), S.OUTPUT_TOKENS: len(token_ids),
+                        S.FINISH_REASON: comp.finish_reason or "stop", S.ERROR: None,
+                        S.TOPK: top_k, S.TOPK_IDS: tk_ids, S.TOPK_LOGPROBS: tk_vals,
+                        S.SAMPLED_LOGPROBS: sampled})
+    return out

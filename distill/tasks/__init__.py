@@ -1,0 +1,35 @@
+"""Task types (as in the Azure ML distillation workflow): conversation, qa, math, nli, summarization.
+
+    from distill.tasks import get_task
+    task = get_task("nli", labels=["positive", "negative"])
+    task.score(["It is positive."], ["positive"])   # {"accuracy": 1.0, ...}
+"""
+
+from __future__ import annotations
+
+from distill.tasks.base import Task
+from distill.tasks.conversation import ConversationTask
+from distill.tasks.math import MathTask
+from distill.tasks.nli import NLITask
+from distill.tasks.qa import QATask
+from distill.tasks.summarization import SummarizationTask
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (ConversationTask, QATask, MathTask, NLITask, SummarizationTask)
+}
+
+
+def get_task(name: str, labels: list[str] | None = None, chain_of_thought: bool = False,
+             system_prompt: str | None = None) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task type {name!r}; choose one of {sorted(TASKS)}")
+    kw = {"chain_of_thought": chain_of_thought, "system_prompt": system_prompt}
+    return NLITask(labels=labels, **kw) if name == "nli" else TASKS[name](**kw)
+
+
+def task_from_config(cfg) -> Task:
+    """The task of a `TaskConfig`."""
+    return get_task(cfg.type, cfg.labels, cfg.chain_of_thought, cfg.system_prompt)
+
+
+__all__ = ["Task", "TASKS", "get_task", "task_from_config"]

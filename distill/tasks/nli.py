@@ -1,0 +1,54 @@
+"""NLI and plain classification: a label from free text over a configured label set.
+
+Small chat models answer "The sentiment of this review is positive." or hedge ("neutral, and
+it's a positive one"): a response counts as a label only when exactly one label is asserted
+(negated mentions such as "not positive" are ignored); anything else is unparsable and counted.
+"""
+
+from __future__ import annotations
+
+import re
+
+from distill.tasks.base import Task, mean
+
+DEFAULT_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+class NLITask(Task):
+    name = "nli"
+    primary = "accuracy"
+
+    def __init__(self, labels: list[str] | None = None, **kw):
+        super().__init__(**kw)
+        self.labels = [label.lower() for label in (labels or DEFAULT_LABELS)]
+        alternatives = "|".join(re.escape(label) for label in self.labels)
+        self._mention = re.compile(rf"\b(not\s+|n't\s+)?({alternatives})\b", re.I)
+
+    @property
+    def default_system(self) -> str:  # type: ignore[override]
+        return f"Answer with one word: {', '.join(self.labels)}."
+
+    def extract(self, response: str) -> str | None:
+        asserted = {m.group(2).lower() for m in self._mention.finditer(response) if not m.group(1)}
+        return asserted.pop() if len(asserted) == 1 else None
+
+    def is_correct(self, response: str, reference: str | None) -> bool | None:
+        if reference is None:
+            return None
+        return self.extract(response) == reference.strip().lower()
+
+    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        pred = [self.extract(p) for p in predictions]
+        gold = [self.extract(r) or r.strip().lower() for r in references]
+        f1s = []
+        for label in self.labels:
+            tp = sum(p == label and g == label for p, g in zip(pred, gold))
+            fp = sum(p == label and g != label for p, g in zip(pred, gold))
+            fn = sum(p != label and g == label for p, g in zip(pred, gold))
+            if tp + fp + fn:
+                f1s.append(2 * tp / (2 * tp + fp + fn))
+        return {
+            "accuracy": mean([p == g for p, g in zip(pred, gold)]),
+            "macro_f1": mean(f1s),
+            "parsed": mean([p is not None for p in pred]),
+        }

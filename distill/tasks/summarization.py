@@ -1,0 +1,22 @@
+"""Summarization: ROUGE-L F-measure (rouge-score) and the summary/reference length ratio."""
+
+from __future__ import annotations
+
+from rouge_score import rouge_scorer
+
+from distill.tasks.base import Task, mean
+
+
+class SummarizationTask(Task):
+    name = "summarization"
+    primary = "rougeL"
+    default_system = "Summarize the text in one or two sentences."
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        f = [self._scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+        ratios = [len(p.split()) / max(1, len(r.split())) for p, r in zip(predictions, references)]
+        return {"rougeL": mean(f), "length_ratio": mean(ratios)}

@@ -1,0 +1,72 @@
+"""Shared fixtures: one Ray cluster and one tiny model per test session.
+
+Integration tests use the real engines (Ray, vLLM's CPU backend, DeepSpeed) on a tiny random
+Llama that shares the embedded default's tokenizer (so it also fits logit-level KD with it).
+Every Ray test carries a hard timeout: resource problems in Ray hang instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random Llama with the SmolLM2 tokenizer; head_dim 32 (vLLM's CPU attention minimum)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from distill.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=1,
+        head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def tiny_config(run_dir: Path, model: str, **sections):
+    """A RunConfig for the tiny model on the built-in sentiment set (small and fast)."""
+    from distill.config import RunConfig
+
+    raw = {
+        "run_dir": str(run_dir),
+        "data": {"source": {"kind": "synth", "name": "sentiment", "n": 24, "seed": 0}},
+        "task": {"type": "nli", "labels": ["positive", "negative"]},
+        "teacher": {"kind": "vllm", "path": model,
+                    "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
+        "student": {"kind": "pretrained", "path": model},
+        "generation": {"sampling": {"max_tokens": 8}, "top_k_logprobs": 4, "batch_size": 4,
+                       "rows_per_file": 4},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return RunConfig.model_validate(raw)

@@ -1,0 +1,107 @@
+"""generate on a real local Ray cluster with real vLLM (CPU) and a tiny random Llama."""
+
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+from distill.data import prepare
+from distill.teacher import generate
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+
+def _teacher_rows(run_dir):
+    return pq.read_table(run_dir / "teacher").to_pylist()
+
+
+def _prompt_ids(run_dir, splits=("train", "validation")):
+    return {r["id"] for r in pq.read_table(run_dir / "prompts").to_pylist() if r["split"] in splits}
+
+
+def test_generate_contract_and_an_overlong_prompt(tmp_path, tiny_model, ray_cluster):
+    cfg = tiny_config(tmp_path / "run", tiny_model)
+    prepare(cfg)
+    # one prompt far past max_model_len (256 tokens): it must become an error row
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prompts = pq.read_table(tmp_path / "run" / "prompts")
+    row = prompts.filter(pc.equal(prompts["split"], "train")).slice(0, 1).to_pylist()[0]
+    row.update(id="too-long", messages=[{"role": "user", "content": "word " * 600}])
+    pq.write_table(pa.Table.from_pylist([row], schema=prompts.schema),
+                   tmp_path / "run" / "prompts" / "part-99999.parquet")
+
+    stats = generate(cfg)
+    rows = _teacher_rows(tmp_path / "run")
+    expected = _prompt_ids(tmp_path / "run")
+    assert sorted(r["id"] for r in rows) == sorted(expected)  # N in, N out, ids preserved
+    bad = next(r for r in rows if r["id"] == "too-long")
+    assert bad["finish_reason"] == "error" and "max_model_len" in bad["error"]
+    assert stats["errors"] == 1
+    k = cfg.generation.top_k_logprobs
+    for r in rows:
+        if r["id"] == "too-long":
+            continue
+        T = len(r["token_ids"])
+        assert 0 < T <= cfg.generation.sampling.max_tokens == r["output_tokens"] or T == r["output_tokens"]
+        assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == T * k
+        lp = np.array(r["topk_logprobs"], dtype=np.float32).reshape(T, k)
+        assert np.all(np.diff(lp, axis=1) <= 1e-3), "top-k sorted by descending logprob"
+        # greedy: the sampled token is the argmax, so its logprob equals the top-1 value
+        np.testing.assert_allclose(r["sampled_logprobs"], lp[:, 0], atol=2e-2)
+    assert stats["bytes_per_output_token"] > 0
+
+
+def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_cluster):
+    import os
+    import signal
+
+    import psutil
+
+    cfg = tiny_config(tmp_path / "run", tiny_model, data={"source": {"kind": "synth", "name": "sentiment", "n": 60}},
+                      generation={"batch_size": 2, "rows_per_file": 2, "sampling": {"max_tokens": 16}})
+    prepare(cfg)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(generate(cfg)))
+    worker.start()
+    teacher_dir = tmp_path / "run" / "teacher"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(teacher_dir.glob("part-*.parquet")):
+        time.sleep(0.2)
+    written_at_kill = len(list(teacher_dir.glob("part-*.parquet")))
+    # Ray titles an actor's process `ray::<class>`: find the teacher's and kill it for real
+    actors = [p for p in psutil.process_iter(["cmdline"])
+              if "TeacherWorker" in " ".join(p.info["cmdline"] or [])]
+    assert actors, "the teacher actor should be alive mid-run"
+    os.kill(actors[0].pid, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    ids = [r["id"] for r in _teacher_rows(tmp_path / "run")]
+    expected = _prompt_ids(tmp_path / "run")
+    assert written_at_kill < len(expected) / 2, "the kill happened mid-run"
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == expected
+
+
+def test_interrupted_run_regenerates_only_missing_rows(tmp_path, tiny_model, ray_cluster):
+    cfg = tiny_config(tmp_path / "run", tiny_model)
+    prepare(cfg)
+    generate(cfg)
+    teacher_dir = tmp_path / "run" / "teacher"
+    parts = sorted(teacher_dir.glob("part-*.parquet"))
+    lost = parts[: len(parts) // 2]
+    lost_rows = sum(pq.read_metadata(p).num_rows for p in lost)
+    for p in lost:
+        p.unlink()
+    (teacher_dir / "_SUCCESS.json").unlink()  # as if the run had crashed before finishing
+    (teacher_dir / ".part-x.deadbeef.tmp").write_bytes(b"half a file")  # a crash leftover
+    stats = generate(cfg)
+    assert stats["generated"] == lost_rows
+    assert stats["skipped"] == len(_prompt_ids(tmp_path / "run")) - lost_rows
+    ids = [r["id"] for r in _teacher_rows(tmp_path / "run")]
+    assert len(ids) == len(set(ids)) == len(_prompt_ids(tmp_path / "run"))
+    # finished and unchanged: a rerun does nothing
+    assert generate(cfg)["finished_at"] == stats["finished_at"]

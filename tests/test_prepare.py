@@ -1,0 +1,110 @@
+"""prepare: reading, validation with file:line errors, stable ids, deterministic splits."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from distill.config import load_config
+from distill.data import BadRow, assign_split, prepare
+from distill.synth import synth_rows
+
+
+def _write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cfg(tmp_path, src, *extra):
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source.path={src}", *extra])
+
+
+def test_prompt_and_messages_rows_are_normalised(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [
+        {"prompt": "2+2?", "reference": 4, "id": 7},
+        {"prompt": "hi", "system": "Be brief."},
+        {"messages": [{"role": "user", "content": "Capital of France?"},
+                      {"role": "assistant", "content": "Paris"}]},
+    ])
+    stats = prepare(_cfg(tmp_path, src, "task.type=qa"))
+    table = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
+    assert stats["rows"] == 3
+    by_ref = {r["reference"]: r for r in table}
+    assert by_ref["4"]["id"] == "7"
+    assert by_ref["Paris"]["messages"][-1] == {"role": "user", "content": "Capital of France?"}
+    assert by_ref["Paris"]["messages"][0]["role"] == "system"  # the task's system prompt
+    hi = next(r for r in table if r["reference"] is None)
+    assert hi["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_ids_and_splits_are_stable_across_runs(tmp_path):
+    rows = list(synth_rows("sentiment", 200, 3))
+    src = _write(tmp_path / "in.jsonl", [{"prompt": r["prompt"]} for r in rows])
+    prepare(_cfg(tmp_path, src))
+    first = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
+    prepare(_cfg(tmp_path, src), force=True)
+    second = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
+    assert [(r["id"], r["split"]) for r in first] == [(r["id"], r["split"]) for r in second]
+    splits = [r["split"] for r in first]
+    assert 0.1 < splits.count("test") / 200 < 0.35 and splits.count("validation") > 5
+
+
+def test_split_is_a_function_of_the_id():
+    assert assign_split("abc", 0.1, 0.2, 0) == assign_split("abc", 0.1, 0.2, 0)
+    assert {assign_split(str(i), 0.0, 0.0, 0) for i in range(50)} == {"train"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "in.jsonl:2: not valid JSON"),
+    ({"text": "no prompt"}, "in.jsonl:2: a row needs `messages` or `prompt`"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "in.jsonl:2: each message needs role"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "must end with a user turn"),
+    ({"prompt": ""}, "`prompt` must be a non-empty string"),
+    ({"prompt": "a", "id": "1"}, "duplicate id '1'"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, bad, message):
+    src = _write(tmp_path / "in.jsonl", [{"prompt": "ok", "id": "1"}, bad])
+    with pytest.raises(BadRow, match="on_bad_row=skip") as e:
+        prepare(_cfg(tmp_path, src))
+    assert message in str(e.value)
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"prompt": "ok"}, "{oops", {"x": 1}, {"prompt": "fine"}])
+    stats = prepare(_cfg(tmp_path, src, "data.on_bad_row=skip"))
+    assert stats["rows"] == 2 and stats["skipped"] == 2
+
+
+def test_parquet_input_and_folder_input(tmp_path):
+    import pyarrow as pa
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"q{i}", "reference": str(i)} for i in range(5)]),
+                   folder / "a.parquet")
+    _write(folder / "b.jsonl", [{"prompt": "q9"}])
+    assert prepare(_cfg(tmp_path, folder))["rows"] == 6
+
+
+def test_rerun_is_a_no_op_and_a_changed_config_redoes_it(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(10)])
+    prepare(_cfg(tmp_path, src))
+    part = next((tmp_path / "run" / "prompts").glob("*.parquet"))
+    before = part.stat().st_mtime_ns
+    prepare(_cfg(tmp_path, src))
+    assert part.stat().st_mtime_ns == before
+    assert prepare(_cfg(tmp_path, src, "data.limit=4"))["rows"] == 4
+
+
+def test_missing_input_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.source.path"):
+        prepare(_cfg(tmp_path, tmp_path / "nope.jsonl"))
+
+
+def test_synth_is_deterministic_and_checkable():
+    a, b = list(synth_rows("math", 50, 1)), list(synth_rows("math", 50, 1))
+    assert a == b and len({r["prompt"] for r in a}) == 50
+    assert all(r["reference"].lstrip("-").isdigit() for r in a)
+    assert list(synth_rows("math", 5, 2)) != a[:5]
+    labels = {r["reference"] for r in synth_rows("nli", 60, 0)}
+    assert labels == {"entailment", "neutral", "contradiction"}
