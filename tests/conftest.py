@@ -70,3 +70,34 @@ def tiny_config(run_dir: Path, model: str, **sections):
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return RunConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def generated_run(tmp_path_factory, tiny_model, ray_cluster):
+    """A run with prompts and teacher outputs from the tiny model (made once per session),
+    including one prompt longer than the context, which must come out as an error row.
+    Tests copy it with `copy_run` before changing anything."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from distill.data import prepare
+    from distill.teacher import generate
+
+    run_dir = tmp_path_factory.mktemp("generated") / "run"
+    cfg = tiny_config(run_dir, tiny_model)
+    prepare(cfg)
+    prompts = pq.read_table(run_dir / "prompts")
+    row = prompts.filter(pc.equal(prompts["split"], "train")).slice(0, 1).to_pylist()[0]
+    row.update(id="too-long", messages=[{"role": "user", "content": "word " * 600}])
+    pq.write_table(pa.Table.from_pylist([row], schema=prompts.schema), run_dir / "prompts" / "part-99999.parquet")
+    stats = generate(cfg)
+    return run_dir, stats
+
+
+def copy_run(src: Path, dst: Path, model: str, **sections):
+    """A copy of a run directory and a config pointing at it."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return tiny_config(dst, model, **sections)

