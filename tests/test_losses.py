@@ -1,0 +1,108 @@
+"""KD losses tested by their mathematical properties on small random tensors."""
+
+import pytest
+import torch
+
+from distill.losses import IGNORE, distill_loss, generalised_jsd, kl, response_ce, topk_kd
+
+B, T, V, K = 2, 5, 11, 4
+
+
+def _setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g)
+    teacher_logits = torch.randn(B, T, V, generator=g) * 2
+    t_logp = teacher_logits.log_softmax(-1)
+    vals, ids = t_logp.topk(K, dim=-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    return logits, ids, vals, mask
+
+
+def _as_teacher(logits):
+    """Top-k of the student itself: the two distributions are then identical."""
+    vals, ids = logits.log_softmax(-1).topk(K, dim=-1)
+    return ids, vals
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_zero_for_identical_distributions(div, tau):
+    logits, _, _, mask = _setup()
+    ids, vals = _as_teacher(logits)
+    assert topk_kd(logits, ids, vals, mask, div, temperature=tau).item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_positive_for_different_distributions(div):
+    logits, ids, vals, mask = _setup()
+    assert topk_kd(logits, ids, vals, mask, div).item() > 1e-3
+
+
+def test_jsd_at_its_limits_equals_the_kls():
+    logits, ids, vals, mask = _setup()
+    fwd = topk_kd(logits, ids, vals, mask, "forward_kl")
+    rev = topk_kd(logits, ids, vals, mask, "reverse_kl")
+    assert topk_kd(logits, ids, vals, mask, "jsd", beta=0.0).item() == pytest.approx(fwd.item())
+    assert topk_kd(logits, ids, vals, mask, "jsd", beta=1.0).item() == pytest.approx(rev.item())
+    # in between it is a proper JSD, bounded by ln 2
+    mid = topk_kd(logits, ids, vals, mask, "jsd", beta=0.5).item()
+    assert 0 < mid <= torch.log(torch.tensor(2.0)).item() + 1e-6
+
+
+def test_jsd_is_symmetric_at_one_half():
+    p = torch.randn(3, 7).log_softmax(-1)
+    q = torch.randn(3, 7).log_softmax(-1)
+    torch.testing.assert_close(generalised_jsd(p, q, 0.5), generalised_jsd(q, p, 0.5))
+    assert not torch.allclose(kl(p, q), kl(q, p))  # while KL is not
+
+
+def test_temperature_flattens_and_is_scaled_by_tau_squared():
+    logits, ids, vals, mask = _setup()
+    # a very high temperature makes both partitioned distributions nearly uniform: KL/tau^2 -> 0
+    raw_hot = topk_kd(logits, ids, vals, mask, temperature=50.0).item() / 50.0**2
+    raw_one = topk_kd(logits, ids, vals, mask, temperature=1.0).item()
+    assert raw_hot < raw_one / 100
+
+
+def test_masked_positions_do_not_count():
+    logits, ids, vals, mask = _setup()
+    mask[:, 2:] = False
+    full = topk_kd(logits, ids, vals, mask)
+    changed = logits.clone()
+    changed[:, 2:] = torch.randn_like(changed[:, 2:]) * 10
+    assert topk_kd(changed, ids, vals, mask).item() == pytest.approx(full.item())
+    labels = torch.randint(0, V, (B, T))
+    labels[:, 2:] = IGNORE
+    assert response_ce(changed, labels).item() == pytest.approx(response_ce(logits, labels).item())
+
+
+def test_response_ce_matches_a_hand_computed_value():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[0, IGNORE]])
+    expected = -torch.log_softmax(torch.tensor([2.0, 0.0]), -1)[0]
+    assert response_ce(logits, labels).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+def test_gradients_are_finite_and_move_the_student_toward_the_teacher(div):
+    logits, ids, vals, mask = _setup()
+    logits = logits.clone().requires_grad_(True)
+    before = topk_kd(logits, ids, vals, mask, div)
+    before.backward()
+    assert torch.isfinite(logits.grad).all()
+    with torch.no_grad():
+        stepped = logits - 0.5 * logits.grad
+    assert topk_kd(stepped, ids, vals, mask, div).item() < before.item()
+
+
+def test_mixing_weight():
+    logits, ids, vals, mask = _setup()
+    labels = torch.randint(0, V, (B, T))
+    ce_only, parts = distill_loss(logits, labels, ids, vals, kd_weight=0.0)
+    assert ce_only.item() == pytest.approx(parts["ce"])
+    kd_only, parts = distill_loss(logits, labels, ids, vals, kd_weight=1.0)
+    assert kd_only.item() == pytest.approx(parts["kd"])
+    half, _ = distill_loss(logits, labels, ids, vals, kd_weight=0.5)
+    assert half.item() == pytest.approx(0.5 * ce_only.item() + 0.5 * kd_only.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        topk_kd(logits, ids, vals, mask, "wasserstein")
