@@ -88,12 +88,15 @@ def topk_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
-                 topk_logprobs: torch.Tensor | None, kd_weight: float, **kd) -> tuple[torch.Tensor, dict]:
+                 topk_logprobs: torch.Tensor | None, kd_weight: float,
+                 kd_mask: torch.Tensor | None = None, **kd) -> tuple[torch.Tensor, dict]:
     """(1 - kd_weight) * hard CE + kd_weight * top-k KD; without top-k, the hard CE alone.
-    Returns the loss and its parts (detached floats) for logging."""
+    `kd_mask` [B, T] defaults to the response positions. Returns the loss and its parts
+    (detached floats) for logging."""
     ce = response_ce(student_logits, labels)
     if topk_ids is None or kd_weight == 0.0:
         return ce, {"ce": ce.item()}
-    kd_loss = topk_kd(student_logits, topk_ids, topk_logprobs, labels != IGNORE, **kd)
+    mask = labels != IGNORE if kd_mask is None else kd_mask
+    kd_loss = topk_kd(student_logits, topk_ids, topk_logprobs, mask, **kd)
     loss = (1 - kd_weight) * ce + kd_weight * kd_loss
     return loss, {"ce": ce.item(), "kd": kd_loss.item()}

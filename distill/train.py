@@ -1,0 +1,226 @@
+"""train: the student learns from curated teacher outputs in Ray Train workers running DeepSpeed.
+
+    distill train --config configs/default.yaml
+
+setup (driver): resolve the student (derive it from the teacher, or load any HF folder), check
+  the tokenizers (logit-level KD needs the teacher's; a mismatch is refused unless
+  `training.allow_sequence_fallback`), tokenize the curated rows into Ray Datasets.
+train (workers): `deepspeed.initialize` with the ZeRO stage, precision, accumulation, clipping,
+  AdamW and a warmup+cosine schedule from config; response-only CE (sequence-level KD) or CE +
+  top-k KL/JSD (logit-level KD); validation loss each epoch; a DeepSpeed checkpoint reported to
+  Ray Train every `checkpoint_every_steps`; on a restart (FailureConfig) or a resubmitted run
+  (same run_dir) training resumes from the latest checkpoint and skips the consumed batches.
+save: ZeRO-3 weights are gathered; rank 0 writes a plain Hugging Face folder (tokenizer and
+  chat template included) to `student/`, loadable by transformers and vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from distill import schema as S
+from distill.config import RunConfig
+from distill.hardware import fast_dtype
+from distill.rundir import RunDir
+
+FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def student_base(cfg: RunConfig, rd: RunDir) -> str:
+    """The student before distillation (also the evaluation baseline)."""
+    from distill.models import derive_student, resolve_model
+
+    if cfg.student.kind == "pretrained":
+        return resolve_model(cfg.student.path)
+    if not rd.root.is_local:
+        raise ValueError("a derived student needs a local run_dir (or set student.kind=pretrained)")
+    teacher = cfg.teacher.path
+    if teacher is None:
+        raise ValueError("student.kind=derived needs teacher.path (the model to take layers from)")
+    return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / "student-init"))
+
+
+def resolve_method(cfg: RunConfig, student_path: str) -> str:
+    """'logit' or 'sequence'. Logit-level KD needs the teacher's tokenizer; refuse a mismatch
+    unless the fall-back to sequence-level KD is allowed."""
+    from transformers import AutoTokenizer
+
+    from distill.models import resolve_model
+    from distill.train_data import TokenizerMismatch, same_tokenizer
+
+    if cfg.training.method == "sequence":
+        return "sequence"
+    if cfg.teacher.path is None or cfg.generation.top_k_logprobs == 0:
+        raise TokenizerMismatch("training.method=logit needs stored teacher top-k "
+                                "(generation.top_k_logprobs > 0 and a vllm teacher)")
+    teacher_tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
+    student_tok = AutoTokenizer.from_pretrained(student_path)
+    if same_tokenizer(teacher_tok, student_tok):
+        return "logit"
+    message = ("the student's tokenizer differs from the teacher's, so the teacher's top-k "
+               "logprobs do not apply (logit-level KD); the fall-back is sequence-level KD on "
+               "the teacher's text: set training.method=sequence, or "
+               "training.allow_sequence_fallback=true")
+    if not cfg.training.allow_sequence_fallback:
+        raise TokenizerMismatch(message)
+    print(f"[train] warning: {message}; falling back to sequence-level KD")
+    return "sequence"
+
+
+def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str):
+    import pyarrow.compute as pc
+    from transformers import AutoTokenizer
+
+    from distill.train_data import tokenize_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    curated = rd.curated.read_table()
+    same = method == "logit" or cfg.training.method == "sequence" and _same_as_teacher(cfg, tokenizer)
+    out = {}
+    for split in ("train", "validation"):
+        rows = curated.filter(pc.equal(curated[S.SPLIT], split)).to_pylist()
+        out[split] = tokenize_rows(rows, tokenizer, cfg.training.max_seq_len, use_teacher_ids=same,
+                                   top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
+    if not out["train"]:
+        raise ValueError("no curated training examples: check the curation table")
+    return out
+
+
+def _same_as_teacher(cfg: RunConfig, tokenizer) -> bool:
+    from transformers import AutoTokenizer
+
+    from distill.models import resolve_model
+    from distill.train_data import same_tokenizer
+
+    if cfg.teacher.path is None or cfg.teacher.kind == "precomputed":
+        return False
+    return same_tokenizer(AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path)), tokenizer)
+
+
+def precision(cfg: RunConfig) -> str:
+    if cfg.training.precision != "auto":
+        return cfg.training.precision
+    device = "cuda" if cfg.training.use_gpu else "cpu"
+    return "bf16" if fast_dtype(device) == "bfloat16" else "fp32"
+
+
+def deepspeed_config(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
+    t = cfg.training
+    prec = precision(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        # torch_adam avoids compiling DeepSpeed's fused Adam op on machines without a toolchain
+        "optimizer": {"type": "AdamW", "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay,
+                                                  "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(1, total_steps),
+            "warmup_num_steps": max(1, int(t.warmup_ratio * total_steps)),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    rd = RunDir(cfg)
+    if force:
+        rd.reset("train")
+    if rd.is_done("train"):
+        stats = rd.done_stats("train")
+        print(f"[train] up to date: student in {rd.student.uri}")
+        return stats
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from distill.ray_utils import connect
+
+    base = student_base(cfg, rd)
+    method = resolve_method(cfg, base)
+    examples = _examples(cfg, rd, base, method)
+    t = cfg.training
+    rows_per_worker = len(examples["train"]) // t.workers
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size) // t.gradient_accumulation)
+    total_steps = steps_per_epoch * t.epochs
+    connect(cfg.ray)
+    datasets = {"train": ray.data.from_items(examples["train"])}
+    if examples["validation"]:
+        datasets["validation"] = ray.data.from_items(examples["validation"])
+    storage = rd.checkpoints.path if rd.root.is_local else rd.checkpoints.uri
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"), "student_path": base, "method": method,
+        "ds_config": deepspeed_config(cfg, total_steps), "steps_per_epoch": steps_per_epoch,
+        "export_dir": rd.student.path if rd.root.is_local else None,
+        "has_validation": "validation" in datasets,
+        "history_uri": rd.root.join("train_history.json").uri,
+        "fail_at_step": int(os.environ.get(FAIL_ENV, "0")), "fail_marker": f"{rd.checkpoints.path}/.failed-once",
+    }
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        resume_from_checkpoint=_latest_checkpoint(rd),
+    )
+    print(f"[train] {method}-level KD: {len(examples['train'])} examples, {t.epochs} epochs, "
+          f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}")
+    with rd.stage("train") as stats:
+        start = time.time()
+        trainer.fit()
+        history = rd.root.join("train_history.json").read_json()
+        losses = [h for h in history if "loss" in h]
+        vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
+        workers = t.workers * (1 if t.use_gpu else 0)
+        stats.update(rows=len(examples["train"]), method=method, steps=losses[-1]["step"] if losses else 0,
+                     first_loss=losses[0]["loss"] if losses else None,
+                     final_loss=losses[-1]["loss"] if losses else None,
+                     val_loss=vals[-1] if vals else None, student_base=base, student=rd.student.uri,
+                     accelerator_s=round((time.time() - start) * workers, 1))
+    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {rd.student.uri}")
+    return stats
+
+
+def _latest_checkpoint(rd: RunDir):
+    """The newest checkpoint of an earlier, unfinished run in this run directory (if any)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    folder = rd.checkpoints.join("train")
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    ckpts = [p for p in infos if p.base_name.startswith("checkpoint_")]
+    if not ckpts:
+        return None
+    newest = max(ckpts, key=lambda p: p.base_name)
+    return ray.train.Checkpoint(newest.path, filesystem=folder.fs)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _train_loop(config: dict) -> None:
+    from distill.train_loop import run_worker
+
+    run_worker(config)

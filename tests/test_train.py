@@ -1,0 +1,93 @@
+"""train on real Ray Train + DeepSpeed (2 CPU workers) with a tiny random student."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import copy_run, make_tiny_llama
+from distill.curate import curate
+from distill.train import train
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+LENIENT = {"drop_truncated": False, "drop_empty": False, "drop_repetition": False,
+           "check_answer": False, "dedup_exact": False, "min_kept_ratio": 0.5}
+
+
+def _run(generated_run, tiny_model, tmp_path, **training):
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model, curation=LENIENT,
+                   training={"workers": 2, "batch_size": 2, "epochs": 3, "learning_rate": 1e-2,
+                             "checkpoint_every_steps": 2, "log_every_steps": 1, "precision": "fp32",
+                             "max_seq_len": 96, **training})
+    curate(cfg)
+    return cfg
+
+
+def _history(run_dir):
+    return json.loads((run_dir / "train_history.json").read_text())
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ray_cluster, zero):
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=zero)
+    stats = train(cfg)
+    history = _history(tmp_path / "run")
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0] * 0.8, losses
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    assert len(vals) == 3 and vals[-1] < vals[0]  # validation loss each epoch, falling
+    assert stats["final_loss"] == losses[-1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = tmp_path / "run" / "student"
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tok = AutoTokenizer.from_pretrained(student)
+    assert tok.chat_template and model.config.num_hidden_layers == 2
+    out = model.generate(**tok("Review: great", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > 0
+
+
+def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, ray_cluster, monkeypatch):
+    reference = _run(generated_run, tiny_model, tmp_path / "a", zero_stage=2, max_failures=1)
+    train(reference)
+    monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
+    crashed = _run(generated_run, tiny_model, tmp_path / "b", zero_stage=2, max_failures=1)
+    train(crashed)
+    assert (tmp_path / "b" / "run" / "checkpoints" / ".failed-once").exists()
+    clean, resumed = _history(tmp_path / "a" / "run"), _history(tmp_path / "b" / "run")
+    steps = [h["step"] for h in resumed if "loss" in h]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # the step counter continued
+    last = lambda h: [x["loss"] for x in h if "loss" in x][-1]  # noqa: E731
+    assert abs(last(resumed) - last(clean)) / last(clean) < 0.02
+
+
+def test_logit_kd_moves_the_student_toward_the_teacher(generated_run, tiny_model, tmp_path, ray_cluster):
+    # the teacher is the tiny model, whose top-k is stored; the student starts from other weights
+    student = make_tiny_llama(tmp_path / "student", seed=1)
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, method="logit",
+               kd={"kd_weight": 1.0, "divergence": "forward_kl"})
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": str(student)})})
+    stats = train(cfg)
+    kd = [h["kd"] for h in _history(tmp_path / "run") if "kd" in h]
+    assert stats["method"] == "logit" and kd[-1] < kd[0] * 0.8, kd
+
+
+def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run, tiny_model, tmp_path, ray_cluster):
+    from transformers import AutoTokenizer
+
+    from distill.train import resolve_method
+    from distill.train_data import TokenizerMismatch
+
+    other = make_tiny_llama(tmp_path / "other")
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra_token_a>", "<extra_token_b>"])
+    tok.save_pretrained(other)
+    cfg = _run(generated_run, tiny_model, tmp_path, method="logit")
+    cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": str(other)})})
+    with pytest.raises(TokenizerMismatch, match="training.method=sequence"):
+        resolve_method(cfg, str(other))
+    fallback = cfg.model_copy(update={"training": cfg.training.model_copy(update={"allow_sequence_fallback": True})})
+    assert resolve_method(fallback, str(other)) == "sequence"
+    stats = train(fallback)
+    assert stats["method"] == "sequence" and (tmp_path / "run" / "student" / "config.json").exists()
