@@ -52,8 +52,10 @@ class EngineConfig(Strict):
     # Eager mode skips the per-process compile (35-60 s on the CPU); turn off for GPU throughput.
     enforce_eager: bool = True
     max_num_seqs: int = Field(256, ge=1)
-    # Pin a CPU engine's OpenMP threads, e.g. "0-1"; None lets vLLM pick.
-    cpu_threads_bind: str | None = None
+    # CPU engines: OpenMP thread binding. "all" = every core of the node (one engine per node);
+    # "0-3" etc. pins explicitly (two engines on one node need disjoint ranges); None = vLLM's
+    # default, which binds to one core and reserves the rest.
+    cpu_threads_bind: str | None = "all"
 
 
 class ModelSpec(Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ def resolve_device(cfg: EngineConfig) -> str:
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
     """Environment for a process that will host an engine (set before vLLM is imported)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if cfg.cpu_threads_bind:
+    if cfg.cpu_threads_bind and cfg.cpu_threads_bind != "all":
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
     return env
 
@@ -59,7 +60,16 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
 
 
 def make_llm(model: str, cfg: EngineConfig):
-    for key, value in engine_env(cfg).items():
+    env = engine_env(cfg)
+    if cfg.cpu_threads_bind == "all" and resolve_device(cfg) == "cpu":
+        # resolved here, in the process that hosts the engine: the node's own core count. Ray
+        # sets OMP_NUM_THREADS to the actor's num_cpus (1), which would idle the other cores.
+        cores = os.cpu_count() or 1
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
+        os.environ["OMP_NUM_THREADS"] = str(cores)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(cores)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     from vllm import LLM
 

@@ -1,0 +1,47 @@
+"""The whole pipeline on tiny models: end to end, idempotent, resumable after a stage crash."""
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from distill.curate_rules import CurationGateError
+from distill.pipeline import run
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster):
+    strict = tiny_config(tmp_path / "run", tiny_model, evaluation={"latency_requests": 2, "sampling": {"max_tokens": 4}},
+                         training={"epochs": 1, "batch_size": 4, "precision": "fp32", "zero_stage": 0})
+    # the tiny teacher's outputs fail strict curation: the run stops at curate, before training
+    with pytest.raises(CurationGateError):
+        run(strict)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"prepare", "generate"}
+    generated_at = manifest["stages"]["generate"]["finished_at"]
+
+    lenient = strict.model_copy(update={"curation": strict.curation.model_copy(update={
+        "drop_truncated": False, "drop_empty": False, "drop_repetition": False, "check_answer": False,
+        "dedup_exact": False})})
+    results = run(lenient)  # resumes: prepare and generate are up to date
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["finished_at"] == generated_at
+    assert set(manifest["stages"]) == {"prepare", "generate", "curate", "train", "evaluate"}
+
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "student", "baseline"}
+    n_test = manifest["stages"]["prepare"]["splits"]["test"]
+    assert report["summary"]["test_prompts"] == n_test == manifest["stages"]["evaluate"]["rows"]
+    for name, m in report["models"].items():
+        assert 0.0 <= m["metrics"]["accuracy"] <= 1.0 and m["latency_p50_s"] > 0 and m["parameters"] > 0
+    # the teacher agrees with itself; a student's agreement is computed against the teacher's text
+    assert "agreement" in report["models"]["student"] and "agreement" not in report["models"]["teacher"]
+    assert set(report["stages"]) >= {"prepare", "generate", "curate", "train"}
+    for f in ("report.md", "score.png", "latency_vs_score.png", "loss.png", "predictions.parquet"):
+        assert (tmp_path / "run" / "eval" / f).exists(), f
+    assert "keeps" in (tmp_path / "run" / "eval" / "report.md").read_text()
+
+    # idempotent: a finished run does nothing
+    again = run(lenient)
+    assert again["evaluate"]["finished_at"] == results["evaluate"]["finished_at"]
