@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -28,11 +27,28 @@ def resolve_device(cfg: EngineConfig) -> str:
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
-    """Environment for a process that will host an engine (set before vLLM is imported)."""
+    """Environment for a process that will host an engine, set when the process starts (a Ray
+    actor's runtime_env): OpenMP reads its thread count once, and vLLM's CPU attention fails when
+    that count and the bound cores disagree. Ray would otherwise set OMP_NUM_THREADS to the
+    actor's num_cpus (1) and leave the other cores idle. "all" means this machine's cores (the
+    laptop case; on a cluster give explicit ranges per node type)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if cfg.cpu_threads_bind and cfg.cpu_threads_bind != "all":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    bind = cfg.cpu_threads_bind
+    if bind and resolve_device(cfg) == "cpu":
+        if bind == "all":
+            bind = f"0-{(os.cpu_count() or 1) - 1}"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        env["OMP_NUM_THREADS"] = str(_count_cores(bind))
     return env
+
+
+def _count_cores(bind: str) -> int:
+    """Cores in a binding like "0-3" or "0,2,4-5" (vLLM's syntax; "|" separates ranks)."""
+    total = 0
+    for part in bind.split("|")[0].split(","):
+        lo, _, hi = part.partition("-")
+        total += int(hi) - int(lo) + 1 if hi else 1
+    return total
 
 
 def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
@@ -60,16 +76,7 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
 
 
 def make_llm(model: str, cfg: EngineConfig):
-    env = engine_env(cfg)
-    if cfg.cpu_threads_bind == "all" and resolve_device(cfg) == "cpu":
-        # resolved here, in the process that hosts the engine: the node's own core count. Ray
-        # sets OMP_NUM_THREADS to the actor's num_cpus (1), which would idle the other cores.
-        cores = os.cpu_count() or 1
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{cores - 1}"
-        os.environ["OMP_NUM_THREADS"] = str(cores)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(cores)
-    for key, value in env.items():
+    for key, value in engine_env(cfg).items():
         os.environ.setdefault(key, value)
     from vllm import LLM
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-_EPS = 1e-8
+_EPS = 1e-6  # representable next to 1.0 in fp32
 
 
 def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,8 +83,8 @@ def topk_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
         per_pos = generalised_jsd(teacher, student, beta)
     else:
         raise ValueError(f"unknown divergence {divergence!r}: forward_kl, reverse_kl or jsd")
-    mask = mask.float()
-    return (per_pos * mask).sum() / mask.sum().clamp(min=1) * temperature**2
+    per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))  # masked: no NaN/inf leaks in
+    return per_pos.sum() / mask.float().sum().clamp(min=1) * temperature**2
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,

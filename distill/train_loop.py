@@ -72,12 +72,16 @@ def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None) ->
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.training.zero_stage == 3 else None
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.training.zero_stage == 3 else engine.module.state_dict()
     if rank != 0 or export_dir is None:
         return
+    # export in the dtype the student came in (bf16 for the embedded default), not the fp32 master
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = export_dir + ".tmp"
-    module = engine.module
-    module.save_pretrained(tmp, state_dict=state) if state is not None else module.save_pretrained(tmp)
+    engine.module.save_pretrained(tmp, state_dict=state)
+    model.config.save_pretrained(tmp)  # keeps the original dtype entry
     tokenizer.save_pretrained(tmp)
     if os.path.exists(export_dir):
         import shutil
@@ -96,6 +100,8 @@ def run_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(t.seed)
+    if not t.use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     method = config["method"]
     top_k = cfg.generation.top_k_logprobs if method == "logit" else 0
     tokenizer = AutoTokenizer.from_pretrained(config["student_path"])

@@ -63,7 +63,8 @@ def tiny_config(run_dir: Path, model: str, **sections):
         "task": {"type": "nli", "labels": ["positive", "negative"]},
         "teacher": {"kind": "vllm", "path": model,
                     "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
-        "student": {"kind": "pretrained", "path": model},
+        "student": {"kind": "pretrained", "path": model,
+                    "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
         "generation": {"sampling": {"max_tokens": 8}, "top_k_logprobs": 4, "batch_size": 4,
                        "rows_per_file": 4},
     }
