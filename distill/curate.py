@@ -82,36 +82,36 @@ def curate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         print(f"[curate] up to date: kept {stats['table']['kept']} responses in {rd.curated.uri}")
         print(format_table(stats["table"]))
         return stats
-    teacher = rd.teacher.read_table()
-    with_reason = _row_reasons(cfg, teacher.select(_RULE_COLUMNS))
-    reasons = with_reason[S.DROP_REASON].to_pylist()
-    passing = [i for i, r in enumerate(reasons) if r is None]
-    rows = with_reason.take(pa.array(passing, pa.int64())).to_pylist()
-    for i, reason in zip(passing, apply_global_rules(rows, cfg.curation)):
-        reasons[i] = reason
-
-    kept_mask = pa.array([r is None for r in reasons])
-    kept = teacher.filter(kept_mask)
-    texts = teacher[S.TEXT].to_pylist()
-    examples: dict[str, list[str]] = {}
-    for reason, text in zip(reasons, texts):
-        if reason and len(examples.setdefault(reason, [])) < cfg.curation.examples_per_reason:
-            examples[reason].append(text)
-    prompts = len(set(teacher[S.ID].to_pylist()))
-    kept_prompts = len(set(kept[S.ID].to_pylist()))
-    table = reason_table(reasons, examples, prompts, kept_prompts)
-    print(format_table(table))
-    if table["kept_ratio"] < cfg.curation.min_kept_ratio:
-        rd.curated.join("_table.json").write_json(table)
-        raise CurationGateError(
-            f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
-            f"{cfg.curation.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
-            "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
-            "samples with generation.sampling.n and a temperature for wrong answers), switch off "
-            "a rule, or lower curation.min_kept_ratio."
-        )
     rd.begin("curate")
-    with rd.stage("curate") as stats:
+    with rd.stage("curate") as stats:  # a gate failure leaves the stage unfinished
+        teacher = rd.teacher.read_table()
+        with_reason = _row_reasons(cfg, teacher.select(_RULE_COLUMNS))
+        reasons = with_reason[S.DROP_REASON].to_pylist()
+        passing = [i for i, r in enumerate(reasons) if r is None]
+        rows = with_reason.take(pa.array(passing, pa.int64())).to_pylist()
+        for i, reason in zip(passing, apply_global_rules(rows, cfg.curation)):
+            reasons[i] = reason
+
+        kept_mask = pa.array([r is None for r in reasons])
+        kept = teacher.filter(kept_mask)
+        texts = teacher[S.TEXT].to_pylist()
+        examples: dict[str, list[str]] = {}
+        for reason, text in zip(reasons, texts):
+            if reason and len(examples.setdefault(reason, [])) < cfg.curation.examples_per_reason:
+                examples[reason].append(text)
+        prompts = len(set(teacher[S.ID].to_pylist()))
+        kept_prompts = len(set(kept[S.ID].to_pylist()))
+        table = reason_table(reasons, examples, prompts, kept_prompts)
+        print(format_table(table))
+        if table["kept_ratio"] < cfg.curation.min_kept_ratio:
+            rd.curated.join("_table.json").write_json(table)
+            raise CurationGateError(
+                f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
+                f"{cfg.curation.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
+                "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
+                "samples with generation.sampling.n and a temperature for wrong answers), switch off "
+                "a rule, or lower curation.min_kept_ratio."
+            )
         for i in range(0, max(1, len(kept)), cfg.generation.rows_per_file):
             rd.curated.write_part(kept.slice(i, cfg.generation.rows_per_file), f"part-{i:08d}")
         dropped_mask = pc.invert(kept_mask)

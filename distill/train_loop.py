@@ -68,7 +68,8 @@ def _save_checkpoint(engine, state: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None) -> None:
+def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None,
+            export_dtype: torch.dtype) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -76,12 +77,11 @@ def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None) ->
     if rank != 0 or export_dir is None:
         return
     # export in the dtype the student came in (bf16 for the embedded default), not the fp32 master
-    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = export_dtype
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = export_dir + ".tmp"
+    model.config.dtype = export_dtype
     engine.module.save_pretrained(tmp, state_dict=state)
-    model.config.save_pretrained(tmp)  # keeps the original dtype entry
     tokenizer.save_pretrained(tmp)
     if os.path.exists(export_dir):
         import shutil
@@ -93,7 +93,7 @@ def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None) ->
 def run_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     cfg = RunConfig.model_validate(config["cfg"])
     t = cfg.training
@@ -106,6 +106,9 @@ def run_worker(config: dict[str, Any]) -> None:
     top_k = cfg.generation.top_k_logprobs if method == "logit" else 0
     tokenizer = AutoTokenizer.from_pretrained(config["student_path"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    saved = AutoConfig.from_pretrained(config["student_path"])
+    export_dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None) or torch.float32
+    export_dtype = getattr(torch, export_dtype) if isinstance(export_dtype, str) else export_dtype
     model = AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=config["ds_config"])
@@ -159,5 +162,5 @@ def run_worker(config: dict[str, Any]) -> None:
             locate(config["history_uri"]).write_json(state["history"])
         if epoch + 1 < t.epochs:
             _save_checkpoint(engine, metrics)
-    _export(engine, model, tokenizer, cfg, config["export_dir"])
+    _export(engine, model, tokenizer, cfg, config["export_dir"], export_dtype)
 
