@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 
 import torch
@@ -46,9 +47,13 @@ def plain_pytorch(path: str, steps: int, batch: int, seq: int) -> dict:
 
 
 def _ray_worker(config: dict) -> None:
+    import os
+
     import deepspeed
     import ray.train
 
+    # the cores divided among the workers, as the plain loop gets all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ray.train.get_context().get_world_size()))
     model = _model(config["path"])
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config["ds"])
     data = _batches(config["steps"], config["batch"], config["seq"], model.config.vocab_size)
@@ -60,8 +65,10 @@ def _ray_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
     tokens = config["steps"] * config["batch"] * config["seq"] * ray.train.get_context().get_world_size()
-    ray.train.report({"tok_s": tokens / (time.time() - start),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    if ray.train.get_context().get_world_rank() == 0:  # Train V2 keeps metrics only with checkpoints
+        with open(config["out"], "w") as f:
+            json.dump({"tok_s": tokens / (time.time() - start),
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 
 
 def ray_deepspeed(path: str, workers: int, steps: int, batch: int, seq: int) -> dict:
@@ -73,17 +80,19 @@ def ray_deepspeed(path: str, workers: int, steps: int, batch: int, seq: int) -> 
 
     cfg = load_config("configs/default.yaml", [f"training.batch_size={batch}", "training.zero_stage=2"])
     ds = deepspeed_config(cfg, steps + 1)
+    out = tempfile.mktemp(suffix=".json")
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"path": path, "ds": ds, "steps": steps, "batch": batch, "seq": seq},
+        _ray_worker, train_loop_config={"path": path, "ds": ds, "steps": steps, "batch": batch, "seq": seq, "out": out},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}))
-    return dict(trainer.fit().metrics)
+    trainer.fit()
+    with open(out) as f:
+        return json.load(f)
 
 
 def main() -> None:
     import ray
 
     from distill.models import derive_student
-    import tempfile
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)

@@ -212,6 +212,16 @@ class KDLossConfig(Strict):
     kd_weight: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term vs hard CE")
 
 
+class LoraConfig(Strict):
+    """Train low-rank adapters instead of all weights (peft); merged into the export."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
+
+
 class TrainingConfig(Strict):
     method: Literal["sequence", "logit"] = "sequence"
     kd: KDLossConfig = KDLossConfig()
@@ -233,6 +243,14 @@ class TrainingConfig(Strict):
     max_failures: int = Field(1, ge=0)
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
+    lora: LoraConfig | None = None
+
+    @model_validator(mode="after")
+    def _lora_needs_whole_weights(self) -> "TrainingConfig":
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("LoRA runs with zero_stage 0-2 (its adapters are merged into whole "
+                             "weights for export); set training.zero_stage=2 or drop training.lora")
+        return self
 
 
 class EvaluationConfig(Strict):

@@ -68,20 +68,23 @@ def _save_checkpoint(engine, state: dict) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _export(engine, model, tokenizer, cfg: RunConfig, export_dir: str | None,
+def _export(engine, tokenizer, cfg: RunConfig, export_dir: str | None,
             export_dtype: torch.dtype) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.training.zero_stage == 3 else engine.module.state_dict()
+    module = engine.module
+    if cfg.training.lora is not None:
+        module = module.merge_and_unload()  # a plain model again: adapters folded into the weights
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.training.zero_stage == 3 else module.state_dict()
     if rank != 0 or export_dir is None:
         return
     # export in the dtype the student came in (bf16 for the embedded default), not the fp32 master
     dtype = export_dtype
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = export_dir + ".tmp"
-    model.config.dtype = export_dtype
-    engine.module.save_pretrained(tmp, state_dict=state)
+    module.config.dtype = export_dtype
+    module.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(export_dir):
         import shutil
@@ -110,7 +113,12 @@ def run_worker(config: dict[str, Any]) -> None:
     export_dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None) or torch.float32
     export_dtype = getattr(torch, export_dtype) if isinstance(export_dtype, str) else export_dtype
     model = AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    if t.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                                                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=config["ds_config"])
     state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
@@ -162,5 +170,5 @@ def run_worker(config: dict[str, Any]) -> None:
             locate(config["history_uri"]).write_json(state["history"])
         if epoch + 1 < t.epochs:
             _save_checkpoint(engine, metrics)
-    _export(engine, model, tokenizer, cfg, config["export_dir"], export_dtype)
+    _export(engine, tokenizer, cfg, config["export_dir"], export_dtype)
 

@@ -91,3 +91,19 @@ def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run
     assert resolve_method(fallback, str(other)) == "sequence"
     stats = train(fallback)
     assert stats["method"] == "sequence" and (tmp_path / "run" / "student" / "config.json").exists()
+
+
+def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_model, tmp_path, ray_cluster):
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16})
+    stats = train(cfg)
+    losses = [h["loss"] for h in _history(tmp_path / "run") if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    names = set(exported.state_dict())
+    assert names == set(base.state_dict()) and not any("lora" in n for n in names)
+    changed = [n for n, w in exported.state_dict().items() if not w.equal(base.state_dict()[n])]
+    assert changed and all(any(m in n for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
+    assert stats["method"] == "sequence"
