@@ -147,7 +147,7 @@ def _run_pool(cfg: RunConfig, rd: RunDir, todo: pa.Table, start: float) -> None:
         TeacherWorker,
         batch_size=bs,
         batch_format="pyarrow",
-        concurrency=(teacher.pool.min, teacher.pool.max),
+        compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max),
         num_cpus=teacher.pool.num_cpus,
         num_gpus=teacher.pool.num_gpus or None,
         runtime_env={"env_vars": engine_env(teacher.engine)},
