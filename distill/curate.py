@@ -75,10 +75,7 @@ def apply_global_rules(rows: list[dict[str, Any]], cfg: CurationConfig) -> list[
 
 def curate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg)
-    if force:
-        rd.reset("curate")
-    if rd.is_done("curate"):
-        stats = rd.done_stats("curate")
+    if (stats := rd.up_to_date("curate", force)) is not None:
         print(f"[curate] up to date: kept {stats['table']['kept']} responses in {rd.curated.uri}")
         print(format_table(stats["table"]))
         return stats

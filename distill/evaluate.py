@@ -122,11 +122,9 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     from distill.tasks import task_from_config
 
     rd = RunDir(cfg)
-    if force:
-        rd.reset("evaluate")
-    if rd.is_done("evaluate"):
+    if (stats := rd.up_to_date("evaluate", force)) is not None:
         print(f"[evaluate] up to date: {rd.eval.uri}/report.md")
-        return rd.done_stats("evaluate")
+        return stats
     prompts = rd.prompts.read_table()
     test = prompts.filter(pc.equal(prompts[S.SPLIT], "test"))
     if cfg.evaluation.limit:

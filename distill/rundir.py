@@ -84,6 +84,13 @@ class RunDir:
         if out.exists():
             out.remove()
 
+    def up_to_date(self, stage: str, force: bool) -> dict[str, Any] | None:
+        """The stats of a finished stage whose output is still valid, else None (`force`
+        clears the output first, so the stage runs again)."""
+        if force:
+            self.reset(stage)
+        return self.done_stats(stage) if self.is_done(stage) else None
+
     def done_stats(self, stage: str) -> dict[str, Any]:
         return self._marker(stage).read_json()
 

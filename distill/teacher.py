@@ -93,10 +93,7 @@ def _drop_partial(rd: RunDir, done: set[str]) -> None:
 
 def generate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg)
-    if force:
-        rd.reset("generate")
-    if rd.is_done("generate"):
-        stats = rd.done_stats("generate")
+    if (stats := rd.up_to_date("generate", force)) is not None:
         print(f"[generate] up to date: {stats['rows']} responses in {rd.teacher.uri}")
         return stats
     if cfg.teacher.kind == "precomputed":

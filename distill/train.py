@@ -138,10 +138,7 @@ def deepspeed_config(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
 
 def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg)
-    if force:
-        rd.reset("train")
-    if rd.is_done("train"):
-        stats = rd.done_stats("train")
+    if (stats := rd.up_to_date("train", force)) is not None:
         print(f"[train] up to date: student in {rd.student.uri}")
         return stats
     import ray.data
