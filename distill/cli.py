@@ -4,6 +4,8 @@
     distill prepare|generate|curate|train|evaluate --config C [key=value ...]
     distill data synth --task sentiment --n 600 --seed 0 --out data/sentiment.jsonl
     distill config --config C [key=value ...]              # print the resolved config
+    distill serve runs/default [key=value ...]             # teacher + student + `ab` over HTTP
+    distill ab-report --url http://127.0.0.1:8000 --out runs/default/serve
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate and print the resolved config")
     p.add_argument("--config", "-c")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("serve", help="host teacher and student behind an OpenAI-compatible A/B endpoint")
+    p.add_argument("target", help="a run directory (after `distill run`) or a config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("ab-report", help="per-arm figures of a running `distill serve`")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--out", help="folder for ab_report.json/.md/.png")
+    p.add_argument("--api-key-env", default="DISTILL_API_KEY")
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in dataset as JSONL")
     synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
@@ -59,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
 
             count = write_jsonl(synth_rows(args.task, args.n, args.seed), args.out)
             print(f"wrote {count} {args.task} rows to {args.out}")
+            return 0
+        if args.command == "ab-report":
+            from serve.report import ab_report
+
+            ab_report(args.url, args.out, args.api_key_env)
+            return 0
+        if args.command == "serve":
+            from serve.app import load_target, serve_forever
+
+            serve_forever(load_target(args.target, args.overrides))
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":

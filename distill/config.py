@@ -261,11 +261,53 @@ class EvaluationConfig(Strict):
     limit: int | None = Field(None, ge=1)
 
 
+HostedModel = Literal["teacher", "student", "baseline"]
+
+
+class ReplicaConfig(Strict):
+    """Resources and scaling of one model's Serve deployment. min == max: a fixed replica count;
+    min < max: Serve autoscales on ongoing requests per replica. `max_queued_requests` bounds the
+    queue in front of the replicas: beyond it callers get 503 (backpressure), not a growing wait."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ReplicaConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServingConfig(Strict):
-    host: str = "127.0.0.1"
+    """`distill serve`: the hosted models behind one OpenAI-compatible endpoint, and the `ab` alias
+    that splits traffic between them by weight, sticky per user."""
+
+    host: str = Field("127.0.0.1", description="loopback by default; 0.0.0.0 to expose it")
     port: int = Field(8000, ge=1, le=65535)
+    models: list[HostedModel] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)
     ab_weights: dict[str, float] = Field(default_factory=lambda: {"teacher": 0.5, "student": 0.5})
-    api_key_env: str = "DISTILL_API_KEY"
+    user_header: str = Field("x-user-id", description="sticky key when the request has no `user`")
+    api_key_env: str = Field("DISTILL_API_KEY", description="env var holding the API key (unset: no auth)")
+    default_max_tokens: int = Field(256, ge=1)
+    replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _weights_name_hosted_models(self) -> "ServingConfig":
+        unknown = sorted(set(self.ab_weights) - set(self.models))
+        if unknown:
+            raise ValueError(f"ab_weights names {unknown}, which are not in serving.models {self.models}")
+        if any(w < 0 for w in self.ab_weights.values()) or sum(self.ab_weights.values()) <= 0:
+            raise ValueError("ab_weights must be >= 0 with a positive sum, e.g. {teacher: 0.5, student: 0.5}")
+        return self
+
+    def replica(self, model: str) -> ReplicaConfig:
+        return self.replicas.get(model, ReplicaConfig())
 
 
 class RayConfig(Strict):

@@ -43,13 +43,23 @@ def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
+    """The session's Ray cluster; yields the port its Prometheus metrics are exported on."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    metrics_port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
+    yield {"metrics_port": metrics_port}
     ray.shutdown()
 
 

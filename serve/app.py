@@ -1,0 +1,169 @@
+"""Build and run the Serve application: one deployment per model, a ledger, one ingress.
+
+    distill serve runs/default                      # after `distill run`: teacher + student + ab
+    distill serve configs/default.yaml serving.port=8001
+    serve run serve.app:builder config=configs/default.yaml     # Serve's own CLI / a RayService
+
+Why a plain deployment around vLLM's AsyncLLM and not `ray.serve.llm`: measured here (STACK.md),
+`ray.serve.llm` hosts several models behind one route but has no weighted, sticky alias, answers
+an unknown model with a non-OpenAI body, and left `/dev/shm` files behind on shutdown; on the CPU
+it also needs accelerator settings of its own. Our deployment is ~100 lines over the same engine
+and its errors, A/B split and shutdown are ours to test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.config import EngineConfig, ReplicaConfig, RunConfig, ServingConfig, load_config
+
+APP_NAME = "distill"
+
+
+@dataclass
+class HostedModel:
+    """One model to host: its engine spec (see `serve.engines.make_engine`) and its replicas."""
+
+    engine_spec: dict[str, Any]
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def split_cpu_binds(engines: dict[str, EngineConfig], cores: int | None = None) -> dict[str, EngineConfig]:
+    """Several CPU engines on one machine must not bind the same cores (OpenMP threads spin and
+    thrash): engines left at "all" get disjoint, equal shares of this machine's cores. A shared
+    core is the fallback when there are more engines than cores."""
+    from distill.engine import resolve_device
+
+    cores = cores or os.cpu_count() or 1
+    todo = [n for n, e in engines.items() if resolve_device(e) == "cpu" and e.cpu_threads_bind == "all"]
+    if len(todo) < 2:
+        return engines
+    out = dict(engines)
+    share = max(1, cores // len(todo))
+    for i, name in enumerate(todo):
+        lo = (i * share) % cores
+        hi = min(lo + share, cores) - 1
+        out[name] = engines[name].model_copy(update={"cpu_threads_bind": f"{lo}-{hi}" if hi > lo else str(lo)})
+    return out
+
+
+def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
+    """The run's teacher, distilled student and (optionally) baseline, as `serving.models` lists."""
+    from distill.engine import engine_env
+    from distill.models import resolve_model
+    from distill.rundir import RunDir
+    from distill.train import student_base
+
+    rd = RunDir(cfg)
+    paths, engines = {}, {}
+    for name in cfg.serving.models:
+        if name == "teacher":
+            if cfg.teacher.path is None:
+                raise ValueError("serving.models has 'teacher' but teacher.path is not set")
+            paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher.engine
+        elif name == "student":
+            if not rd.up_to_date("train", force=False):
+                raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "
+                                        f"(or `distill train`) with this config first")
+            paths[name], engines[name] = rd.student.path, cfg.student.engine
+        else:
+            paths[name], engines[name] = student_base(cfg, rd), cfg.student.engine
+    engines = split_cpu_binds(engines)
+    return {name: HostedModel({"kind": "vllm", "model": paths[name], "engine": engines[name].model_dump()},
+                              cfg.serving.replica(name), engine_env(engines[name]))
+            for name in paths}
+
+
+def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus,
+                              "runtime_env": {"env_vars": env}},
+        "max_ongoing_requests": replica.max_ongoing_requests,
+        "max_queued_requests": replica.max_queued_requests,
+        "health_check_period_s": 10,
+    }
+    if replica.min_replicas == replica.max_replicas:
+        opts["num_replicas"] = replica.max_replicas
+    else:
+        opts["autoscaling_config"] = {"min_replicas": replica.min_replicas, "max_replicas": replica.max_replicas,
+                                      "target_ongoing_requests": replica.target_ongoing_requests}
+    return opts
+
+
+def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: str | None = None):
+    """The Serve application: a ModelServer deployment per model, the ledger, the ingress."""
+    from ray import serve as ray_serve
+
+    from serve.ingress import Ingress, _key_hash, api
+    from serve.ledger import Ledger
+    from serve.model_server import ModelServer
+
+    handles = {}
+    for name, hosted in models.items():
+        deployment = ray_serve.deployment(ModelServer, name=f"model-{name}",
+                                          **_deployment_options(hosted.replica, hosted.env))
+        handles[name] = deployment.bind(name, hosted.engine_spec, serving.default_max_tokens)
+    ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1,
+                                  ray_actor_options={"num_cpus": 0}).bind(serving.ab_weights)
+    ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
+                                   max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(handles, ledger, serving.user_header, _key_hash(api_key) if api_key else None)
+
+
+def api_key_from_env(serving: ServingConfig) -> str | None:
+    return os.environ.get(serving.api_key_env) or None
+
+
+def builder(args: dict[str, str]):
+    """Application builder for `serve run serve.app:builder config=...` and KubeRay's RayService."""
+    cfg = load_config(args.get("config"), [f"{k}={v}" for k, v in args.items() if k != "config"])
+    return build_app(hosted_models(cfg), cfg.serving, api_key_from_env(cfg.serving))
+
+
+def load_target(target: str, overrides: list[str]) -> RunConfig:
+    """A run directory (its saved config.yaml) or a config file."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.yaml").exists():
+            raise FileNotFoundError(f"{target} has no config.yaml: give a run directory or a config file")
+        return load_config(path / "config.yaml", [f"run_dir={path}", *overrides])
+    return load_config(target, overrides)
+
+
+def start(app, serving: ServingConfig, route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy on the configured address and deploy the app; returns the base URL."""
+    from ray import serve as ray_serve
+
+    ray_serve.start(http_options={"host": serving.host, "port": serving.port})
+    ray_serve.run(app, name=APP_NAME, route_prefix=route_prefix)
+    return f"http://{serving.host}:{serving.port}"
+
+
+def serve_forever(cfg: RunConfig) -> None:
+    """`distill serve`: deploy, print how to call it, keep serving until Ctrl-C or SIGTERM."""
+    from ray import serve as ray_serve
+
+    from distill.ray_utils import connect
+
+    models = hosted_models(cfg)
+    api_key = api_key_from_env(cfg.serving)
+    connect(cfg.ray)
+    print(f"[serve] starting {', '.join(models)} (engine start takes a while on the CPU)", flush=True)
+    url = start(build_app(models, cfg.serving, api_key), cfg.serving)
+    auth = f" -H 'Authorization: Bearer ${cfg.serving.api_key_env}'" if api_key else ""
+    print(f"[serve] ready at {url}/v1  models: {', '.join(models)}, ab {cfg.serving.ab_weights}\n"
+          f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"ab\", \"user\": \"u1\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
+          f"  distill ab-report --url {url} --out {cfg.run_dir}/serve", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("[serve] shutting down", flush=True)
+    ray_serve.shutdown()

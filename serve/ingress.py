@@ -1,0 +1,304 @@
+"""The OpenAI-compatible ingress: auth, validation, routing by `model`, the `ab` split, metrics.
+
+    POST /v1/chat/completions   POST /v1/completions   (both with "stream": true too)
+    GET  /v1/models             GET  /health
+    POST /v1/feedback           {"id": <response id>, "score": <number>}
+    GET  /admin/ab              PUT /admin/ab {"weights": {...}}    GET /admin/stats
+
+Every error leaves in OpenAI's shape (`protocol.error_body`) with the right 4xx; bodies are parsed
+and validated here so no bad input reaches an engine or becomes a 500. Each response names the
+arm that answered, in `model` and in the `x-distill-arm` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.protocol import (ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate,
+                            error_body, validation_message)
+from serve.routing import normalise, pick_arm
+
+log = logging.getLogger("ray.serve")
+AB = "ab"
+MAX_BODY_BYTES = 1 << 20
+WEIGHTS_TTL_S = 1.0
+
+api = FastAPI(title="ray-distill A/B endpoint", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(exc.errors())
+    return JSONResponse(error_body(message, param=param), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in the ingress")
+    return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        message, param = validation_message(e.errors(include_url=False))
+        raise ApiError(400, message, param=param) from None
+
+
+def _backpressure(exc: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    while exc is not None:
+        if isinstance(exc, BackPressureError):
+            return True
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+    return False
+
+
+class Ingress:
+    """Serve ingress replica; `models` maps a name to its ModelServer deployment handle."""
+
+    def __init__(self, models: dict[str, Any], ledger: Any, user_header: str = "x-user-id",
+                 api_key_sha256: str | None = None):
+        from ray.util.metrics import Counter, Histogram
+
+        self.models, self.ledger = models, ledger
+        self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
+        self._weights: dict[str, float] = {}
+        self._weights_at = 0.0
+        self._pending: set[asyncio.Task] = set()
+        tags = ("model", "route")
+        buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+        self.m_requests = Counter("distill_serve_requests", "requests by model, route and HTTP status",
+                                  tag_keys=tags + ("status",))
+        self.m_latency = Histogram("distill_serve_latency_seconds", "request latency", buckets, tag_keys=tags)
+        self.m_ttft = Histogram("distill_serve_ttft_seconds", "time to first token", buckets, tag_keys=tags)
+        self.m_tokens = Counter("distill_serve_output_tokens", "generated tokens", tag_keys=tags)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key_sha256 is None:
+            return
+        header = request.headers.get("authorization", "")
+        key = header[7:] if header.lower().startswith("bearer ") else ""
+        if not key or not hmac.compare_digest(_key_hash(key), self.api_key_sha256):
+            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    async def _current_weights(self) -> dict[str, float]:
+        if time.monotonic() - self._weights_at > WEIGHTS_TTL_S:
+            self._weights = (await self.ledger.get_weights.remote())["weights"]
+            self._weights_at = time.monotonic()
+        return self._weights
+
+    async def _route(self, body: Any, request: Request) -> tuple[str, str]:
+        """(route, arm): the arm named by `model`, or the one the `ab` split gives this user."""
+        if body.model in self.models:
+            return "direct", body.model
+        if body.model == AB:
+            user = body.user if body.user is not None else request.headers.get(self.user_header)
+            return AB, pick_arm(await self._current_weights(), user)
+        raise ApiError(404, f"The model '{body.model}' does not exist; available: "
+                            f"{', '.join(sorted(self.models) + [AB])}", param="model", code="model_not_found")
+
+    def _observe(self, route: str, arm: str, status: int, latency: float, ttft: float | None,
+                 tokens: int, response_id: str | None) -> None:
+        tags = {"model": arm, "route": route}
+        self.m_requests.inc(1, tags={**tags, "status": str(status)})
+        if status == 200:
+            self.m_latency.observe(latency, tags=tags)
+            self.m_tokens.inc(tokens, tags=tags)
+            if ttft is not None:
+                self.m_ttft.observe(ttft, tags=tags)
+        # recorded in the background; the task is kept so it is not garbage-collected half-way
+        task = asyncio.get_running_loop().create_task(
+            self._record(route, arm, status == 200, latency, ttft, tokens, response_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record(self, *args: Any) -> None:
+        try:
+            await self.ledger.record.remote(*args)
+        except Exception as e:  # figures are best effort; serving goes on
+            log.warning("could not record a request in the ledger: %s", e)
+
+    def _engine_error(self, route: str, arm: str, start: float, exc: BaseException) -> ApiError:
+        self._observe(route, arm, 503, time.perf_counter() - start, None, 0, None)
+        if _backpressure(exc):
+            return ApiError(503, f"model '{arm}' is at capacity; retry shortly", "server_error",
+                            code="overloaded", headers={"Retry-After": "1"})
+        log.error("model %s failed: %s", arm, exc)
+        return ApiError(503, f"model '{arm}' is unavailable", "server_error", code="unavailable")
+
+    async def _generate(self, request: Request, kind: str) -> Any:
+        self._auth(request)
+        body = await _parse(request, ChatRequest if kind == "chat" else CompletionRequest)
+        route, arm = await self._route(body, request)
+        req = {"params": body.params(), "request_id": uuid.uuid4().hex}
+        if kind == "chat":
+            req["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
+        else:
+            req["prompt"] = body.prompt
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        response_id = f"{prefix}-{req['request_id']}"
+        headers = {"x-distill-arm": arm, "x-distill-route": route}
+        start = time.perf_counter()
+        handle = self.models[arm]
+        if body.stream:
+            return await self._stream(handle, req, kind, route, arm, response_id, headers, start)
+        try:
+            out = await handle.complete.remote(req)
+        except Exception as e:
+            raise self._engine_error(route, arm, start, e) from None
+        if "error" in out:
+            self._observe(route, arm, out["status"], time.perf_counter() - start, None, 0, None)
+            return JSONResponse({"error": out["error"]}, status_code=out["status"], headers=headers)
+        latency = time.perf_counter() - start
+        self._observe(route, arm, 200, latency, out["ttft_s"], out["completion_tokens"], response_id)
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                      "finish_reason": out["finish_reason"], "logprobs": None}
+        else:
+            choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}
+        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+        return JSONResponse({"id": response_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+                             "created": int(time.time()), "model": arm, "choices": [choice], "usage": usage},
+                            headers=headers)
+
+    async def _stream(self, handle, req, kind, route, arm, response_id, headers, start):
+        gen = handle.options(stream=True).stream.remote(req)
+        try:
+            first = await gen.__anext__()
+        except Exception as e:
+            raise self._engine_error(route, arm, start, e) from None
+        if "error" in first:
+            self._observe(route, arm, first["status"], time.perf_counter() - start, None, 0, None)
+            return JSONResponse({"error": first["error"]}, status_code=first["status"], headers=headers)
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
+            if kind == "chat":
+                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            payload = {"id": response_id, "object": obj, "created": created, "model": arm, "choices": [choice]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events():
+            ttft, tokens, status = None, 0, 200
+            try:
+                if kind == "chat":
+                    yield chunk("", None, role=True)
+                async for item in gen:
+                    if "error" in item:
+                        status = item["status"]
+                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                        break
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    tokens += item["tokens"]
+                    yield chunk(item["text"], item["finish_reason"])
+                yield "data: [DONE]\n\n"
+            finally:
+                self._observe(route, arm, status, time.perf_counter() - start, ttft, tokens,
+                              response_id if status == 200 else None)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(self.models)}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        names = sorted(self.models) + [AB]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "ray-distill"}
+                                           for n in names]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        return await self._generate(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._generate(request, "completion")
+
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        fb = await _parse(request, Feedback)
+        arm = await self.ledger.feedback.remote(fb.id, fb.score)
+        if arm is None:
+            raise ApiError(404, f"no response with id '{fb.id}' (ids come from completion responses)",
+                           param="id", code="response_not_found")
+        return {"id": fb.id, "model": arm, "recorded": True}
+
+    @api.get("/admin/ab")
+    async def get_weights(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return await self.ledger.get_weights.remote()
+
+    @api.put("/admin/ab")
+    async def set_weights(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        update = await _parse(request, WeightsUpdate)
+        unknown = sorted(set(update.weights) - set(self.models))
+        if unknown:
+            raise ApiError(400, f"weights name unknown models {unknown}; hosted: {sorted(self.models)}",
+                           param="weights")
+        try:
+            normalise(update.weights)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="weights") from None
+        result = await self.ledger.set_weights.remote(update.weights)
+        self._weights, self._weights_at = result["weights"], time.monotonic()
+        return result
+
+    @api.get("/admin/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return await self.ledger.stats.remote()

@@ -1,0 +1,83 @@
+"""One model's Serve deployment: holds an engine, checks a request against the context, generates.
+
+Errors go back as values (`{"error": ..., "status": 400}`), never as exceptions: an exception
+raised in a replica reaches the ingress wrapped in a RayTaskError carrying the whole traceback,
+which must not end up in a response body, and a bad request is not a server fault.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from serve.engines import make_engine
+from serve.protocol import error_body
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           type_: str = "invalid_request_error") -> dict[str, Any]:
+    return {**error_body(message, type_, param, code), "status": status}
+
+
+class ModelServer:
+    def __init__(self, name: str, engine_spec: dict[str, Any], default_max_tokens: int = 256):
+        self.name = name
+        self.default_max_tokens = default_max_tokens
+        self.engine = make_engine(engine_spec)
+
+    def _prepare(self, req: dict[str, Any]) -> tuple[list[int], dict[str, Any]] | dict[str, Any]:
+        """(prompt token ids, sampling params) for a request, or an error value."""
+        try:
+            ids = self.engine.prompt_ids(req.get("messages"), req.get("prompt"))
+        except Exception as e:  # e.g. a lone surrogate in the text: the client's input, not our fault
+            return _error(400, f"the prompt could not be tokenised ({type(e).__name__})", "messages")
+        limit = self.engine.max_model_len
+        params = dict(req["params"])
+        room = limit - len(ids)
+        if params.get("max_tokens") is None:
+            params["max_tokens"] = min(self.default_max_tokens, max(room, 0))
+        if room < 1 or params["max_tokens"] > room:
+            asked = f" and max_tokens asks for {params['max_tokens']}" if req["params"].get("max_tokens") else ""
+            return _error(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                               f"{len(ids)}{asked}. Shorten the prompt or lower max_tokens.",
+                          "messages", "context_length_exceeded")
+        return ids, params
+
+    async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
+        prepared = self._prepare(req)
+        if isinstance(prepared, dict):
+            return prepared
+        ids, params = prepared
+        start, ttft, parts, tokens, reason = time.perf_counter(), None, [], 0, None
+        try:
+            async for delta in self.engine.stream(ids, params, req["request_id"]):
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                parts.append(delta.text)
+                tokens += delta.tokens
+                reason = delta.finish_reason or reason
+        except Exception as e:
+            return _error(500, f"the engine failed ({type(e).__name__})", type_="server_error",
+                          code="engine_error")
+        return {"text": "".join(parts), "prompt_tokens": len(ids), "completion_tokens": tokens,
+                "finish_reason": reason or "stop", "ttft_s": ttft}
+
+    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """First item: `{"prompt_tokens": n}` or an error value; then one item per delta."""
+        prepared = self._prepare(req)
+        if isinstance(prepared, dict):
+            yield prepared
+            return
+        ids, params = prepared
+        yield {"prompt_tokens": len(ids)}
+        try:
+            async for delta in self.engine.stream(ids, params, req["request_id"]):
+                yield {"text": delta.text, "tokens": delta.tokens, "finish_reason": delta.finish_reason}
+        except Exception as e:
+            yield _error(500, f"the engine failed ({type(e).__name__})", type_="server_error",
+                         code="engine_error")
+
+    def __del__(self):
+        # Serve calls this when the replica stops: the engine core process goes with it
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

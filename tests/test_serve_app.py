@@ -1,0 +1,279 @@
+"""The Serve app over real HTTP with fake engines (same interface as vLLM's), driven by the
+official openai client: routing, the A/B split, streaming, metrics, auth, errors, backpressure,
+and a bounded fuzz of hostile requests. The real engines are in test_serve_real.py."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+KEY = "test-key-123"
+MSG = [{"role": "user", "content": "hello there general"}]
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster):
+    from ray import serve as ray_serve
+
+    from distill.config import ReplicaConfig, ServingConfig
+    from serve.app import HostedModel, build_app, start
+
+    fast = {"kind": "fake", "delay_s": 0.002, "max_model_len": 64}
+    models = {
+        "teacher": HostedModel(fast, ReplicaConfig(num_cpus=0.1)),
+        "student": HostedModel({**fast, "reply": "fine"}, ReplicaConfig(num_cpus=0.1)),
+        # one request at a time and a queue of one: the third concurrent caller meets backpressure
+        "slow": HostedModel({"kind": "fake", "delay_s": 0.4, "max_model_len": 64},
+                            ReplicaConfig(num_cpus=0.1, max_ongoing_requests=1, max_queued_requests=1)),
+    }
+    serving = ServingConfig(port=free_port())
+    url = start(build_app(models, serving, api_key=KEY), serving)
+    yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
+    ray_serve.shutdown()
+
+
+@pytest.fixture
+def client(app):
+    return openai.OpenAI(base_url=app["url"] + "/v1", api_key=KEY, max_retries=0)
+
+
+def raw(app, method, path, body=None, key=KEY, headers=None, content=None):
+    hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, app["url"] + path, json=body, content=content,
+                         headers={**hdrs, **(headers or {})}, timeout=30)
+
+
+def set_weights(app, weights):
+    r = raw(app, "PUT", "/admin/ab", {"weights": weights})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stats(app):
+    return raw(app, "GET", "/admin/stats").json()
+
+
+def test_routes_by_model_and_names_the_arm(client):
+    for name, first_word in (("teacher", "ok"), ("student", "fine")):
+        resp = client.chat.completions.with_raw_response.create(model=name, messages=MSG)
+        out = resp.parse()
+        assert out.model == name and resp.headers["x-distill-arm"] == name
+        assert out.choices[0].message.content.split()[0] == first_word
+        assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 4
+    completion = client.completions.create(model="teacher", prompt="a bb ccc", max_tokens=2)
+    assert completion.choices[0].text == "ok w1" and completion.choices[0].finish_reason == "length"
+
+
+def test_models_and_health(app, client):
+    assert sorted(m.id for m in client.models.list()) == ["ab", "slow", "student", "teacher"]
+    health = httpx.get(app["url"] + "/health", timeout=10)  # no key needed for probes
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = client.chat.completions.create(model="student", messages=MSG).choices[0].message.content
+    chunks = list(client.chat.completions.create(model="student", messages=MSG, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "stop" and {c.model for c in chunks} == {"student"}
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="teacher", prompt="a bb", max_tokens=3, stream=True))
+    assert text == client.completions.create(model="teacher", prompt="a bb", max_tokens=3).choices[0].text
+
+
+def test_ab_weights_zero_one_and_measured_split(app, client):
+    from serve.routing import pick_arm
+
+    users = [f"u{i}" for i in range(200)]
+
+    def arms():
+        return [client.chat.completions.create(model="ab", messages=MSG, user=u, max_tokens=1).model for u in users]
+
+    try:
+        set_weights(app, {"teacher": 0, "student": 1})
+        assert set(arms()) == {"student"}
+        set_weights(app, {"teacher": 1, "student": 0})
+        assert set(arms()) == {"teacher"}
+        weights = {"teacher": 0.3, "student": 0.7}
+        set_weights(app, weights)
+        got = arms()
+        assert got == [pick_arm(weights, u) for u in users]  # the documented hash split, exactly
+        assert got.count("student") / len(got) == pytest.approx(0.7, abs=0.1)
+    finally:
+        set_weights(app, {"teacher": 0.5, "student": 0.5})
+
+
+def test_sticky_by_user_field_and_by_header(app, client):
+    for u in (f"sticky-{i}" for i in range(20)):
+        seen = {client.chat.completions.create(model="ab", messages=MSG, user=u, max_tokens=1).model
+                for _ in range(3)}
+        by_header = {raw(app, "POST", "/v1/chat/completions", {"model": "ab", "messages": MSG, "max_tokens": 1},
+                         headers={"x-user-id": u}).headers["x-distill-arm"] for _ in range(3)}
+        assert len(seen) == 1 and by_header == seen
+
+
+def test_metrics_counts_in_stats_and_prometheus(app, client):
+    before = stats(app)["arms"]["direct"].get("teacher", {"requests": 0, "errors": 0, "output_tokens": 0})
+    tokens = sum(client.chat.completions.create(model="teacher", messages=MSG, max_tokens=2).usage.completion_tokens
+                 for _ in range(5))
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "x " * 70}])
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the ledger is told fire-and-forget
+        after = stats(app)["arms"]["direct"]["teacher"]
+        if after["requests"] - before["requests"] == 6:
+            break
+        time.sleep(0.2)
+    assert (after["requests"] - before["requests"], after["errors"] - before["errors"]) == (6, 1)
+    assert after["output_tokens"] - before["output_tokens"] == tokens == 10
+    assert after["latency_p50_s"] > 0 and after["ttft_p50_s"] > 0
+
+    def prometheus_teacher_ok():
+        body = httpx.get(f"http://127.0.0.1:{app['metrics_port']}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                   if line.startswith("ray_distill_serve_requests_total{") and 'model="teacher"' in line
+                   and 'route="direct"' in line and 'status="200"' in line)
+
+    deadline = time.time() + 60
+    while prometheus_teacher_ok() < after["requests"] - after["errors"] and time.time() < deadline:
+        time.sleep(2)
+    assert prometheus_teacher_ok() == after["requests"] - after["errors"]
+
+
+def test_feedback_is_attached_to_the_arm(app, client):
+    out = client.chat.completions.create(model="ab", messages=MSG, user="fb-user", max_tokens=1)
+    r = raw(app, "POST", "/v1/feedback", {"id": out.id, "score": 1.0})
+    assert r.status_code == 200 and r.json()["model"] == out.model
+    missing = raw(app, "POST", "/v1/feedback", {"id": "chatcmpl-nope", "score": 1.0})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
+    deadline = time.time() + 10
+    while stats(app)["arms"]["ab"][out.model]["feedback_count"] < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert stats(app)["arms"]["ab"][out.model]["feedback_mean"] is not None
+
+
+def test_auth(app):
+    for key in (None, "wrong"):
+        r = raw(app, "POST", "/v1/chat/completions", {"model": "teacher", "messages": MSG}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=app["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    ({"model": "teacher"}, 400, "messages"),
+    ({"model": "teacher", "messages": []}, 400, "messages"),
+    ({"model": "teacher", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "teacher", "messages": MSG, "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "teacher", "messages": MSG, "max_tokens": 10**9}, 400, "messages"),  # context overflow
+    ({"model": "teacher", "messages": [{"role": "user", "content": "y " * 100}]}, 400, "messages"),
+    ({"model": "gpt-9", "messages": MSG}, 404, "model"),
+])
+def test_bad_input_is_a_4xx_in_openai_shape(app, body, status, param):
+    r = raw(app, "POST", "/v1/chat/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+            headers={"Content-Type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and (err["param"] or "").startswith(param or "")
+    assert "Traceback" not in r.text
+
+
+def test_backpressure_answers_503_not_a_pileup(app):
+    def call(_):
+        return raw(app, "POST", "/v1/chat/completions", {"model": "slow", "messages": MSG, "max_tokens": 2})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, range(8)))
+    codes = sorted(r.status_code for r in answers)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.json()["error"]["code"] == "overloaded" and busy.headers["retry-after"] == "1"
+
+
+def hostile_requests(n: int, seed: int = 0):
+    """(method, path, body bytes, key) for malformed, out-of-range and hostile requests."""
+    rng = random.Random(seed)
+    junk = ["", "null", "[]", "0", "\"x\"", "{", "{\"model\":", "\x00\xff\xfe", "{\"a\":" * 50, "[" * 200]
+    values = [None, -1, 0, 10**12, 1e308, "NaN", "Infinity", "", "x" * 5000, [], {}, [1, 2], True, "\ud800",
+              "<script>", "../../etc/passwd", {"$gt": ""}]
+    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "user",
+              "stream", "prompt", "max_completion_tokens"]
+    for i in range(n):
+        kind = i % 10
+        body: object = {"model": rng.choice(["teacher", "student", "ab"]), "messages": MSG}
+        method, path, key = "POST", rng.choice(["/v1/chat/completions", "/v1/completions"]), KEY
+        if kind == 0:
+            yield method, path, rng.choice(junk).encode("utf-8", "surrogatepass") + bytes(rng.randrange(256) for _ in range(rng.randrange(8))), key
+            continue
+        if kind == 1:
+            body[rng.choice(fields)] = rng.choice(values)
+            body["max_tokens"] = rng.choice([0, -3, 10**9, "ten", 1.5])
+        elif kind == 2:
+            body = {"model": "no-such-" + "".join(rng.choice("abcxyz/._-é😀") for _ in range(rng.randrange(1, 40))), "messages": MSG}
+        elif kind == 3:
+            body["messages"] = rng.choice([[], [{}], [{"role": "user"}], [{"role": "hacker", "content": "x"}],
+                                           [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                                           "hello", [{"role": "user", "content": "z " * rng.randrange(65, 3000)}]])
+            body.pop("prompt", None)
+            if path == "/v1/completions":
+                body["prompt"] = rng.choice(["", None, 5, ["a"], "w " * 500])
+        elif kind == 4:
+            body[rng.choice(["temperature", "top_p", "n", "seed"])] = rng.choice([-1, 2.5, 10**30, "hot", True, [0]])
+        elif kind == 5:
+            body["stop"] = rng.choice([[""], ["a"] * 9, 7, [None], {"x": 1}])
+        elif kind == 6:
+            key = rng.choice([None, "", "wrong", KEY + "x", "Bearer " + KEY])
+        elif kind == 7:
+            method, path = rng.choice([("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"),
+                                       ("POST", "/v1/../admin/stats%00"), ("GET", "/v2/" + "a" * 300),
+                                       ("PATCH", "/admin/ab"), ("POST", "/v1/embeddings")])
+        elif kind == 8:
+            method, path = "POST", "/v1/feedback"
+            body = rng.choice([{"id": "nope", "score": 1}, {"id": "", "score": 1}, {"score": 1},
+                               {"id": "x", "score": "good"}, {"id": "x", "score": 1e300}, {"id": "x" * 500, "score": 0}])
+        else:
+            method, path = "PUT", "/admin/ab"
+            body = rng.choice([{"weights": {}}, {"weights": {"teacher": -1, "student": 1}},
+                               {"weights": {"teacher": 0, "student": 0}}, {"weights": {"gpt": 1}},
+                               {"weights": "half"}, {"weights": {"teacher": "1"}, "extra": 1}])
+        yield method, path, json.dumps(body, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass"), key
+
+
+def test_fuzz_1000_hostile_requests_all_4xx_then_healthy(app, client):
+    def send(req):
+        method, path, body, key = req
+        r = raw(app, method, path, content=body, key=key, headers={"Content-Type": "application/json"})
+        try:
+            shape = set(r.json()["error"]) == {"message", "type", "param", "code"}
+        except (ValueError, KeyError, TypeError):
+            shape = False
+        return r.status_code, shape, "Traceback" in r.text
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, hostile_requests(1000)))
+    bad = [(r, req) for r, req in zip(results, hostile_requests(1000)) if not (400 <= r[0] < 500 and r[1] and not r[2])]
+    assert len(results) == 1000 and bad == []
+    assert raw(app, "GET", "/admin/ab").json()["weights"] == {"teacher": 0.5, "student": 0.5}
+    assert client.chat.completions.create(model="ab", messages=MSG, user="after-fuzz").choices[0].message.content
+
+
+def test_ab_report_prints_and_saves(app, client, tmp_path, monkeypatch, capsys):
+    from distill.cli import main
+
+    client.chat.completions.create(model="ab", messages=MSG, user="report-user")
+    monkeypatch.setenv("DISTILL_API_KEY", KEY)
+    assert main(["ab-report", "--url", app["url"], "--out", str(tmp_path)]) == 0
+    assert "| teacher |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "ab_report.json").read_text())
+    assert saved["arms"]["ab"] and (tmp_path / "ab_report.png").stat().st_size > 0
+    monkeypatch.delenv("DISTILL_API_KEY")
+    assert main(["ab-report", "--url", app["url"]]) == 1  # no key: a clear error, not a traceback
