@@ -6,12 +6,15 @@
     distill config --config C [key=value ...]              # print the resolved config
     distill serve runs/default [key=value ...]             # teacher + student + `ab` over HTTP
     distill ab-report --url http://127.0.0.1:8000 --out runs/default/serve
+    distill submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml run --config C
+    distill check-cluster --config C --cluster cluster/aws.yaml   # do the config's actors fit?
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from distill.config import ConfigError, dump_config, load_config
@@ -51,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--out", help="folder for ab_report.json/.md/.png")
     p.add_argument("--api-key-env", default="DISTILL_API_KEY")
+    p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray job on a cluster")
+    p.add_argument("--address", default=None, help="the cluster's dashboard URL (default: $RAY_ADDRESS)")
+    p.add_argument("--runtime-env", help="YAML runtime env (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    p.add_argument("stage", choices=list(STAGES))
+    p.add_argument("--config", "-c")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("check-cluster", help="check that a config's actors fit a cluster's node types")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--cluster", required=True, help="launcher YAML or KubeRay manifest")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in dataset as JSONL")
     synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
@@ -79,7 +94,25 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_forever(load_target(args.target, args.overrides))
             return 0
+        if args.command == "submit":
+            from distill.submit import submit
+
+            address = args.address or os.environ.get("RAY_ADDRESS")
+            if not address:
+                raise ValueError("--address is required (the dashboard URL, e.g. http://HEAD:8265) "
+                                 "or set RAY_ADDRESS")
+            load_config(args.config, args.overrides)  # a bad config fails here, not on the cluster
+            return submit(address, args.stage, args.config, args.overrides, args.runtime_env,
+                          args.working_dir, wait=not args.no_wait)
         cfg = load_config(args.config, args.overrides)
+        if args.command == "check-cluster":
+            from distill.cluster import check_resources, node_types
+
+            problems = check_resources(cfg, node_types(args.cluster))
+            for problem in problems:
+                print(f"does not fit: {problem}", file=sys.stderr)
+            print(f"{args.config} {'does not fit' if problems else 'fits'} {args.cluster}")
+            return 1 if problems else 0
         if args.command == "config":
             print(dump_config(cfg), end="")
             return 0

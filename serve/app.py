@@ -55,7 +55,6 @@ def split_cpu_binds(engines: dict[str, EngineConfig], cores: int | None = None) 
 
 def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
     """The run's teacher, distilled student and (optionally) baseline, as `serving.models` lists."""
-    from distill.engine import engine_env
     from distill.models import resolve_model
     from distill.rundir import RunDir
     from distill.train import student_base
@@ -71,13 +70,18 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
             if not rd.up_to_date("train", force=False):
                 raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "
                                         f"(or `distill train`) with this config first")
-            paths[name], engines[name] = rd.student.path, cfg.student.engine
+            paths[name], engines[name] = rd.student.uri, cfg.student.engine
         else:
             paths[name], engines[name] = student_base(cfg, rd), cfg.student.engine
     engines = split_cpu_binds(engines)
-    return {name: HostedModel({"kind": "vllm", "model": paths[name], "engine": engines[name].model_dump()},
-                              cfg.serving.replica(name), engine_env(engines[name]))
-            for name in paths}
+    return {name: vllm_model(paths[name], engines[name], cfg.serving.replica(name)) for name in paths}
+
+
+def vllm_model(path: str, engine: EngineConfig, replica: ReplicaConfig) -> HostedModel:
+    """A model served by vLLM; its process environment (threads, binding) is set at start."""
+    from distill.engine import engine_env
+
+    return HostedModel({"kind": "vllm", "model": path, "engine": engine.model_dump()}, replica, engine_env(engine))
 
 
 def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str, Any]:

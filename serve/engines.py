@@ -40,8 +40,10 @@ class VllmEngine:
 
         from distill.config import EngineConfig
         from distill.engine import engine_kwargs
+        from distill.models import resolve_model
 
         cfg = EngineConfig(**engine)
+        model = resolve_model(model)  # a model on object storage is fetched to this node
         self.max_model_len = cfg.max_model_len
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
         self.tokenizer = self.llm.tokenizer

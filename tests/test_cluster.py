@@ -1,0 +1,76 @@
+"""cluster/: the launcher and KubeRay files parse, autoscale from zero, and the GPU config's actors
+fit their node types. The real job path is in test_job_submit.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.cli import main
+from distill.cluster import check_resources, node_types
+from distill.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ["cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/rayjob.yaml", "cluster/kuberay/rayservice.yaml"]
+GPU_CONFIG = ROOT / "configs" / "cluster-70b-8b.yaml"
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_the_gpu_config_fits_every_cluster_file(cluster):
+    nodes = node_types(ROOT / cluster)
+    assert any(n.gpus >= 8 for n in nodes)
+    assert check_resources(load_config(GPU_CONFIG), nodes) == []
+
+
+@pytest.mark.parametrize("cluster", ["cluster/aws.yaml", "cluster/gcp.yaml"])
+def test_launcher_gpu_workers_autoscale_from_zero(cluster):
+    doc = yaml.safe_load((ROOT / cluster).read_text())
+    gpu = [t for t in doc["available_node_types"].values() if (t.get("resources") or {}).get("GPU")]
+    assert gpu and all(t["min_workers"] == 0 for t in gpu) and doc["idle_timeout_minutes"] > 0
+
+
+@pytest.mark.parametrize("manifest", ["cluster/kuberay/rayjob.yaml", "cluster/kuberay/rayservice.yaml"])
+def test_kuberay_manifests_autoscale_with_token_auth(manifest):
+    doc = yaml.safe_load((ROOT / manifest).read_text())
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] and cluster["authOptions"]["mode"] == "token"
+    assert all(g["minReplicas"] == 0 for g in cluster["workerGroupSpecs"])
+
+
+def test_rayservice_builds_our_app_from_the_gpu_config():
+    doc = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    app = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "serve.app:builder"
+    args = app["args"]
+    overrides = [f"{k}={v}" for k, v in args.items() if k != "config"]
+    cfg = load_config(ROOT / args["config"], overrides)
+    assert cfg.serving.ab_weights == {"teacher": 0.1, "student": 0.9}
+
+
+@pytest.mark.parametrize("override,field", [
+    ("teacher.pool.num_gpus=16", "teacher.pool"),
+    ("training.workers=64", "training"),
+    ("teacher.pool.num_gpus=2", "tensor_parallel_size"),
+    ("serving.replicas={student: {num_gpus: 9}}", "serving.replicas.student"),
+])
+def test_a_config_that_does_not_fit_names_the_field(override, field):
+    nodes = node_types(ROOT / "cluster/aws.yaml")
+    problems = check_resources(load_config(GPU_CONFIG, [override]), nodes)
+    assert problems and any(field in p for p in problems), problems
+
+
+def test_check_cluster_command_exit_codes(capsys):
+    assert main(["check-cluster", "-c", str(GPU_CONFIG), "--cluster", str(ROOT / "cluster/aws.yaml")]) == 0
+    assert main(["check-cluster", "-c", str(GPU_CONFIG), "--cluster", str(ROOT / "cluster/aws.yaml"),
+                 "training.workers=64"]) == 1
+    assert "training" in capsys.readouterr().err
+
+
+def test_runtime_env_file_keeps_local_state_out_of_the_upload():
+    from distill.submit import entrypoint, runtime_env
+
+    env = runtime_env(str(ROOT / "cluster/runtime_env.yaml"), ".")
+    assert {".venv", "runs"} <= set(env["excludes"]) and env["working_dir"] == "."
+    assert entrypoint("run", "c.yaml", ["a.b=1 2"]) == "python -m distill.cli run --config c.yaml 'a.b=1 2'"
