@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-env", help="YAML runtime env (e.g. cluster/runtime_env.yaml)")
     p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
     p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
-    p.add_argument("stage", choices=list(STAGES))
-    p.add_argument("--config", "-c")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("job", nargs=argparse.REMAINDER, metavar="STAGE [--config C] [key=value ...]")
     p = sub.add_parser("check-cluster", help="check that a config's actors fit a cluster's node types")
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--cluster", required=True, help="launcher YAML or KubeRay manifest")
@@ -97,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "submit":
             from distill.submit import submit
 
+            job = argparse.ArgumentParser(prog="distill submit [options]")
+            job.add_argument("stage", choices=[*STAGES, "config"])
+            job.add_argument("--config", "-c")
+            job.add_argument("overrides", nargs="*", metavar="key=value")
+            job_args = job.parse_intermixed_args(args.job)
+
             address = args.address or os.environ.get("RAY_ADDRESS")
             if not address:
                 raise ValueError("--address is required (the dashboard URL, e.g. http://HEAD:8265) "
                                  "or set RAY_ADDRESS")
-            load_config(args.config, args.overrides)  # a bad config fails here, not on the cluster
-            return submit(address, args.stage, args.config, args.overrides, args.runtime_env,
+            load_config(job_args.config, job_args.overrides)  # a bad config fails here, not on the cluster
+            return submit(address, job_args.stage, job_args.config, job_args.overrides, args.runtime_env,
                           args.working_dir, wait=not args.no_wait)
         cfg = load_config(args.config, args.overrides)
         if args.command == "check-cluster":
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, CurationGateError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError, CurationGateError) as e:
         # user-facing failures (bad data, curation gate, missing files): no traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -29,10 +29,12 @@ class EvalWorker:
 
     def __init__(self, model: str, engine: dict):
         from distill.engine import make_llm
+        from distill.models import resolve_model
 
         self.engine = EngineConfig(**engine)
+        self.path = resolve_model(model)  # a model on object storage is fetched to this node
         start = time.time()
-        self.llm = make_llm(model, self.engine)
+        self.llm = make_llm(self.path, self.engine)
         self.load_s = time.time() - start
 
     def run(self, rows: list[dict], sampling: dict, latency_requests: int) -> dict[str, Any]:
@@ -54,8 +56,12 @@ class EvalWorker:
             t0 = time.time()
             generate_rows(self.llm, [row], first, 0, self.engine.max_model_len)
             ttft.append(time.time() - t0)
+        from distill.models import parameter_count
+
         return {
             "texts": [r[S.TEXT] for r in out],
+            "parameters": parameter_count(self.path),
+            "weights_mb": round(_weights_mb(self.path), 1),
             "output_tokens": tokens,
             "batch_s": round(batch_s, 3),
             "tokens_per_s": round(tokens / batch_s, 1) if batch_s else None,
@@ -91,7 +97,7 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
     models = {}
     if cfg.teacher.path is not None:
         models["teacher"] = resolve_model(cfg.teacher.path)
-    models["student"] = rd.student.path
+    models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
         models["baseline"] = student_base(cfg, rd)
     return models
@@ -116,7 +122,6 @@ def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict]) -> dict[str
 
 
 def evaluate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    from distill.models import parameter_count
     from distill.ray_utils import connect
     from distill.report import write_report
     from distill.tasks import task_from_config
@@ -141,8 +146,6 @@ def evaluate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         for name, path in models_to_compare(cfg, rd).items():
             print(f"[evaluate] {name}: {len(rows)} test prompts ({path})", flush=True)
             m = _measure(cfg, name, path, rows)
-            m["parameters"] = parameter_count(path)
-            m["weights_mb"] = round(_weights_mb(path), 1)
             m["path"] = path
             results[name] = m
         teacher_texts = results.get("teacher", {}).get("texts")

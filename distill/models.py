@@ -31,7 +31,11 @@ def resolve_model(ref: str) -> str:
         if ref not in BUILTIN:
             raise ValueError(f"unknown built-in model {ref!r}; available: {sorted(BUILTIN)}")
         return str(_convert_builtin(ref))
-    path = Path(ref).expanduser()
+    if "://" in ref and not ref.startswith("file://"):  # a model folder on object storage
+        from distill.storage import download_dir
+
+        return resolve_model(download_dir(ref, str(cache_dir() / "remote")))
+    path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             raise ValueError(f"{ref} is not a Hugging Face model folder (no config.json)")

@@ -105,6 +105,47 @@ class Location:
         return sum(self.fs.get_file_info(p).size for p in self.list_files(".parquet"))
 
 
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to a folder URI (replacing it): how a model reaches object storage."""
+    dest = locate(uri)
+    dest.remove()
+    dest.mkdir()
+    pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest.fs)
+
+
+def download_dir(uri: str, cache_root: str) -> str:
+    """A node-local copy of a folder URI (a model on object storage), cached by URI; returns its path.
+    Engines (vLLM, transformers) load from local disk, and cluster nodes share none."""
+    import hashlib
+
+    from filelock import FileLock
+
+    src = locate(uri)
+    if not src.exists():
+        raise FileNotFoundError(f"{uri} does not exist")
+    # keyed by the listing too: a retrained model at the same URI is fetched again
+    files = src.fs.get_file_info(pafs.FileSelector(src.path, recursive=True))
+    listing = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    target = os.path.join(cache_root, key)
+    os.makedirs(cache_root, exist_ok=True)
+    with FileLock(target + ".lock"):
+        marker = os.path.join(target, ".complete")
+        if not os.path.exists(marker):
+            import shutil
+
+            partial = target + ".part"
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+            pafs.copy_files(src.path, partial, source_filesystem=src.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+            open(marker, "w").close()
+    return target
+
+
 def locate(uri: str) -> Location:
     """Location for a local path or a filesystem URI (s3://, gs://, file://)."""
     if "://" in uri and not uri.startswith("file://"):

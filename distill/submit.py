@@ -58,9 +58,9 @@ async def _follow(client, job_id: str) -> None:
 
 def submit(address: str, stage: str, config: str | None, overrides: list[str], runtime_env_file: str | None,
            working_dir: str | None = ".", wait: bool = True) -> int:
+    _enable_token_auth()  # before importing Ray, which reads the mode once
     from ray.job_submission import JobSubmissionClient
 
-    _enable_token_auth()
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint(stage, config, overrides),
                                runtime_env=runtime_env(runtime_env_file, working_dir),

@@ -34,17 +34,27 @@ FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises onc
 
 
 def student_base(cfg: RunConfig, rd: RunDir) -> str:
-    """The student before distillation (also the evaluation baseline)."""
-    from distill.models import derive_student, resolve_model
+    """The student before distillation (also the evaluation baseline): a local path, or a URI
+    under a remote run directory, which every node fetches with `resolve_model`."""
+    import hashlib
+
+    from distill.models import cache_dir, derive_student, resolve_model
 
     if cfg.student.kind == "pretrained":
         return resolve_model(cfg.student.path)
-    if not rd.root.is_local:
-        raise ValueError("a derived student needs a local run_dir (or set student.kind=pretrained)")
     teacher = cfg.teacher.path
     if teacher is None:
         raise ValueError("student.kind=derived needs teacher.path (the model to take layers from)")
-    return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / "student-init"))
+    # named by what it is made from: other layers or another teacher make another student
+    name = "student-init-" + hashlib.sha256(f"{teacher}:{cfg.student.layers}".encode()).hexdigest()[:8]
+    if rd.root.is_local:
+        return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / name))
+    target = rd.models.join(name)
+    if not target.join("config.json").exists():  # derived here once, shared through the run dir
+        from distill.storage import upload_dir
+
+        upload_dir(str(derive_student(teacher, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
+    return target.uri
 
 
 def resolve_method(cfg: RunConfig, student_path: str) -> str:
@@ -61,7 +71,7 @@ def resolve_method(cfg: RunConfig, student_path: str) -> str:
         raise TokenizerMismatch("training.method=logit needs stored teacher top-k "
                                 "(generation.top_k_logprobs > 0 and a vllm teacher)")
     teacher_tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
-    student_tok = AutoTokenizer.from_pretrained(student_path)
+    student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
     if same_tokenizer(teacher_tok, student_tok):
         return "logit"
     message = ("the student's tokenizer differs from the teacher's, so the teacher's top-k "
@@ -78,9 +88,10 @@ def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str):
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
+    from distill.models import resolve_model
     from distill.train_data import tokenize_rows
 
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
     curated = rd.curated.read_table()
     same = method == "logit" or cfg.training.method == "sequence" and _same_as_teacher(cfg, tokenizer)
     out = {}
@@ -159,10 +170,15 @@ def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if examples["validation"]:
         datasets["validation"] = ray.data.from_items(examples["validation"])
     storage = rd.checkpoints.path if rd.root.is_local else rd.checkpoints.uri
+    # Train V2 resumes a run of the same name and storage from its newest checkpoint (also after
+    # a crash of the whole job); the name carries the config key so a changed config starts over
+    run_name = f"train-{rd.stage_key('train')}"
+    if force:
+        rd.checkpoints.join(run_name).remove()
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "student_path": base, "method": method,
         "ds_config": deepspeed_config(cfg, total_steps), "steps_per_epoch": steps_per_epoch,
-        "export_dir": rd.student.path if rd.root.is_local else None,
+        "export_dir": rd.student.path if rd.root.is_local else rd.student.uri,
         "has_validation": "validation" in datasets,
         "history_uri": rd.root.join("train_history.json").uri,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0")), "fail_marker": f"{rd.checkpoints.path}/.failed-once",
@@ -174,13 +190,12 @@ def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             num_workers=t.workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=storage,
+            name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
         # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=_latest_checkpoint(rd),
     )
     print(f"[train] {method}-level KD: {len(examples['train'])} examples, {t.epochs} epochs, "
           f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}")
@@ -198,20 +213,6 @@ def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
                      accelerator_s=round((time.time() - start) * workers, 1))
     print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {rd.student.uri}")
     return stats
-
-
-def _latest_checkpoint(rd: RunDir):
-    """The newest checkpoint of an earlier, unfinished run in this run directory (if any)."""
-    import pyarrow.fs as pafs
-    import ray.train
-
-    folder = rd.checkpoints.join("train")
-    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
-    ckpts = [p for p in infos if p.base_name.startswith("checkpoint_")]
-    if not ckpts:
-        return None
-    newest = max(ckpts, key=lambda p: p.base_name)
-    return ray.train.Checkpoint(newest.path, filesystem=folder.fs)
 
 
 # ----------------------------------------------------------------------------- worker

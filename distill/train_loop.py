@@ -82,6 +82,17 @@ def _export(engine, tokenizer, cfg: RunConfig, export_dir: str | None,
     # export in the dtype the student came in (bf16 for the embedded default), not the fp32 master
     dtype = export_dtype
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if "://" in export_dir:  # object storage: save locally, then upload (nodes share no disk)
+        import tempfile
+
+        from distill.storage import upload_dir
+
+        with tempfile.TemporaryDirectory() as tmp:
+            module.config.dtype = export_dtype
+            module.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            upload_dir(tmp, export_dir)
+        return
     tmp = export_dir + ".tmp"
     module.config.dtype = export_dtype
     module.save_pretrained(tmp, state_dict=state)
@@ -98,6 +109,8 @@ def run_worker(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from distill.models import resolve_model
+
     cfg = RunConfig.model_validate(config["cfg"])
     t = cfg.training
     ctx = ray.train.get_context()
@@ -107,12 +120,13 @@ def run_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     method = config["method"]
     top_k = cfg.generation.top_k_logprobs if method == "logit" else 0
-    tokenizer = AutoTokenizer.from_pretrained(config["student_path"])
+    student_path = resolve_model(config["student_path"])  # fetched to this node if remote
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    saved = AutoConfig.from_pretrained(config["student_path"])
+    saved = AutoConfig.from_pretrained(student_path)
     export_dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None) or torch.float32
     export_dtype = getattr(torch, export_dtype) if isinstance(export_dtype, str) else export_dtype
-    model = AutoModelForCausalLM.from_pretrained(config["student_path"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
     if t.lora is not None:
         from peft import LoraConfig, get_peft_model
 

@@ -61,6 +61,19 @@ def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, 
     last = lambda h: [x["loss"] for x in h if "loss" in x][-1]  # noqa: E731
     assert abs(last(resumed) - last(clean)) / last(clean) < 0.02
 
+    # the whole job dies (no retries left); running `distill train` again resumes, not restarts
+    from ray.train import TrainingFailedError
+
+    killed = _run(generated_run, tiny_model, tmp_path / "c", zero_stage=2, max_failures=0)
+    with pytest.raises(TrainingFailedError):
+        train(killed)
+    monkeypatch.delenv("DISTILL_INJECT_FAILURE_AT_STEP")
+    train(killed)
+    again = _history(tmp_path / "c" / "run")
+    steps = [h["step"] for h in again if "loss" in h]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+    assert abs(last(again) - last(clean)) / last(clean) < 0.02
+
 
 def test_logit_kd_moves_the_student_toward_the_teacher(generated_run, tiny_model, tmp_path, ray_cluster):
     # the teacher is the tiny model, whose top-k is stored; the student starts from other weights
