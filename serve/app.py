@@ -160,7 +160,7 @@ def serve_forever(cfg: RunConfig) -> None:
     connect(cfg.ray)
     print(f"[serve] starting {', '.join(models)} (engine start takes a while on the CPU)", flush=True)
     url = start(build_app(models, cfg.serving, api_key), cfg.serving)
-    auth = f" -H 'Authorization: Bearer ${cfg.serving.api_key_env}'" if api_key else ""
+    auth = f' -H "Authorization: Bearer ${cfg.serving.api_key_env}"' if api_key else ""
     print(f"[serve] ready at {url}/v1  models: {', '.join(models)}, ab {cfg.serving.ab_weights}\n"
           f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"ab\", \"user\": \"u1\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"

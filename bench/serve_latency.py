@@ -1,0 +1,121 @@
+"""Serving latency: each arm's engine called directly vs through our Serve app, 1 and 8 clients.
+
+    python bench/serve_latency.py --run-dir runs/default --requests 16    # after `make demo`
+
+(a) the engine called directly: vLLM's AsyncLLM in a Ray actor with the same settings, cores and
+    environment as the Serve replica, requests sent from inside that actor;
+(b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica).
+Both arms run at once in (b), pinned to disjoint cores as `distill serve` does, so (a) measures
+each arm alone on the cores it gets there. Prints a table and writes bench/serve_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+class DirectEngine:
+    """The engine without Serve (a Ray actor started with the replica's runtime env)."""
+
+    def __init__(self, spec: dict):
+        from serve.engines import make_engine
+
+        self.engine = make_engine(spec)
+
+    async def run(self, prompts: list[list[dict]], max_tokens: int, concurrency: int) -> dict:
+        import uuid
+
+        params = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "stop": None, "seed": None}
+        latencies: list[float] = []
+        queue = list(prompts)
+
+        async def client():
+            while queue:
+                messages = queue.pop()
+                start = time.perf_counter()
+                async for _ in self.engine.stream(self.engine.prompt_ids(messages, None), params, uuid.uuid4().hex):
+                    pass
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return summary(latencies, time.perf_counter() - start)
+
+
+def summary(latencies: list[float], wall_s: float) -> dict:
+    return {"p50_s": round(float(np.percentile(latencies, 50)), 4), "p95_s": round(float(np.percentile(latencies, 95)), 4),
+            "requests_per_s": round(len(latencies) / wall_s, 3)}
+
+
+def through_app(url: str, arm: str, prompts, max_tokens: int, concurrency: int) -> dict:
+    import httpx
+
+    def one(messages):
+        start = time.perf_counter()
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=300,
+                       json={"model": arm, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, prompts))
+    return summary(latencies, time.perf_counter() - start)
+
+
+def main() -> None:
+    import pyarrow.compute as pc
+    import ray
+    from ray import serve as ray_serve
+
+    from distill.rundir import RunDir
+    from serve.app import build_app, hosted_models, load_target, start
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", default="runs/default")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--port", type=int, default=8077)
+    args = ap.parse_args()
+
+    cfg = load_target(args.run_dir, [f"serving.port={args.port}"])
+    prompts_table = RunDir(cfg).prompts.read_table()
+    test = prompts_table.filter(pc.equal(prompts_table["split"], "test")).slice(0, args.requests)
+    prompts = [list(m) for m in test["messages"].to_pylist()]
+    max_tokens = cfg.evaluation.sampling.max_tokens
+    models = hosted_models(cfg)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results: dict = {"requests": len(prompts), "max_tokens": max_tokens, "arms": {}}
+    for arm, hosted in models.items():  # (a) one arm at a time, on the cores it gets in the app
+        actor = ray.remote(DirectEngine).options(num_cpus=1, runtime_env={"env_vars": hosted.env}).remote(hosted.engine_spec)
+        ray.get(actor.run.remote(prompts[:2], max_tokens, 1))  # warm-up
+        for c in (1, 8):
+            results["arms"].setdefault(arm, {})[f"direct_c{c}"] = ray.get(actor.run.remote(prompts, max_tokens, c))
+        ray.kill(actor)
+    url = start(build_app(models, cfg.serving), cfg.serving)
+    try:
+        for arm in models:  # (b) through the app
+            through_app(url, arm, prompts[:2], max_tokens, 1)
+            for c in (1, 8):
+                results["arms"][arm][f"serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
+    for arm, r in results["arms"].items():
+        for c in (1, 8):
+            r[f"serve_over_direct_p50_c{c}"] = round(r[f"serve_c{c}"]["p50_s"] / r[f"direct_c{c}"]["p50_s"], 3)
+    arms = results["arms"]
+    if "teacher" in arms and "student" in arms:
+        results["student_over_teacher_p50_c1"] = round(arms["student"]["serve_c1"]["p50_s"] / arms["teacher"]["serve_c1"]["p50_s"], 3)
+    print(json.dumps(results, indent=2))
+    Path(__file__).with_name("serve_latency.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
