@@ -35,6 +35,14 @@ def _kind_or(default: str):
     return Discriminator(pick)
 
 
+def _ordered(model: BaseModel, low: str, high: str) -> Any:
+    """Validator body: field `low` must not exceed field `high` (pool and replica bounds)."""
+    lo, hi = getattr(model, low), getattr(model, high)
+    if lo > hi:
+        raise ValueError(f"{low} ({lo}) must be <= {high} ({hi})")
+    return model
+
+
 # ----------------------------------------------------------------------------- engines
 
 
@@ -75,9 +83,7 @@ class ActorPool(Strict):
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ActorPool":
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
-        return self
+        return _ordered(self, "min", "max")
 
 
 class VllmTeacher(ModelSpec):
@@ -279,9 +285,7 @@ class ReplicaConfig(Strict):
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ReplicaConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
-        return self
+        return _ordered(self, "min_replicas", "max_replicas")
 
 
 class ServingConfig(Strict):

@@ -145,3 +145,12 @@ def test_submitted_pipeline_writes_its_run_to_s3_and_failures_exit_nonzero(tmp_p
                                     "run_dir=s3://distill-test/runs/missing"], timeout=300)
     assert broken.returncode == 1 and "FAILED" in broken.stdout
     assert "no Parquet files" in broken.stdout  # the job's own error reaches the user
+
+    # the README's plain `ray job submit` form (Ray's CLI sends the token only in token mode)
+    token = (Path.home() / ".ray" / "auth_token").exists() or "RAY_AUTH_TOKEN" in env
+    plain = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--",
+         "python", "-m", "distill.cli", "evaluate", "--config", str(config), "run_dir=s3://distill-test/runs/missing"],
+        env={**env, **({"RAY_AUTH_MODE": "token"} if token else {})}, cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert plain.returncode == 1 and "no Parquet files" in plain.stdout + plain.stderr
