@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(ENGINE)
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo serve test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/distill run --config $(CONFIG)
+
+# after `make demo`: teacher, student and the `ab` alias on http://127.0.0.1:8000/v1
+serve: setup
+	$(VENV)/bin/distill serve runs/default
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -ra tests
