@@ -15,6 +15,10 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the environment as a user's shell has it, for processes that stand for one (a `ray start`
+# cluster, a job submitter): in-process Ray, vLLM and torch add variables to os.environ later
+# (a job driver started with them crashed in torch's MKL loader)
+LAUNCH_ENV = dict(os.environ)
 
 
 def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import LAUNCH_ENV, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,9 @@ def s3_env():
 def local_cluster(tmp_path, s3_env):
     """Head (2 CPUs) + worker node (2 CPUs) started with `ray start --block`; yields the job address."""
     # jobs run `python -m distill.cli`: this interpreter's folder first on PATH, as on a cluster image
-    env = {**os.environ, **s3_env[0], "RAY_DEDUP_LOGS": "0",
+    env = {**LAUNCH_ENV, **s3_env[0], "RAY_DEDUP_LOGS": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ADDRESS", None)  # the job cluster is this one, not any the shell points at
     gcs, dashboard = free_port(), free_port()
     # a short temp dir: Ray's socket paths live under it and Unix sockets allow ~107 characters
     temp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
