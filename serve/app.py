@@ -67,7 +67,7 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
                 raise ValueError("serving.models has 'teacher' but teacher.path is not set")
             paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher.engine
         elif name == "student":
-            if not rd.up_to_date("train", force=False):
+            if not rd.is_done("train"):
                 raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "
                                         f"(or `distill train`) with this config first")
             paths[name], engines[name] = rd.student.uri, cfg.student.engine
@@ -104,7 +104,7 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
     """The Serve application: a ModelServer deployment per model, the ledger, the ingress."""
     from ray import serve as ray_serve
 
-    from serve.ingress import Ingress, _key_hash, api
+    from serve.ingress import Ingress, key_hash, api
     from serve.ledger import Ledger
     from serve.model_server import ModelServer
 
@@ -117,7 +117,7 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
                                   ray_actor_options={"num_cpus": 0}).bind(serving.ab_weights)
     ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
                                    max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(handles, ledger, serving.user_header, _key_hash(api_key) if api_key else None)
+    return ingress.bind(handles, ledger, serving.user_header, key_hash(api_key) if api_key else None)
 
 
 def api_key_from_env(serving: ServingConfig) -> str | None:

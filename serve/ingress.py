@@ -62,7 +62,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
 
-def _key_hash(key: str) -> str:
+def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -120,7 +120,7 @@ class Ingress:
             return
         header = request.headers.get("authorization", "")
         key = header[7:] if header.lower().startswith("bearer ") else ""
-        if not key or not hmac.compare_digest(_key_hash(key), self.api_key_sha256):
+        if not key or not hmac.compare_digest(key_hash(key), self.api_key_sha256):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
 
