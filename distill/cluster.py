@@ -63,7 +63,7 @@ def node_types(path: str | Path) -> list[NodeType]:
                                         int(spec.get("max_workers", 0))))
             continue
         spec = doc.get("spec") or {}
-        cluster = spec.get("rayClusterSpec") or (spec.get("rayClusterConfig")) or spec
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
         out += [_kuberay_group(g) for g in cluster.get("workerGroupSpecs") or []]
     if not out:
         raise ValueError(f"{path}: no worker node types (available_node_types or workerGroupSpecs)")

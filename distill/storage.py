@@ -105,6 +105,9 @@ class Location:
         return sum(self.fs.get_file_info(p).size for p in self.list_files(".parquet"))
 
 
+UPLOAD_COMPLETE = ".complete"
+
+
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder to a folder URI (replacing it): how a model reaches object storage."""
     dest = locate(uri)
@@ -112,10 +115,12 @@ def upload_dir(local_dir: str, uri: str) -> None:
     dest.mkdir()
     pafs.copy_files(local_dir, dest.path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=dest.fs)
+    dest.join(UPLOAD_COMPLETE).write_text("")  # last: a half-finished upload has no marker
 
 
 def download_dir(uri: str, cache_root: str) -> str:
-    """A node-local copy of a folder URI (a model on object storage), cached by URI; returns its path.
+    """A node-local copy of a folder URI (a model on object storage), cached by URI and file listing;
+    returns its path.
     Engines (vLLM, transformers) load from local disk, and cluster nodes share none."""
     import hashlib
 

@@ -39,6 +39,7 @@ def student_base(cfg: RunConfig, rd: RunDir) -> str:
     import hashlib
 
     from distill.models import cache_dir, derive_student, resolve_model
+    from distill.storage import UPLOAD_COMPLETE, upload_dir
 
     if cfg.student.kind == "pretrained":
         return resolve_model(cfg.student.path)
@@ -50,9 +51,7 @@ def student_base(cfg: RunConfig, rd: RunDir) -> str:
     if rd.root.is_local:
         return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / name))
     target = rd.models.join(name)
-    if not target.join("config.json").exists():  # derived here once, shared through the run dir
-        from distill.storage import upload_dir
-
+    if not target.join(UPLOAD_COMPLETE).exists():  # derived here once, shared through the run dir
         upload_dir(str(derive_student(teacher, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
     return target.uri
 
