@@ -1,0 +1,21 @@
+"""Run configuration: pydantic models for every stage; the only place that reads YAML.
+
+    from distill.config import load_config
+    cfg = load_config("configs/default.yaml", ["generation.sampling.max_tokens=32"])
+    distill config --explain            # every field with its default and description
+"""
+
+from distill.config.loading import (ConfigError, dump_config, format_validation_error, load_config,
+                                    parse_overrides, read_yaml)
+from distill.config.models import (ActorPool, CurationConfig, DataConfig, DerivedStudent, EngineConfig,
+                                   EvalSet, EvaluationConfig, GenerationConfig, KDLossConfig, LoraConfig,
+                                   PrecomputedTeacher, PretrainedStudent, RayConfig, ReplicaConfig, RunConfig,
+                                   SamplingConfig, ServingConfig, SplitConfig, SynthesisConfig, SynthSource, TaskConfig,
+                                   TrainingConfig, VllmTeacher)
+
+__all__ = ["ActorPool", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EngineConfig",
+           "EvalSet", "EvaluationConfig", "GenerationConfig", "KDLossConfig", "LoraConfig",
+           "PrecomputedTeacher", "PretrainedStudent", "RayConfig", "ReplicaConfig", "RunConfig",
+           "SamplingConfig", "ServingConfig", "SplitConfig", "SynthesisConfig", "SynthSource", "TaskConfig", "TrainingConfig",
+           "VllmTeacher", "dump_config", "format_validation_error", "load_config", "parse_overrides",
+           "read_yaml"]

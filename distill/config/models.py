@@ -1,0 +1,555 @@
+"""The run configuration as pydantic models: every field typed, bounded and described.
+
+The docstring under each field is its description (pydantic's `use_attribute_docstrings`):
+`distill config --explain` prints them with their defaults, and `distill.stages` decides from
+field paths which ones define a stage's output and which only change its speed or placement.
+Every model forbids extra keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+TaskType = Literal["conversation", "qa", "math", "nli", "summarization"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def _kind_or(default: str):
+    """Discriminator on `kind` that falls back to `default`, so `teacher.pool.max=2` needs no kind."""
+
+    def pick(value: Any) -> str:
+        return value.get("kind", default) if isinstance(value, dict) else getattr(value, "kind", default)
+
+    return Discriminator(pick)
+
+
+def _ordered(model: BaseModel, low: str, high: str) -> Any:
+    """Validator body: field `low` must not exceed field `high` (pool and replica bounds)."""
+    lo, hi = getattr(model, low), getattr(model, high)
+    if lo > hi:
+        raise ValueError(f"{low} ({lo}) must be <= {high} ({hi})")
+    return model
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+class EngineConfig(Strict):
+    """vLLM engine settings. The same keys serve CPU (laptop, CI) and CUDA (cluster) machines."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the engine runs; auto picks cuda when a GPU is visible."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and activations; auto = bf16 where the hardware computes it natively, else fp32."""
+    max_model_len: int = Field(2048, ge=16)
+    """Prompt + output tokens per request; a longer prompt becomes an error row, not a failure."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine spans (all on one node)."""
+    kv_cache_memory_bytes: int | None = Field(512 * 2**20, ge=2**20)
+    """KV cache size; on the CPU it lives in RAM, and vLLM's fraction-of-memory default fails there."""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """Share of GPU memory the engine may take (GPU only)."""
+    enforce_eager: bool = True
+    """Skip graph capture/compilation (35-60 s per process on the CPU); turn off for GPU throughput."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Sequences decoded together; lower it after an out-of-memory error."""
+    cpu_threads_bind: str | None = "all"
+    """CPU engines: OpenMP thread binding. all = every core of the node; 0-3 etc. pins (two engines
+    on one node need disjoint ranges); null = vLLM's default (one core)."""
+
+
+class ModelSpec(Strict):
+    """A model: `builtin:smollm2-135m-instruct`, a local Hugging Face folder, or a hub id."""
+
+    path: str = "builtin:smollm2-135m-instruct"
+    """The model: builtin:smollm2-135m-instruct, a Hugging Face folder (local, s3://, gs://) or a hub id."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM settings for this model."""
+
+
+class ActorPool(Strict):
+    """Autoscaling pool of engine actors: Ray Data grows it from `min` to `max` with the load."""
+
+    min: int = Field(1, ge=1)
+    """Actors kept up while the stage runs."""
+    max: int = Field(1, ge=1)
+    """Actors Ray Data may scale up to."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs each actor reserves."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs each actor reserves (tensor_parallel_size for a sharded engine)."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ActorPool":
+        return _ordered(self, "min", "max")
+
+
+class VllmTeacher(ModelSpec):
+    """The teacher runs in vLLM actors during `generate`."""
+
+    kind: Literal["vllm"] = "vllm"
+    """vllm: the teacher runs in our vLLM actors."""
+    pool: ActorPool = ActorPool()
+    """The autoscaling pool of teacher actors."""
+
+
+class PrecomputedTeacher(Strict):
+    """Teacher outputs already exist (e.g. from an API): `generate` imports them, keyed by `id`.
+
+    The file needs `id` and `text`; token-level fields are left empty, so only sequence-level KD
+    applies."""
+
+    kind: Literal["precomputed"]
+    """precomputed: teacher outputs made elsewhere are imported."""
+    outputs: str
+    """JSONL or Parquet of teacher outputs with `id` and `text` (optional `sample`, `finish_reason`)."""
+    path: str | None = None
+    """The teacher model, for evaluation and serving (optional)."""
+
+
+Teacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[PrecomputedTeacher, Tag("precomputed")]],
+                    _kind_or("vllm")]
+
+
+class DerivedStudent(Strict):
+    """A student made from the teacher by keeping a subset of its layers (DistilBERT-style)."""
+
+    kind: Literal["derived"] = "derived"
+    """derived: keep some of the teacher's layers."""
+    layers: list[int] = Field(default_factory=lambda: [0, 4, 8, 12, 17, 21, 25, 29], min_length=1)
+    """Indices of the teacher's layers the student keeps (embeddings and head are kept too)."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM settings for the student."""
+
+
+class PretrainedStudent(Strict):
+    """A student from any Hugging Face causal-LM folder or hub id."""
+
+    kind: Literal["pretrained"]
+    """pretrained: any causal LM."""
+    path: str
+    """A Hugging Face folder (local, s3://, gs://) or hub id."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM settings for the student."""
+
+
+Student = Annotated[Union[Annotated[DerivedStudent, Tag("derived")], Annotated[PretrainedStudent, Tag("pretrained")]],
+                    _kind_or("derived")]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class FileSource(Strict):
+    kind: Literal["file"] = "file"
+    """file: your prompts."""
+    path: str = "data/prompts.jsonl"
+    """JSONL or Parquet file or folder; local, s3:// or gs://."""
+
+
+class SynthSource(Strict):
+    """The built-in dataset (`distill data synth`), so the demo needs no download."""
+
+    kind: Literal["synth"]
+    """synth: a built-in dataset."""
+    name: Literal["sentiment", "math", "nli"] = "sentiment"
+    """Which built-in dataset."""
+    n: int = Field(600, ge=1)
+    """Rows from the main phrase bank (split into train/validation/test)."""
+    seed: int = 0
+    """Seed of the generator."""
+    shifted_n: int = Field(200, ge=0)
+    """Rows of the `shifted` test set, from a phrase bank that shares no template material with
+    the main one; 0 = none."""
+
+
+Source = Annotated[Union[Annotated[FileSource, Tag("file")], Annotated[SynthSource, Tag("synth")]],
+                   _kind_or("file")]
+
+
+class SplitConfig(Strict):
+    validation: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of prompts held out for validation loss."""
+    test: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of prompts held out for evaluation."""
+    seed: int = 0
+    """Seed of the id hash that assigns splits."""
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> "SplitConfig":
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave room for train (sum < 1)")
+        return self
+
+
+class DataConfig(Strict):
+    source: Source = FileSource()
+    """Where the prompts come from."""
+    split: SplitConfig = SplitConfig()
+    """How rows without a `split` are split (a hash of the id: stable when rows are added)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed input row stops `prepare` (naming file:line) or is skipped and counted."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N rows."""
+
+
+class TaskConfig(Strict):
+    type: TaskType = "nli"
+    """conversation, qa, math, nli (any classification) or summarization."""
+    labels: list[str] | None = None
+    """Label set for nli/classification (default entailment, neutral, contradiction)."""
+    chain_of_thought: bool = False
+    """Use the task's step-by-step system prompt."""
+    system_prompt: str | None = None
+    """System message put first in every prompt that has none (default: the task's)."""
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.0, ge=0.0)
+    """0 = greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(64, ge=1)
+    """Output tokens per response."""
+    n: int = Field(1, ge=1)
+    """Samples per prompt."""
+    seed: int = 0
+    """Sampling seed (per request, from the prompt id: outputs do not depend on batching)."""
+
+
+class GenerationConfig(Strict):
+    sampling: SamplingConfig = SamplingConfig()
+    """How the teacher samples."""
+    top_k_logprobs: int = Field(5, ge=0, le=20)
+    """Teacher logprobs stored per output token (for logit-level KD); 0 = text only."""
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of the stored logprobs."""
+    batch_size: int = Field(128, ge=1)
+    """Prompts per block sent to one teacher actor."""
+    rows_per_file: int = Field(1024, ge=1)
+    """Rows per Parquet part (rounded to whole prompts)."""
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+class SynthesisConfig(Strict):
+    """`distill data synth --by-teacher`: the teacher writes new prompts from seeds (label x topic x
+    style x persona x length, or few-shot from your rows), and checks them before they are used."""
+
+    n: int = Field(200, ge=1)
+    """Prompts to write (candidates; the checks keep a share of them)."""
+    labels: list[str] | None = None
+    """Labels to write for (default: task.labels); classification tasks only."""
+    topics: list[str] = Field(default_factory=lambda: [
+        "smartphone", "restaurant", "hotel", "pair of shoes", "video game", "kitchen appliance", "online course",
+        "airline flight", "book", "car rental", "gym", "streaming service", "coffee shop", "laptop",
+        "furniture delivery", "hair salon", "concert", "mobile app", "bakery", "plumbing repair"], min_length=1)
+    """What the written texts are about."""
+    styles: list[str] = Field(default_factory=lambda: ["plain", "enthusiastic", "angry", "matter-of-fact",
+                                                       "detailed", "casual"], min_length=1)
+    """Tones to write in."""
+    personas: list[str] = Field(default_factory=lambda: ["a student", "a parent", "a retiree", "a business traveller",
+                                                         "a first-time buyer", "a regular customer"], min_length=1)
+    """Who writes."""
+    lengths: list[str] = Field(default_factory=lambda: ["one-sentence", "two-sentence", "three-sentence"],
+                               min_length=1)
+    """How long."""
+    writer_prompt: str = ("Write a {length} {style} review of a {topic}, written by {persona}. The review must "
+                          "be clearly {label}. Write only the review.")
+    """What the teacher is asked (slots: {label} {topic} {style} {persona} {length}); with
+    few_shot_from, examples of the same label are put before it."""
+    questions: list[str] = Field(default_factory=lambda: [
+        "{text}\nIs this review positive or negative?", "Review: {text}\nWhat is its sentiment?"], min_length=1)
+    """How a written text becomes a prompt ({text}); one is drawn per prompt."""
+    few_shot_from: str | None = None
+    """JSONL/Parquet of your own rows (prompt or messages, and reference): examples shown to the
+    writer; required for tasks without labels, where new prompts are written from them alone."""
+    few_shot_k: int = Field(3, ge=1, le=10)
+    """Examples per writer prompt."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.9, top_p=0.95, max_tokens=80)
+    """How the teacher writes (sampled, for variety)."""
+    near_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    """Jaccard similarity (word 3-shingles) at which two texts are near-duplicates, among the
+    written ones and against every test set."""
+    seed: int = 0
+    """Seed of the seed combinations and the sampling."""
+
+
+# ----------------------------------------------------------------------------- curation
+
+
+class CurationConfig(Strict):
+    check_answer: bool = True
+    """Drop responses whose answer differs from the gold reference (reason wrong_answer)."""
+    trim_after_answer: Literal["off", "truncated", "all"] = "truncated"
+    """Cut a response after the sentence that states its answer (nli and math): `truncated` keeps
+    responses cut at max_tokens that already gave their answer; `all` trims every response."""
+    drop_truncated: bool = True
+    """Drop responses cut at max_tokens (after trimming, only those without an answer)."""
+    drop_empty: bool = True
+    """Drop empty responses."""
+    drop_errors: bool = True
+    """Drop error rows (over-long prompts, failed requests)."""
+    drop_refusals: bool = True
+    """Drop refusals ("I'm sorry, I cannot ...")."""
+    drop_repetition: bool = True
+    """Drop degenerate loops (repeated word n-grams)."""
+    repetition_ngram: int = Field(4, ge=1)
+    """n of the repeated n-grams."""
+    repetition_max_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of repeated n-grams above which a response is a loop."""
+    min_tokens: int = Field(1, ge=0)
+    """Shortest response kept (tokens)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Longest response kept (tokens)."""
+    dedup_exact: bool = True
+    """Drop exact duplicate prompt+response pairs."""
+    dedup_near: bool = False
+    """Drop MinHash near-duplicates of prompt+response pairs."""
+    near_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Jaccard similarity at which two pairs are near-duplicates."""
+    select: Literal["first_correct", "shortest_correct", "all_correct"] = "first_correct"
+    """With n samples per prompt: which passing responses to keep."""
+    min_kept_ratio: float = Field(0.2, ge=0.0, le=1.0)
+    """The stage fails, with its table, when fewer prompts than this keep a response."""
+    examples_per_reason: int = Field(3, ge=0)
+    """Examples per drop reason in the table."""
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class KDLossConfig(Strict):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """Divergence between the teacher's top-k and the student's distribution."""
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """JSD mixing weight (0 and 1 are the two KLs)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softens both distributions; the KD term is scaled by T^2."""
+    kd_weight: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the KD term against the hard-label CE: 1 = pure logit KD, 0.5 = an even mix."""
+
+
+class LoraConfig(Strict):
+    """Train low-rank adapters instead of all weights (peft); merged into the export."""
+
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scale."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Adapter dropout."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
+    """Modules that get adapters."""
+
+
+class TrainingConfig(Strict):
+    method: Literal["sequence", "logit"] = "sequence"
+    """sequence: CE on the teacher's text; logit: also match its stored top-k (kd.kd_weight mixes)."""
+    kd: KDLossConfig = KDLossConfig()
+    """Logit-level KD loss."""
+    allow_sequence_fallback: bool = False
+    """With method=logit and a student tokenizer unlike the teacher's: fall back to sequence KD
+    instead of refusing."""
+    freeze_embeddings: bool = False
+    """Keep the input embeddings (and a tied output head) fixed: fewer trainable parameters, and
+    words the training set never shows keep their pretrained meaning."""
+    gold_control: bool = False
+    """Also train the same student on the gold references alone (no teacher), exported to
+    `student_gold/` and shown in the report: what the teacher adds."""
+    learning_rate: float = Field(5e-4, gt=0.0)
+    """Peak learning rate (warmup, then cosine)."""
+    batch_size: int = Field(8, ge=1)
+    """Micro-batch per worker."""
+    gradient_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the curated examples."""
+    max_seq_len: int = Field(256, ge=8)
+    """Prompt + response tokens per example (longer ones are cut)."""
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of steps spent warming up."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Gradient norm clip (0 = off)."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 where the hardware computes it natively, else fp32."""
+    workers: int = Field(1, ge=1)
+    """Ray Train workers (one GPU each with use_gpu)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs (and torch threads) per worker."""
+    use_gpu: bool = False
+    """Train on GPUs."""
+    checkpoint_every_steps: int = Field(50, ge=1)
+    """Optimizer steps between DeepSpeed checkpoints."""
+    max_failures: int = Field(1, ge=0)
+    """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
+    log_every_steps: int = Field(10, ge=1)
+    """Steps between progress lines."""
+    seed: int = 0
+    """Seed of initialisation-independent randomness (data order, dropout)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights."""
+
+    @model_validator(mode="after")
+    def _lora_needs_whole_weights(self) -> "TrainingConfig":
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("LoRA runs with zero_stage 0-2 (its adapters are merged into whole "
+                             "weights for export); set training.zero_stage=2 or drop training.lora")
+        return self
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class EvalSet(Strict):
+    """A user's evaluation set, evaluated like the test split."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name in the report (letters, digits, _ . -)."""
+    path: str
+    """JSONL or Parquet with prompts (or messages) and `reference`; local, s3:// or gs://."""
+
+
+class EvaluationConfig(Strict):
+    sampling: SamplingConfig = SamplingConfig()
+    """How every model answers the evaluation prompts."""
+    include_baseline: bool = True
+    """Also evaluate the student before distillation."""
+    extra_sets: list[EvalSet] = Field(default_factory=list)
+    """Your own evaluation sets, each evaluated like the test split (besides `test` and, for the
+    built-in data, `shifted`)."""
+    bootstrap_samples: int = Field(1000, ge=100)
+    """Bootstrap resamples behind each 95% confidence interval."""
+    min_kept_ratio: float | None = Field(None, ge=0.0)
+    """Fail the run (non-zero exit, with the table) when the student keeps less than this share
+    of the teacher's primary metric on any evaluated set."""
+    latency_requests: int = Field(16, ge=1)
+    """Prompts sent one at a time for latency figures."""
+    price_per_accelerator_hour: float = Field(0.0, ge=0.0)
+    """For the cost table."""
+    limit: int | None = Field(None, ge=1)
+    """Evaluate only the first N prompts of each set."""
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _unique_names(cls, sets: list[EvalSet]) -> list[EvalSet]:
+        names = [s.name for s in sets]
+        reserved = {"test", "shifted"} & set(names)
+        if reserved or len(set(names)) != len(names):
+            raise ValueError(f"extra set names must be unique and not 'test' or 'shifted', got {names}")
+        return sets
+
+
+# ----------------------------------------------------------------------------- serving
+
+HostedModel = Literal["teacher", "student", "baseline"]
+
+
+class ReplicaConfig(Strict):
+    """Resources and scaling of one model's Serve deployment. min == max: a fixed replica count;
+    min < max: Serve autoscales on ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    """Replicas kept up."""
+    max_replicas: int = Field(1, ge=1)
+    """Replicas Serve may scale up to."""
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Autoscaling target per replica."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests one replica works on at once."""
+    max_queued_requests: int = Field(128, ge=1)
+    """Queue in front of the replicas; beyond it callers get 503 (backpressure)."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ReplicaConfig":
+        return _ordered(self, "min_replicas", "max_replicas")
+
+
+class ServingConfig(Strict):
+    """`distill serve`: the hosted models behind one OpenAI-compatible endpoint, and the `ab` alias
+    that splits traffic between them by weight, sticky per user."""
+
+    host: str = "127.0.0.1"
+    """Bind address; loopback by default, 0.0.0.0 to expose it."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    models: list[HostedModel] = Field(default_factory=lambda: ["teacher", "student"], min_length=1)
+    """Models to host."""
+    ab_weights: dict[str, float] = Field(default_factory=lambda: {"teacher": 0.5, "student": 0.5})
+    """Traffic share per model behind the `ab` alias."""
+    user_header: str = "x-user-id"
+    """Sticky key when the request has no `user`."""
+    api_key_env: str = "DISTILL_API_KEY"
+    """Environment variable holding the API key (unset: no auth)."""
+    default_max_tokens: int = Field(256, ge=1)
+    """max_tokens when a request gives none."""
+    replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
+    """Resources and scaling per model."""
+
+    @model_validator(mode="after")
+    def _weights_name_hosted_models(self) -> "ServingConfig":
+        unknown = sorted(set(self.ab_weights) - set(self.models))
+        if unknown:
+            raise ValueError(f"ab_weights names {unknown}, which are not in serving.models {self.models}")
+        if any(not math.isfinite(w) or w < 0 for w in self.ab_weights.values()) or sum(self.ab_weights.values()) <= 0:
+            raise ValueError("ab_weights must be finite and >= 0 with a positive sum, "
+                             "e.g. {teacher: 0.5, student: 0.5}")
+        return self
+
+    def replica(self, model: str) -> ReplicaConfig:
+        return self.replicas.get(model, ReplicaConfig())
+
+
+class RayConfig(Strict):
+    """How to reach Ray: under `ray job submit` or with RAY_ADDRESS set, that cluster is used."""
+
+    address: str | None = None
+    """Cluster address (default: RAY_ADDRESS, a `ray start` cluster here, else a new local one)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local cluster."""
+
+
+class RunConfig(Strict):
+    run_dir: str = "runs/default"
+    """Where every stage writes; local, s3:// or gs://."""
+    data: DataConfig = DataConfig()
+    """The prompts."""
+    task: TaskConfig = TaskConfig()
+    """What the student learns and how it is scored."""
+    teacher: Teacher = VllmTeacher()
+    """The model that teaches."""
+    student: Student = DerivedStudent()
+    """The model that learns."""
+    generation: GenerationConfig = GenerationConfig()
+    """How the teacher answers the prompts."""
+    curation: CurationConfig = CurationConfig()
+    """Which teacher responses the student learns from."""
+    training: TrainingConfig = TrainingConfig()
+    """How the student learns."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """How teacher, student and baseline are compared."""
+    serving: ServingConfig = ServingConfig()
+    """`distill serve`."""
+    synthesis: SynthesisConfig = SynthesisConfig()
+    """`distill data synth --by-teacher`: the teacher writes new prompts."""
+    ray: RayConfig = RayConfig()
+    """Which Ray cluster."""
