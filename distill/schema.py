@@ -34,7 +34,10 @@ TOPK_IDS = "topk_ids"
 TOPK_LOGPROBS = "topk_logprobs"
 SAMPLED_LOGPROBS = "sampled_logprobs"
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # what a user's row may name
+SHIFTED = "shifted"  # the built-in data's test set of unseen wording (distill.synth)
+EVAL_SPLITS = ("test", SHIFTED)  # evaluated, never generated or trained on
+TRAINED_SPLITS = ("train", "validation")
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 

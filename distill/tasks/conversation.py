@@ -1,4 +1,5 @@
-"""Open conversation: corpus BLEU and chrF (sacrebleu) against a reference response."""
+"""Open conversation: chrF per response (sacrebleu's sentence chrF; primary, with a confidence
+interval) and corpus BLEU against a reference response."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ class ConversationTask(Task):
     name = "conversation"
     primary = "chrf"
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+    def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        return {"chrf": [sacrebleu.sentence_chrf(p, [r]).score / 100.0 for p, r in zip(predictions, references)]}
+
+    def corpus_scores(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         if not predictions:
-            return {"bleu": 0.0, "chrf": 0.0}
-        return {
-            "bleu": sacrebleu.corpus_bleu(predictions, [references]).score / 100.0,
-            "chrf": sacrebleu.corpus_chrf(predictions, [references]).score / 100.0,
-        }
+            return {"bleu": 0.0}
+        return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score / 100.0}

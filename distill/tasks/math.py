@@ -38,13 +38,17 @@ class MathTask(Task):
         found = _ANY.findall(response)
         return normalise_number(found[-1]) if found else None
 
+    def answer_end(self, response: str) -> int | None:
+        """After the sentence with an explicit cue ("The answer is 8", "#### 8"); a bare number
+        mid-reasoning is not yet the answer."""
+        return self._first_sentence_where(response, lambda prefix: any(c.search(prefix) for c in _CUES))
+
     def is_correct(self, response: str, reference: str | None) -> bool | None:
         if reference is None:
             return None
         gold = self.extract(reference)
         return gold is not None and self.extract(response) == gold
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        hits = [bool(self.is_correct(p, r)) for p, r in zip(predictions, references)]
-        parsed = [self.extract(p) is not None for p in predictions]
-        return {"accuracy": mean(hits), "parsed": mean(parsed)}
+    def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        return {"accuracy": [float(bool(self.is_correct(p, r))) for p, r in zip(predictions, references)],
+                "parsed": [float(self.extract(p) is not None) for p in predictions]}

@@ -32,14 +32,24 @@ class NLITask(Task):
         asserted = {m.group(2).lower() for m in self._mention.finditer(response) if not m.group(1)}
         return asserted.pop() if len(asserted) == 1 else None
 
+    def answer_end(self, response: str) -> int | None:
+        return self._first_sentence_where(response, lambda prefix: self.extract(prefix) is not None)
+
     def is_correct(self, response: str, reference: str | None) -> bool | None:
         if reference is None:
             return None
         return self.extract(response) == reference.strip().lower()
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        pred = [self.extract(p) for p in predictions]
-        gold = [self.extract(r) or r.strip().lower() for r in references]
+    def _labels(self, predictions: list[str], references: list[str]):
+        return [self.extract(p) for p in predictions], [self.extract(r) or r.strip().lower() for r in references]
+
+    def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        pred, gold = self._labels(predictions, references)
+        return {"accuracy": [float(p == g) for p, g in zip(pred, gold)],
+                "parsed": [float(p is not None) for p in pred]}
+
+    def corpus_scores(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        pred, gold = self._labels(predictions, references)
         f1s = []
         for label in self.labels:
             tp = sum(p == label and g == label for p, g in zip(pred, gold))
@@ -47,8 +57,4 @@ class NLITask(Task):
             fn = sum(p != label and g == label for p, g in zip(pred, gold))
             if tp + fp + fn:
                 f1s.append(2 * tp / (2 * tp + fp + fn))
-        return {
-            "accuracy": mean([p == g for p, g in zip(pred, gold)]),
-            "macro_f1": mean(f1s),
-            "parsed": mean([p is not None for p in pred]),
-        }
+        return {"macro_f1": mean(f1s)}

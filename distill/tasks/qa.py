@@ -6,7 +6,7 @@ import collections
 import re
 import string
 
-from distill.tasks.base import Task, mean
+from distill.tasks.base import Task
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -48,10 +48,10 @@ class QATask(Task):
             and len(normalise_answer(reference).split()) == 1
         )
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+    def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
         answers = [self.extract(p) or "" for p in predictions]
         golds = [self.extract(r) or r for r in references]
         return {
-            "exact_match": mean([normalise_answer(a) == normalise_answer(g) for a, g in zip(answers, golds)]),
-            "f1": mean([token_f1(a, g) for a, g in zip(answers, golds)]),
+            "exact_match": [float(normalise_answer(a) == normalise_answer(g)) for a, g in zip(answers, golds)],
+            "f1": [token_f1(a, g) for a, g in zip(answers, golds)],
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rouge_score import rouge_scorer
 
-from distill.tasks.base import Task, mean
+from distill.tasks.base import Task
 
 
 class SummarizationTask(Task):
@@ -16,7 +16,6 @@ class SummarizationTask(Task):
         super().__init__(**kw)
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        f = [self._scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-        ratios = [len(p.split()) / max(1, len(r.split())) for p, r in zip(predictions, references)]
-        return {"rougeL": mean(f), "length_ratio": mean(ratios)}
+    def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        return {"rougeL": [self._scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)],
+                "length_ratio": [len(p.split()) / max(1, len(r.split())) for p, r in zip(predictions, references)]}

@@ -1,0 +1,49 @@
+"""Bootstrap intervals against cases whose answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+
+from distill.stats import diff_ci, mean_ci, ratio_ci, resample_indices, separation, statistic_ci
+
+
+def test_a_coin_flip_accuracy_has_the_textbook_interval():
+    n = 400
+    values = [1.0] * 200 + [0.0] * 200  # p = 0.5
+    lo, hi = mean_ci(values, resample_indices(n, 4000, seed=1))
+    half = 1.96 * math.sqrt(0.25 / n)  # normal approximation: 0.049
+    assert lo == pytest.approx(0.5 - half, abs=0.01) and hi == pytest.approx(0.5 + half, abs=0.01)
+
+
+def test_constant_values_have_no_width_and_identical_models_keep_everything():
+    idx = resample_indices(50, 500)
+    assert mean_ci([1.0] * 50, idx) == (1.0, 1.0)
+    scores = list(np.random.default_rng(0).integers(0, 2, 50).astype(float))
+    assert ratio_ci(scores, scores, idx) == (1.0, 1.0)
+    assert diff_ci(scores, scores, idx) == (0.0, 0.0)
+
+
+def test_paired_intervals_are_narrower_than_the_items_differences_suggest():
+    rng = np.random.default_rng(0)
+    teacher = rng.integers(0, 2, 300).astype(float)
+    student = teacher.copy()
+    student[:15] = 1 - student[:15]  # disagrees on 5% of prompts
+    idx = resample_indices(300, 2000, seed=2)
+    lo, hi = diff_ci(student, teacher, idx)
+    assert lo <= (student.mean() - teacher.mean()) <= hi and hi - lo < 0.06
+    lo, hi = ratio_ci(student, teacher, idx)
+    assert lo <= student.mean() / teacher.mean() <= hi
+
+
+def test_statistic_ci_recomputes_a_corpus_metric_per_resample():
+    values = np.arange(100, dtype=float)
+    lo, hi = statistic_ci(lambda rows: float(np.max(values[rows])), resample_indices(100, 300))
+    assert 90 <= lo <= hi == 99
+
+
+@pytest.mark.parametrize("ci, words", [((0.01, 0.05), "better than the teacher"),
+                                       ((-0.05, -0.01), "below the teacher"),
+                                       ((-0.03, 0.02), "too few to separate")])
+def test_the_verdict_says_whether_the_set_separates_the_models(ci, words):
+    assert words in separation(0.0, ci, 120, "shifted", "accuracy")
