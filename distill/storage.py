@@ -105,6 +105,32 @@ class Location:
         return sum(self.fs.get_file_info(p).size for p in self.list_files(".parquet"))
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def tree_digest(loc: Location) -> str:
+    """Content hash of a file, or of every file under a folder (paths relative, sorted). Memoised
+    per process on the listing (path, size, mtime), since stage keys ask for it repeatedly."""
+    import hashlib
+
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{loc.uri} does not exist")
+    files = [info] if info.type == pafs.FileType.File else sorted(
+        (i for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+         if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
+    listing = tuple((f.path, f.size, f.mtime_ns) for f in files)
+    if (loc.uri, listing) not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.path.removeprefix(loc.path).encode())
+            with loc.fs.open_input_stream(f.path) as stream:
+                while chunk := stream.read(1 << 22):
+                    h.update(chunk)
+        _DIGESTS[(loc.uri, listing)] = h.hexdigest()[:16]
+    return _DIGESTS[(loc.uri, listing)]
+
+
 UPLOAD_COMPLETE = ".complete"
 
 

@@ -20,18 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 
 def runtime_env(path: str | None, working_dir: str | None) -> dict[str, Any]:
+    from distill.config import read_yaml
+
     env: dict[str, Any] = {}
     if path:
-        try:
-            env = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--runtime-env: {path} does not exist") from None
+        env = read_yaml(path, "--runtime-env") or {}
         if not isinstance(env, dict):
             raise ValueError(f"--runtime-env: {path} must be a YAML mapping (working_dir, pip, env_vars, ...)")
     if working_dir:
@@ -58,12 +55,12 @@ async def _follow(client, job_id: str) -> None:
 
 def submit(address: str, stage: str, config: str | None, overrides: list[str], runtime_env_file: str | None,
            working_dir: str | None = ".", wait: bool = True) -> int:
+    env = runtime_env(runtime_env_file, working_dir)  # a bad file fails here, before connecting
     _enable_token_auth()  # before importing Ray, which reads the mode once
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint(stage, config, overrides),
-                               runtime_env=runtime_env(runtime_env_file, working_dir),
+    job_id = client.submit_job(entrypoint=entrypoint(stage, config, overrides), runtime_env=env,
                                metadata={"tool": "ray-distill", "stage": stage})
     print(f"[submit] job {job_id} on {address}: {entrypoint(stage, config, overrides)}", flush=True)
     if not wait:

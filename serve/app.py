@@ -55,9 +55,9 @@ def split_cpu_binds(engines: dict[str, EngineConfig], cores: int | None = None) 
 
 def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
     """The run's teacher, distilled student and (optionally) baseline, as `serving.models` lists."""
-    from distill.models import resolve_model
+    from distill.models import resolve_model, student_base
     from distill.rundir import RunDir
-    from distill.train import student_base
+    from distill.stages import is_done
 
     rd = RunDir(cfg)
     paths, engines = {}, {}
@@ -67,7 +67,7 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
                 raise ValueError("serving.models has 'teacher' but teacher.path is not set")
             paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher.engine
         elif name == "student":
-            if not rd.is_done("train"):
+            if not is_done("train", cfg, rd):
                 raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "
                                         f"(or `distill train`) with this config first")
             paths[name], engines[name] = rd.student.uri, cfg.student.engine

@@ -50,8 +50,9 @@ class VllmEngine:
 
     def prompt_ids(self, messages, prompt):
         if messages is not None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+            from distill.chat import prompt_token_ids
+
+            return prompt_token_ids(self.tokenizer, messages)
         return list(self.tokenizer.encode(prompt))
 
     async def stream(self, prompt_ids, params, request_id):

@@ -24,7 +24,11 @@ def fetch_stats(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict[
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(f"{url.rstrip('/')}/admin/stats", headers=headers, timeout=timeout_s)
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/admin/stats", headers=headers, timeout=timeout_s)
+    except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
+        raise ConnectionError(f"--url {url}: no `distill serve` answers there ({type(e).__name__}: {e}); "
+                              "is it running, and is the port right?") from None
     if resp.status_code != 200:
         try:
             message = resp.json()["error"]["message"]

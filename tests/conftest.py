@@ -96,17 +96,16 @@ def generated_run(tmp_path_factory, tiny_model, ray_cluster):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from distill.data import prepare
-    from distill.teacher import generate
+    from distill.stages import run_stage
 
     run_dir = tmp_path_factory.mktemp("generated") / "run"
     cfg = tiny_config(run_dir, tiny_model)
-    prepare(cfg)
+    run_stage("prepare", cfg)
     prompts = pq.read_table(run_dir / "prompts")
     row = prompts.filter(pc.equal(prompts["split"], "train")).slice(0, 1).to_pylist()[0]
     row.update(id="too-long", messages=[{"role": "user", "content": "word " * 600}])
     pq.write_table(pa.Table.from_pylist([row], schema=prompts.schema), run_dir / "prompts" / "part-99999.parquet")
-    stats = generate(cfg)
+    stats = run_stage("generate", cfg)
     return run_dir, stats
 
 

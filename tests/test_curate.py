@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import copy_run
-from distill.curate import curate
 from distill.curate_rules import CurationGateError
+from distill.stages import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -16,7 +16,7 @@ def test_gate_fails_with_the_table_when_too_little_is_kept(generated_run, tiny_m
     # the random tiny model never stops by itself and emits whitespace: nothing is usable
     cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model)
     with pytest.raises(CurationGateError, match="curation.min_kept_ratio") as e:
-        curate(cfg)
+        run_stage("curate", cfg)
     assert "max_tokens" in str(e.value)  # the hint names a fix
     table = json.loads((tmp_path / "run" / "curated" / "_table.json").read_text())
     assert table["dropped"]["error"] == 1 and table["kept"] == 0
@@ -29,7 +29,7 @@ def test_curated_set_keeps_ids_and_training_columns(generated_run, tiny_model, t
     cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
                    curation={"drop_truncated": False, "drop_empty": False, "drop_repetition": False,
                              "check_answer": False, "dedup_exact": False, "min_kept_ratio": 0.5})
-    stats = curate(cfg)
+    stats = run_stage("curate", cfg)
     teacher = pq.read_table(tmp_path / "run" / "teacher").to_pylist()
     curated = pq.read_table(tmp_path / "run" / "curated").to_pylist()
     assert stats["rows"] == len(curated) == len(teacher) - 1  # only the error row dropped
@@ -43,4 +43,4 @@ def test_curated_set_keeps_ids_and_training_columns(generated_run, tiny_model, t
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["curate"]["table"]["kept"] == len(curated)
     # a rerun is a no-op
-    assert curate(cfg)["finished_at"] == stats["finished_at"]
+    assert run_stage("curate", cfg)["finished_at"] == stats["finished_at"]

@@ -94,3 +94,34 @@ def test_reason_table_adds_up():
     assert table["kept"] + sum(table["dropped"].values()) == table["responses"] == 4
     assert table["kept_ratio"] == 0.5 and list(table["dropped"]) == ["truncated", "wrong_answer"]
     assert set(table["dropped"]) <= set(REASONS)
+
+
+# --- trimming after the answer (toy tokenizer: one id per piece)
+PIECES = ["The", " review", " is", " positive", ".", " It", " was", " fun"]
+
+
+def _decode(ids):
+    return "".join(PIECES[i] for i in ids)
+
+
+def _long_row(finish="length", k=2):
+    ids = list(range(len(PIECES)))
+    return {"id": "a", "sample": 0, "text": _decode(ids), "token_ids": ids, "output_tokens": len(ids),
+            "finish_reason": finish, "topk": k, "topk_ids": list(range(len(ids) * k)),
+            "topk_logprobs": [-0.1] * (len(ids) * k), "sampled_logprobs": [-0.1] * len(ids)}
+
+
+def test_a_truncated_response_that_stated_its_answer_is_cut_there():
+    from distill.curate_rules import trim_after_answer
+
+    task = get_task("nli", labels=["positive", "negative"])
+    out = trim_after_answer(_long_row(), task, "truncated", _decode)
+    assert out["text"] == "The review is positive." and out["finish_reason"] == "trimmed"
+    assert out["token_ids"] == [0, 1, 2, 3, 4] and out["output_tokens"] == 5
+    assert len(out["topk_ids"]) == len(out["topk_logprobs"]) == 10 and len(out["sampled_logprobs"]) == 5
+    assert row_reason(out, task, CurationConfig()) is None  # no longer `truncated`
+    assert trim_after_answer(_long_row("stop"), task, "truncated", _decode)["finish_reason"] == "stop"
+    assert trim_after_answer(_long_row("stop"), task, "all", _decode)["text"] == "The review is positive."
+    assert trim_after_answer(_long_row(), task, "off", _decode)["finish_reason"] == "length"
+    no_answer = {**_long_row(), "text": "It was fun", "token_ids": [5, 6, 7]}
+    assert trim_after_answer(no_answer, task, "truncated", _decode) is no_answer

