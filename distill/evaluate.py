@@ -1,13 +1,18 @@
-"""evaluate: teacher vs distilled student vs baseline student on the held-out test split.
+"""evaluate: teacher vs distilled student vs baseline student, on held-out sets, with intervals.
 
     distill evaluate --config configs/default.yaml
 
-Each model runs in its own Ray actor (one at a time, so latency figures are not distorted by a
-neighbour) with the same vLLM settings and sampling: the whole test split batched (throughput),
-then `latency_requests` prompts one by one (p50/p95 latency) and with one output token (time to
-first token). Task metrics come from the task module, against the gold reference and against
-the teacher's answers (agreement); "% of teacher kept" is the student's primary metric over the
-teacher's. Writes `eval/report.json`, `eval/report.md`, `eval/predictions.parquet` and plots.
+Sets: the `test` split; for the built-in data the `shifted` set (worded from a phrase bank that
+shares nothing with training: does the student know the task, or the templates?); and every
+`evaluation.extra_sets` file. Each model runs in its own Ray actor (one at a time, so latency
+figures are not distorted by a neighbour) with the same vLLM settings and sampling: all sets in
+one batch (throughput), then `latency_requests` prompts one by one (p50/p95 latency) and with one
+output token (time to first token). Metrics come from the task module, against the gold
+references and against the teacher's answers (agreement), each with a 95% bootstrap interval;
+"% of teacher kept" is the student's primary metric over the teacher's, with a paired interval,
+and each set gets a sentence saying whether it separates student from teacher at all.
+`evaluation.min_kept_ratio` turns a student that keeps too little into a failed command.
+Writes `eval/report.json`, `eval/report.md`, `eval/predictions.parquet` and plots.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import pyarrow.compute as pc
 from distill import schema as S
 from distill.config import EngineConfig, RunConfig, SamplingConfig
 from distill.rundir import RunDir
+
+
+class DistillationGateError(RuntimeError):
+    """The distilled student keeps less of the teacher's quality than `evaluation.min_kept_ratio`."""
 
 
 class EvalWorker:
@@ -41,6 +50,7 @@ class EvalWorker:
         import numpy as np
 
         from distill.engine import generate_rows
+        from distill.models import parameter_count
 
         sp = SamplingConfig(**sampling)
         start = time.time()
@@ -56,8 +66,6 @@ class EvalWorker:
             t0 = time.time()
             generate_rows(self.llm, [row], first, 0, self.engine.max_model_len)
             ttft.append(time.time() - t0)
-        from distill.models import parameter_count
-
         return {
             "texts": [r[S.TEXT] for r in out],
             "parameters": parameter_count(self.path),
@@ -91,8 +99,7 @@ def _weights_mb(path: str) -> float:
 
 
 def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
-    from distill.models import resolve_model
-    from distill.train import student_base
+    from distill.models import resolve_model, student_base
 
     models = {}
     if cfg.teacher.path is not None:
@@ -100,17 +107,35 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
     models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
         models["baseline"] = student_base(cfg, rd)
+    if cfg.training.gold_control and rd.student_gold.join("config.json").exists():
+        models["gold_control"] = rd.student_gold.uri
     return models
+
+
+def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
+    """Name -> prompt rows: `test`, `shifted` (when prepared) and the user's extra sets."""
+    from distill.data import read_eval_set
+
+    prompts = rd.prompts.read_table()
+    sets = {name: prompts.filter(pc.equal(prompts[S.SPLIT], name)).to_pylist() for name in S.EVAL_SPLITS}
+    sets = {name: rows for name, rows in sets.items() if rows}
+    for extra in cfg.evaluation.extra_sets:
+        sets[extra.name] = read_eval_set(extra.path, extra.name, cfg)
+    if cfg.evaluation.limit:
+        sets = {name: rows[: cfg.evaluation.limit] for name, rows in sets.items()}
+    if "test" not in sets:
+        raise ValueError("the test split is empty: raise data.split.test")
+    return sets
 
 
 def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict]) -> dict[str, Any]:
     import ray
 
+    from distill.engine import engine_env
+
     engine = cfg.student.engine if name != "teacher" else cfg.teacher.engine
     pool = getattr(cfg.teacher, "pool", None)
     gpus = (pool.num_gpus if pool else 0) if name == "teacher" else (1 if cfg.training.use_gpu else 0)
-    from distill.engine import engine_env
-
     actor = ray.remote(EvalWorker).options(
         num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": engine_env(engine)}
     ).remote(path, engine.model_dump())
@@ -121,72 +146,44 @@ def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict]) -> dict[str
         ray.kill(actor)
 
 
-def evaluate(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     from distill.ray_utils import connect
-    from distill.report import write_report
+    from distill.report import build_report, write_report
     from distill.tasks import task_from_config
 
-    rd = RunDir(cfg)
-    if (stats := rd.up_to_date("evaluate", force)) is not None:
-        print(f"[evaluate] up to date: {rd.eval.uri}/report.md")
-        return stats
-    prompts = rd.prompts.read_table()
-    test = prompts.filter(pc.equal(prompts[S.SPLIT], "test"))
-    if cfg.evaluation.limit:
-        test = test.slice(0, cfg.evaluation.limit)
-    if not len(test):
-        raise ValueError("the test split is empty: raise data.split.test")
-    rows = test.to_pylist()
-    references = [r[S.REFERENCE] for r in rows]
-    task = task_from_config(cfg.task)
+    sets = eval_sets(cfg, rd)
+    rows = [r for set_rows in sets.values() for r in set_rows]
     connect(cfg.ray)
-    rd.begin("evaluate")
-    with rd.stage("evaluate") as stats:
-        results: dict[str, dict[str, Any]] = {}
-        for name, path in models_to_compare(cfg, rd).items():
-            print(f"[evaluate] {name}: {len(rows)} test prompts ({path})", flush=True)
-            m = _measure(cfg, name, path, rows)
-            m["path"] = path
-            results[name] = m
-        teacher_texts = results.get("teacher", {}).get("texts")
-        for name, m in results.items():
-            if all(r is not None for r in references):
-                m["metrics"] = task.score(m["texts"], references)
-            if teacher_texts is not None and name != "teacher":
-                m["agreement"] = task.score(m["texts"], teacher_texts)
-        table = {S.ID: [r[S.ID] for r in rows], S.REFERENCE: references}
-        table.update({f"{name}_text": m.pop("texts") for name, m in results.items()})
-        rd.eval.write_part(pa.table(table), "predictions")
-        report = build_report(cfg, rd, task.primary, results, len(rows))
-        write_report(rd, report)
-        stats.update(rows=len(rows), primary=task.primary, models=results, summary=report["summary"])
+    results: dict[str, dict[str, Any]] = {}
+    for name, path in models_to_compare(cfg, rd).items():
+        print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
+              f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
+        results[name] = {**_measure(cfg, name, path, rows), "path": path}
+    texts = {name: m.pop("texts") for name, m in results.items()}
+    table = {S.ID: [r[S.ID] for r in rows], S.SPLIT: [r[S.SPLIT] for r in rows],
+             S.REFERENCE: [r[S.REFERENCE] for r in rows], **{f"{n}_text": t for n, t in texts.items()}}
+    rd.eval.write_part(pa.table(table), "predictions")
+    report = build_report(cfg, rd, task_from_config(cfg.task), sets, texts, results)
+    write_report(rd, report)
     print(f"[evaluate] report: {rd.eval.uri}/report.md")
-    return stats
+    for line in report["summary"]["verdicts"]:
+        print(f"[evaluate] {line}")
+    return {"rows": len(rows), "sets": {s: len(r) for s, r in sets.items()}, "summary": report["summary"]}
 
 
-def build_report(cfg: RunConfig, rd: RunDir, primary: str, results: dict, n: int) -> dict[str, Any]:
-    teacher = results.get("teacher")
-    summary: dict[str, Any] = {"primary_metric": primary, "test_prompts": n}
-    for name in ("student", "baseline"):
-        m = results.get(name)
-        if not m or not teacher or "metrics" not in m:
-            continue
-        t_score, s_score = teacher["metrics"][primary], m["metrics"][primary]
-        summary[f"{name}_{primary}"] = s_score
-        summary[f"{name}_kept_pct"] = round(100 * s_score / t_score, 1) if t_score else None
-    if teacher and "metrics" in teacher:
-        summary[f"teacher_{primary}"] = teacher["metrics"][primary]
-    if teacher and "student" in results:
-        s = results["student"]
-        summary["latency_speedup"] = round(teacher["latency_p50_s"] / s["latency_p50_s"], 2)
-        summary["throughput_ratio"] = round((s["tokens_per_s"] or 0) / (teacher["tokens_per_s"] or 1), 2)
-        summary["weights_ratio"] = round(s["weights_mb"] / teacher["weights_mb"], 3) if teacher["weights_mb"] else None
-    manifest = rd.manifest()
-    price = cfg.evaluation.price_per_accelerator_hour
-    stages = {}
-    for stage, st in manifest.get("stages", {}).items():
-        stages[stage] = {"wall_s": st.get("wall_s"), "accelerator_s": st.get("accelerator_s", 0.0),
-                         "tokens": st.get("output_tokens") or st.get("tokens"),
-                         "cost": round((st.get("accelerator_s") or 0.0) / 3600 * price, 4)}
-    return {"summary": summary, "models": results, "stages": stages,
-            "config_hash": manifest.get("config_hash"), "price_per_accelerator_hour": price}
+def check_gate(cfg: RunConfig, stats: dict[str, Any]) -> None:
+    """Fail the command when the student keeps less than `evaluation.min_kept_ratio` of the
+    teacher's primary metric on any set (checked on every run, also when up to date)."""
+    floor = cfg.evaluation.min_kept_ratio
+    if floor is None:
+        return
+    kept = stats["summary"].get("kept", {})
+    short = {s: k for s, k in kept.items() if k["value"] is not None and k["value"] < floor}
+    if short:
+        table = "\n".join(f"  {s}: student keeps {k['value']:.1%} of the teacher's "
+                          f"{stats['summary']['primary_metric']} (95% CI {k['ci'][0]:.1%}-{k['ci'][1]:.1%})"
+                          for s, k in kept.items())
+        raise DistillationGateError(
+            f"the distilled student keeps less than evaluation.min_kept_ratio={floor:.0%} of the teacher "
+            f"on {', '.join(short)}:\n{table}\nSee the report ({cfg.run_dir}/eval/report.md); more or better "
+            "curated data, more epochs, or a larger student usually help.")

@@ -1,47 +1,152 @@
-"""The evaluation report: `eval/report.json`, a readable `eval/report.md`, and PNG plots
-(score per model, latency vs score, training loss curve)."""
+"""The evaluation report: figures with 95% intervals per set, `eval/report.json`, a readable
+`eval/report.md`, and PNG plots (score per model and set with intervals, latency vs score,
+training loss)."""
 
 from __future__ import annotations
 
 import io
 from typing import Any
 
+from distill.config import RunConfig
 from distill.rundir import RunDir
+from distill.stats import diff_ci, mean_ci, ratio_ci, resample_indices, separation, statistic_ci
+from distill.tasks import Task
+
+CORPUS_RESAMPLES = 200  # corpus metrics (macro-F1, BLEU) recompute per resample: fewer of them
 
 
-def _markdown(report: dict[str, Any]) -> str:
+def _scored(task: Task, preds: list[str], refs: list[str], idx) -> dict[str, Any]:
+    items = task.item_scores(preds, refs)
+    out = {"metrics": {}, "ci": {}, "items": items}
+    for metric, values in items.items():
+        out["metrics"][metric] = sum(values) / len(values) if values else 0.0
+        out["ci"][metric] = mean_ci(values, idx)
+    for metric, value in task.corpus_scores(preds, refs).items():
+        out["metrics"][metric] = value
+        out["ci"][metric] = statistic_ci(
+            lambda rows: task.corpus_scores([preds[i] for i in rows], [refs[i] for i in rows])[metric],
+            idx[:CORPUS_RESAMPLES])
+    return out
+
+
+def set_figures(task: Task, rows: list[dict], texts: dict[str, list[str]], samples: int) -> dict[str, Any]:
+    """One set's figures: every model's metrics against the references (and agreement with the
+    teacher), with intervals; each student's share of the teacher kept; the verdict sentence."""
+    refs = [r["reference"] for r in rows]
+    idx = resample_indices(len(rows), samples, seed=len(rows))
+    models, items = {}, {}
+    for name, preds in texts.items():
+        scored = _scored(task, preds, refs, idx)
+        items[name] = scored.pop("items")
+        models[name] = scored
+        if "teacher" in texts and name != "teacher":
+            agree = _scored(task, preds, texts["teacher"], idx)
+            models[name]["agreement"], models[name]["agreement_ci"] = agree["metrics"], agree["ci"]
+    out = {"n": len(rows), "models": models, "kept": {}}
+    primary = task.primary
+    if "teacher" in items:
+        t = items["teacher"][primary]
+        for name in items:
+            if name == "teacher":
+                continue
+            s = items[name][primary]
+            t_mean = sum(t) / len(t)
+            value = (sum(s) / len(s)) / t_mean if t_mean else None
+            out["kept"][name] = {"value": value, "ci": ratio_ci(s, t, idx)}
+        if "student" in items:
+            s = items["student"][primary]
+            diff = (sum(s) - sum(t)) / len(t)
+            out["difference"] = {"value": diff, "ci": diff_ci(s, t, idx)}
+    return out
+
+
+def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[dict]],
+                 texts: dict[str, list[str]], results: dict[str, dict]) -> dict[str, Any]:
+    primary = task.primary
+    figures, offset = {}, 0
+    for name, rows in sets.items():
+        part = {m: t[offset: offset + len(rows)] for m, t in texts.items()}
+        figures[name] = set_figures(task, rows, part, cfg.evaluation.bootstrap_samples)
+        offset += len(rows)
+    summary: dict[str, Any] = {"primary_metric": primary, "sets": {s: len(r) for s, r in sets.items()},
+                               "kept": {}, "verdicts": []}
+    for name, fig in figures.items():
+        for model, m in fig["models"].items():
+            summary.setdefault("scores", {}).setdefault(name, {})[model] = {
+                "value": m["metrics"][primary], "ci": m["ci"][primary]}
+        if "student" in fig["kept"]:
+            summary["kept"][name] = fig["kept"]["student"]
+        if "difference" in fig:
+            d = fig["difference"]
+            summary["verdicts"].append(separation(d["value"], d["ci"], fig["n"], name, primary))
+    teacher, student = results.get("teacher"), results.get("student")
+    if teacher and student:
+        summary["latency_speedup"] = round(teacher["latency_p50_s"] / student["latency_p50_s"], 2)
+        summary["throughput_ratio"] = round((student["tokens_per_s"] or 0) / (teacher["tokens_per_s"] or 1), 2)
+        summary["weights_ratio"] = (round(student["weights_mb"] / teacher["weights_mb"], 3)
+                                    if teacher["weights_mb"] else None)
+        summary["parameters_ratio"] = round(student["parameters"] / teacher["parameters"], 3)
+    manifest = rd.manifest()
+    price = cfg.evaluation.price_per_accelerator_hour
+    stages = {}
+    for stage, st in manifest.get("stages", {}).items():
+        stages[stage] = {"wall_s": st.get("wall_s"), "accelerator_s": st.get("accelerator_s", 0.0),
+                         "tokens": st.get("output_tokens") or st.get("tokens"),
+                         "cost": round((st.get("accelerator_s") or 0.0) / 3600 * price, 4)}
+    return {"summary": summary, "sets": figures, "models": results, "stages": stages,
+            "price_per_accelerator_hour": price}
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _pm(value: float | None, ci: tuple[float, float] | list[float] | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{100 * value:.1f}%"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     primary = s["primary_metric"]
     lines = ["# Distillation report", "",
-             f"{s['test_prompts']} held-out test prompts; headline metric: **{primary}**.", ""]
-    if "student_kept_pct" in s:
-        lines.append(f"The distilled student keeps **{s['student_kept_pct']}%** of the teacher's {primary} "
-                     f"({s['student_' + primary]:.3f} vs {s['teacher_' + primary]:.3f})"
-                     + (f"; the baseline student keeps {s['baseline_kept_pct']}%." if "baseline_kept_pct" in s else "."))
+             f"Headline metric: **{primary}**, with 95% bootstrap intervals in brackets. Sets: "
+             + ", ".join(f"`{name}` ({n} prompts)" for name, n in s["sets"].items()) + ".", ""]
+    lines += [f"- {v}" for v in s["verdicts"]]
     if "latency_speedup" in s:
-        lines.append(f"It answers {s['latency_speedup']}x faster (p50 latency), with "
-                     f"{s['throughput_ratio']}x the teacher's batch throughput and "
-                     f"{s['weights_ratio']:.0%} of its weights.")
-    lines += ["", "| model | " + " | ".join(["params (M)", "weights MB", primary, "agreement",
-                                                "p50 s", "p95 s", "TTFT s", "tok/s", "peak MB"]) + " |",
-              "|" + "---|" * 10]
+        lines += ["", f"The student answers {s['latency_speedup']}x faster (p50 latency), with "
+                      f"{s['throughput_ratio']}x the teacher's batch throughput, {s['parameters_ratio']:.0%} "
+                      f"of its parameters and {s['weights_ratio']:.0%} of its weight bytes."]
+    models = list(report["models"])
+    lines += ["", f"| set | " + " | ".join(models) + " | student keeps |", "|" + "---|" * (len(models) + 2)]
+    for name, fig in report["sets"].items():
+        cells = [_pm(fig["models"][m]["metrics"][primary], fig["models"][m]["ci"][primary]) for m in models]
+        kept = fig["kept"].get("student")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pm(kept['value'], kept['ci'], True) if kept else '-'} |")
+    lines += ["", "| model | params (M) | weights MB | p50 s | p95 s | TTFT s | tok/s | peak MB |", "|" + "---|" * 8]
     for name, m in report["models"].items():
-        score = m.get("metrics", {}).get(primary)
-        agree = m.get("agreement", {}).get(primary)
-        cells = [f"{m['parameters'] / 1e6:.1f}", f"{m['weights_mb']:.0f}",
-                 f"{score:.3f}" if score is not None else "-", f"{agree:.3f}" if agree is not None else "-",
-                 f"{m['latency_p50_s']:.3f}", f"{m['latency_p95_s']:.3f}", f"{m['ttft_p50_s']:.3f}",
-                 f"{m['tokens_per_s']}", f"{m['peak_memory_mb']:.0f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "All metrics per model:", ""]
-    for name, m in report["models"].items():
-        lines.append(f"- {name}: {m.get('metrics', {})}" + (f"; agreement with teacher {m['agreement']}" if "agreement" in m else ""))
+        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f} | {m['weights_mb']:.0f} | {m['latency_p50_s']:.3f} | "
+                     f"{m['latency_p95_s']:.3f} | {m['ttft_p50_s']:.3f} | {m['tokens_per_s']} | {m['peak_memory_mb']:.0f} |")
+    lines += ["", "All metrics (agreement = the same metric against the teacher's answers):", ""]
+    for name, fig in report["sets"].items():
+        for model, m in fig["models"].items():
+            metrics = ", ".join(f"{k} {_pm(v, m['ci'][k])}" for k, v in m["metrics"].items())
+            agree = m.get("agreement")
+            lines.append(f"- {name} / {model}: {metrics}"
+                         + (f"; agreement {primary} {_pm(agree[primary], m['agreement_ci'][primary])}" if agree else ""))
     lines += ["", "| stage | wall s | accelerator s | tokens | cost |", "|---|---|---|---|---|"]
     for stage, st in report["stages"].items():
         lines.append(f"| {stage} | {st['wall_s']} | {st['accelerator_s']} | {st['tokens'] or '-'} | {st['cost']} |")
-    lines += ["", "![score per model](score.png) ![latency vs score](latency_vs_score.png) "
+    lines += ["", "![score per model and set](score.png) ![latency vs score](latency_vs_score.png) "
               "![training loss](loss.png)", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+COLORS = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:gray", "gold_control": "tab:orange"}
 
 
 def _png(fig) -> bytes:
@@ -55,28 +160,35 @@ def _plots(report: dict[str, Any], history: list[dict]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     primary = report["summary"]["primary_metric"]
-    models = {n: m for n, m in report["models"].items() if "metrics" in m}
+    models, sets = list(report["models"]), list(report["sets"])
     out = {}
-    colors = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:gray"}
-    if models:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        names = list(models)
-        ax.bar(names, [models[n]["metrics"][primary] for n in names], color=[colors.get(n, "tab:orange") for n in names])
-        ax.set_ylabel(primary)
-        ax.set_title(f"{primary} on the test split")
-        out["score.png"] = _png(fig)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for n in names:
-            ax.scatter(models[n]["latency_p50_s"], models[n]["metrics"][primary], s=60, label=n, color=colors.get(n))
-        ax.set_xlabel("p50 latency per request (s)")
-        ax.set_ylabel(primary)
-        ax.legend()
-        ax.set_title("quality vs latency")
-        out["latency_vs_score.png"] = _png(fig)
-        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sets), 3.4))
+    width = 0.8 / max(1, len(models))
+    for j, model in enumerate(models):
+        vals = [report["sets"][s]["models"][model]["metrics"][primary] for s in sets]
+        cis = [report["sets"][s]["models"][model]["ci"][primary] for s in sets]
+        err = np.array([[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]])
+        ax.bar(np.arange(len(sets)) + j * width, vals, width, yerr=err, capsize=3, label=model,
+               color=COLORS.get(model, "tab:purple"))
+    ax.set_xticks(np.arange(len(sets)) + width * (len(models) - 1) / 2, sets)
+    ax.set_ylabel(primary)
+    ax.set_title(f"{primary} per set (95% intervals)")
+    ax.legend(fontsize=8)
+    out["score.png"] = _png(fig)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for model in models:
+        score = report["sets"]["test"]["models"][model]["metrics"][primary]
+        ax.scatter(report["models"][model]["latency_p50_s"], score, s=60, label=model, color=COLORS.get(model))
+    ax.set_xlabel("p50 latency per request (s)")
+    ax.set_ylabel(f"{primary} (test)")
+    ax.legend(fontsize=8)
+    ax.set_title("quality vs latency")
+    out["latency_vs_score.png"] = _png(fig)
+    plt.close(fig)
     steps = [h for h in history if "loss" in h]
     if steps:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -97,7 +209,7 @@ def write_report(rd: RunDir, report: dict[str, Any]) -> None:
     history_loc = rd.root.join("train_history.json")
     history = history_loc.read_json() if history_loc.exists() else []
     rd.eval.join("report.json").write_json(report)
-    rd.eval.join("report.md").write_text(_markdown(report))
+    rd.eval.join("report.md").write_text(markdown(report))
     for name, data in _plots(report, history).items():
         loc = rd.eval.join(name)
         with loc.fs.open_output_stream(loc.path) as f:

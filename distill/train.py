@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from distill import schema as S
@@ -31,29 +30,6 @@ FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises onc
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def student_base(cfg: RunConfig, rd: RunDir) -> str:
-    """The student before distillation (also the evaluation baseline): a local path, or a URI
-    under a remote run directory, which every node fetches with `resolve_model`."""
-    import hashlib
-
-    from distill.models import cache_dir, derive_student, resolve_model
-    from distill.storage import UPLOAD_COMPLETE, upload_dir
-
-    if cfg.student.kind == "pretrained":
-        return resolve_model(cfg.student.path)
-    teacher = cfg.teacher.path
-    if teacher is None:
-        raise ValueError("student.kind=derived needs teacher.path (the model to take layers from)")
-    # named by what it is made from: other layers or another teacher make another student
-    name = "student-init-" + hashlib.sha256(f"{teacher}:{cfg.student.layers}".encode()).hexdigest()[:8]
-    if rd.root.is_local:
-        return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / name))
-    target = rd.models.join(name)
-    if not target.join(UPLOAD_COMPLETE).exists():  # derived here once, shared through the run dir
-        upload_dir(str(derive_student(teacher, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
-    return target.uri
 
 
 def resolve_method(cfg: RunConfig, student_path: str) -> str:
@@ -83,23 +59,27 @@ def resolve_method(cfg: RunConfig, student_path: str) -> str:
     return "sequence"
 
 
-def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str):
+def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: bool = False):
+    """Tokenised train/validation examples: the curated teacher outputs, or (gold) every prompt
+    with its gold reference as the response."""
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model
-    from distill.train_data import tokenize_rows
+    from distill.train_data import gold_rows, tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    curated = rd.curated.read_table()
-    same = method == "logit" or cfg.training.method == "sequence" and _same_as_teacher(cfg, tokenizer)
+    source = rd.prompts.read_table() if gold else rd.curated.read_table()
+    same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
     out = {}
-    for split in ("train", "validation"):
-        rows = curated.filter(pc.equal(curated[S.SPLIT], split)).to_pylist()
-        out[split] = tokenize_rows(rows, tokenizer, cfg.training.max_seq_len, use_teacher_ids=same,
+    for split in S.TRAINED_SPLITS:
+        rows = source.filter(pc.equal(source[S.SPLIT], split)).to_pylist()
+        out[split] = tokenize_rows(gold_rows(rows) if gold else rows, tokenizer, cfg.training.max_seq_len,
+                                   use_teacher_ids=same,
                                    top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
     if not out["train"]:
-        raise ValueError("no curated training examples: check the curation table")
+        raise ValueError("no gold references in the train split" if gold else
+                         "no curated training examples: check the curation table")
     return out
 
 
@@ -146,40 +126,54 @@ def deepspeed_config(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
-def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    rd = RunDir(cfg)
-    if (stats := rd.up_to_date("train", force)) is not None:
-        print(f"[train] up to date: student in {rd.student.uri}")
-        return stats
+def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    """The distilled student (and, with `training.gold_control`, the no-teacher control)."""
+    from distill.models import check_model, student_base
+
+    if cfg.student.kind == "pretrained":
+        check_model(cfg.student.path, "student.path")
+    elif cfg.teacher.path is not None:
+        check_model(cfg.teacher.path, "teacher.path")
+    base = student_base(cfg, rd)
+    method = resolve_method(cfg, base)
+    key = rd.key_record("student")["key"]
+    stats = _fit(cfg, rd, base, method, _examples(cfg, rd, base, method), f"train-{key}", rd.student,
+                 rd.root.join("train_history.json"))
+    if cfg.training.gold_control:
+        print("[train] gold control: the same student on the gold references alone (no teacher)")
+        gold = _fit(cfg, rd, base, "sequence", _examples(cfg, rd, base, "sequence", gold=True), f"gold-{key}",
+                    rd.student_gold, rd.root.join("train_history_gold.json"))
+        stats["gold_control"] = {k: gold[k] for k in ("rows", "steps", "final_loss", "val_loss")}
+    return stats
+
+
+def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run_name: str, export,
+         history) -> dict[str, Any]:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from distill.ray_utils import connect
 
-    base = student_base(cfg, rd)
-    method = resolve_method(cfg, base)
-    examples = _examples(cfg, rd, base, method)
     t = cfg.training
     rows_per_worker = len(examples["train"]) // t.workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size) // t.gradient_accumulation)
     total_steps = steps_per_epoch * t.epochs
     connect(cfg.ray)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same batches
     datasets = {"train": ray.data.from_items(examples["train"])}
     if examples["validation"]:
         datasets["validation"] = ray.data.from_items(examples["validation"])
     storage = rd.checkpoints.path if rd.root.is_local else rd.checkpoints.uri
     # Train V2 resumes a run of the same name and storage from its newest checkpoint (also after
-    # a crash of the whole job); the name carries the config key so a changed config starts over
-    run_name = f"train-{rd.stage_key('train')}"
-    if force:
-        rd.checkpoints.join(run_name).remove()
+    # a crash of the whole job); the name carries the stage key (a changed config starts over)
+    # and the worker layout (a ZeRO checkpoint is sharded per worker)
+    run_name = f"{run_name}-w{t.workers}z{t.zero_stage}"
     loop_config = {
         "cfg": cfg.model_dump(mode="json"), "student_path": base, "method": method,
         "ds_config": deepspeed_config(cfg, total_steps), "steps_per_epoch": steps_per_epoch,
-        "export_dir": rd.student.path if rd.root.is_local else rd.student.uri,
-        "has_validation": "validation" in datasets,
-        "history_uri": rd.root.join("train_history.json").uri,
+        "export_dir": export.path if rd.root.is_local else export.uri,
+        "has_validation": "validation" in datasets, "history_uri": history.uri,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0")), "fail_marker": f"{rd.checkpoints.path}/.failed-once",
     }
     trainer = TorchTrainer(
@@ -197,20 +191,19 @@ def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     print(f"[train] {method}-level KD: {len(examples['train'])} examples, {t.epochs} epochs, "
-          f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}")
-    with rd.stage("train") as stats:
-        start = time.time()
-        trainer.fit()
-        history = rd.root.join("train_history.json").read_json()
-        losses = [h for h in history if "loss" in h]
-        vals = [h["val_loss"] for h in history if h.get("val_loss") is not None]
-        workers = t.workers * (1 if t.use_gpu else 0)
-        stats.update(rows=len(examples["train"]), method=method, steps=losses[-1]["step"] if losses else 0,
-                     first_loss=losses[0]["loss"] if losses else None,
-                     final_loss=losses[-1]["loss"] if losses else None,
-                     val_loss=vals[-1] if vals else None, student_base=base, student=rd.student.uri,
-                     accelerator_s=round((time.time() - start) * workers, 1))
-    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {rd.student.uri}")
+          f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
+          + (", embeddings frozen" if t.freeze_embeddings else ""))
+    start = time.time()
+    trainer.fit()
+    losses = [h for h in history.read_json() if "loss" in h]
+    vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
+    workers = t.workers * (1 if t.use_gpu else 0)
+    stats = dict(rows=len(examples["train"]), method=method, steps=losses[-1]["step"] if losses else 0,
+                 first_loss=losses[0]["loss"] if losses else None,
+                 final_loss=losses[-1]["loss"] if losses else None,
+                 val_loss=vals[-1] if vals else None, student_base=base, student=export.uri,
+                 accelerator_s=round((time.time() - start) * workers, 1))
+    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {export.uri}")
     return stats
 
 

@@ -1,8 +1,9 @@
 """Training examples from curated teacher outputs: token ids, response-only labels, aligned top-k.
 
 Pure (no Ray). `tokenize_rows` runs in the driver before training, so every worker reads ready
-token ids; `collate` pads a micro-batch; `length_buckets` groups a buffer of examples by length
-so padding does not dominate.
+token ids; `collate` pads a micro-batch into a `Batch`, whose `teacher` field carries the
+teacher's top-k (a `TeacherTopK`) from here to the loss; `length_buckets` groups a buffer of
+examples by length so padding does not dominate.
 
 Alignment: for an example of prompt P and response R, `input_ids = P + R`, `labels` is IGNORE on
 P and R on R; teacher top-k rows belong to the response positions, in the same order as labels
@@ -13,14 +14,17 @@ one so position t predicts token t+1.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from distill import schema as S
+from distill.chat import prompt_token_ids
 from distill.losses import IGNORE
 
 INPUT_IDS, LABELS, KD_IDS, KD_LOGPROBS, LENGTH = "input_ids", "labels", "kd_ids", "kd_logprobs", "length"
+ENDED = ("stop", "trimmed")  # responses that end where the teacher stopped: the student learns EOS
 
 
 class TokenizerMismatch(ValueError):
@@ -41,10 +45,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, use_t
     out = []
     eos = tokenizer.eos_token_id
     for row in rows:
-        prompt = tokenizer.apply_chat_template(list(row[S.MESSAGES]), add_generation_prompt=True,
-                                               tokenize=True)
-        if hasattr(prompt, "input_ids") or isinstance(prompt, dict):
-            prompt = prompt["input_ids"]
+        prompt = prompt_token_ids(tokenizer, row[S.MESSAGES])
         if use_teacher_ids and row.get(S.TOKEN_IDS) is not None:
             response = list(row[S.TOKEN_IDS])
         else:
@@ -53,9 +54,9 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, use_t
         if top_k and use_teacher_ids and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
             kd_ids = np.asarray(row[S.TOPK_IDS], np.int64).reshape(-1, top_k)
             kd_vals = np.asarray(row[S.TOPK_LOGPROBS], np.float32).reshape(-1, top_k)
-        if row.get(S.FINISH_REASON) == "stop" and (not response or response[-1] != eos):
+        if row.get(S.FINISH_REASON) in ENDED and (not response or response[-1] != eos):
             response = response + [eos]  # teach the student to stop where the teacher stopped
-        ids = (list(prompt) + response)[:max_seq_len]
+        ids = (prompt + response)[:max_seq_len]
         n_resp = max(0, len(ids) - len(prompt))
         if n_resp == 0:
             continue  # the prompt alone fills max_seq_len: nothing to learn
@@ -68,19 +69,54 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, use_t
     return out
 
 
+def gold_rows(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prompt rows as 'teacher outputs' whose text is the gold reference: the no-teacher control."""
+    return [{**p, S.TEXT: str(p[S.REFERENCE]), S.FINISH_REASON: "stop"} for p in prompts
+            if p.get(S.REFERENCE) is not None]
+
+
 def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict]]:
     """Micro-batches of similar length from a buffer of examples, in a seeded random order."""
-    order = sorted(range(len(examples)), key=lambda i: examples[i][LENGTH])
+    order = sorted(range(len(examples)), key=lambda i: (examples[i][LENGTH], examples[i][INPUT_IDS]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     random.Random(seed).shuffle(batches)
     for b in batches:
         yield [examples[i] for i in b]
 
 
-def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int):
-    """Pad a micro-batch. Returns tensors: input_ids, attention_mask, labels [B, L] and, when
-    every example carries top-k, kd_ids / kd_logprobs [B, L, K] aligned to labels (positions
-    without a teacher row get NaN logprobs and are masked out of the KD term by the trainer)."""
+@dataclass
+class TeacherTopK:
+    """The teacher's stored top-k at every position of a batch, aligned to `Batch.labels`:
+    ids [B, L, K] (long) and logprobs [B, L, K] (NaN where the teacher has no row: prompt,
+    padding, an appended EOS)."""
+
+    ids: Any
+    logprobs: Any
+
+    def shifted(self) -> "TeacherTopK":
+        """Aligned to `labels[:, 1:]`, as the logits that predict them."""
+        return TeacherTopK(self.ids[:, 1:], self.logprobs[:, 1:])
+
+    def defined(self):
+        """[B, L] bool: positions where the teacher's distribution is known."""
+        import torch
+
+        return ~torch.isnan(self.logprobs[..., 0])
+
+    def to(self, device) -> "TeacherTopK":
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device))
+
+
+@dataclass
+class Batch:
+    input_ids: Any  # [B, L] long
+    attention_mask: Any  # [B, L] long
+    labels: Any  # [B, L] long, IGNORE outside the response
+    teacher: TeacherTopK | None = None  # None: sequence-level KD
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int) -> Batch:
+    """Pad a micro-batch. The teacher's top-k comes along when every example carries it."""
     import torch
 
     L = max(len(e[INPUT_IDS]) for e in batch)
@@ -100,5 +136,4 @@ def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int):
             n_resp = sum(1 for x in e[LABELS] if x != IGNORE)
             kd_ids[b, n - n_resp:n] = torch.tensor(e[KD_IDS]).view(-1, top_k)
             kd_vals[b, n - n_resp:n] = torch.tensor(e[KD_LOGPROBS], dtype=torch.float32).view(-1, top_k)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "kd_ids": kd_ids, "kd_logprobs": kd_vals}
+    return Batch(input_ids, attention, labels, TeacherTopK(kd_ids, kd_vals) if has_kd else None)

@@ -5,9 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from distill.stages import run_stage
+
 from conftest import copy_run, make_tiny_llama
-from distill.curate import curate
-from distill.train import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -20,7 +20,7 @@ def _run(generated_run, tiny_model, tmp_path, **training):
                    training={"workers": 2, "batch_size": 2, "epochs": 3, "learning_rate": 1e-2,
                              "checkpoint_every_steps": 2, "log_every_steps": 1, "precision": "fp32",
                              "max_seq_len": 96, **training})
-    curate(cfg)
+    run_stage("curate", cfg)
     return cfg
 
 
@@ -31,7 +31,7 @@ def _history(run_dir):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ray_cluster, zero):
     cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=zero)
-    stats = train(cfg)
+    stats = run_stage("train", cfg)
     history = _history(tmp_path / "run")
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] * 0.8, losses
@@ -50,10 +50,10 @@ def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ra
 
 def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, ray_cluster, monkeypatch):
     reference = _run(generated_run, tiny_model, tmp_path / "a", zero_stage=2, max_failures=1)
-    train(reference)
+    run_stage("train", reference)
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
     crashed = _run(generated_run, tiny_model, tmp_path / "b", zero_stage=2, max_failures=1)
-    train(crashed)
+    run_stage("train", crashed)
     assert (tmp_path / "b" / "run" / "checkpoints" / ".failed-once").exists()
     clean, resumed = _history(tmp_path / "a" / "run"), _history(tmp_path / "b" / "run")
     steps = [h["step"] for h in resumed if "loss" in h]
@@ -66,9 +66,9 @@ def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, 
 
     killed = _run(generated_run, tiny_model, tmp_path / "c", zero_stage=2, max_failures=0)
     with pytest.raises(TrainingFailedError):
-        train(killed)
+        run_stage("train", killed)
     monkeypatch.delenv("DISTILL_INJECT_FAILURE_AT_STEP")
-    train(killed)
+    run_stage("train", killed)
     again = _history(tmp_path / "c" / "run")
     steps = [h["step"] for h in again if "loss" in h]
     assert steps == sorted(set(steps)) and steps[-1] == 12
@@ -81,7 +81,7 @@ def test_logit_kd_moves_the_student_toward_the_teacher(generated_run, tiny_model
     cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, method="logit",
                kd={"kd_weight": 1.0, "divergence": "forward_kl"})
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": str(student)})})
-    stats = train(cfg)
+    stats = run_stage("train", cfg)
     kd = [h["kd"] for h in _history(tmp_path / "run") if "kd" in h]
     assert stats["method"] == "logit" and kd[-1] < kd[0] * 0.8, kd
 
@@ -102,13 +102,13 @@ def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run
         resolve_method(cfg, str(other))
     fallback = cfg.model_copy(update={"training": cfg.training.model_copy(update={"allow_sequence_fallback": True})})
     assert resolve_method(fallback, str(other)) == "sequence"
-    stats = train(fallback)
+    stats = run_stage("train", fallback)
     assert stats["method"] == "sequence" and (tmp_path / "run" / "student" / "config.json").exists()
 
 
 def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_model, tmp_path, ray_cluster):
     cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16})
-    stats = train(cfg)
+    stats = run_stage("train", cfg)
     losses = [h["loss"] for h in _history(tmp_path / "run") if "loss" in h]
     assert losses[-1] < losses[0], losses
     from transformers import AutoModelForCausalLM
