@@ -120,6 +120,7 @@ def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
         samples.setdefault(i, set()).add(s)
     complete = {i for i, ss in samples.items() if ss == set(range(n))}
     counts = {"kept": 0, "orphaned": 0, "discarded": 0}
+    done: set[str] = set()
     for part in parts:
         table = pq.read_table(part, filesystem=rd.teacher.fs)
         ids, smp = table[S.ID].to_pylist(), table[S.SAMPLE].to_pylist()
@@ -131,6 +132,7 @@ def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
             if i in want and want[i][0] == _messages_key(m):
                 keep.append(r)
                 new_split.append(want[i][1])
+                done.add(i)
             else:
                 orphan.append(r)
         counts["kept"] += len(keep)
@@ -147,7 +149,7 @@ def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
             rd.teacher.write_part(kept, name)
         else:
             rd.teacher.fs.delete_file(part)
-    counts["done"] = complete & set(want)
+    counts["done"] = done
     return counts
 
 
