@@ -112,20 +112,21 @@ class RunDir:
     @contextmanager
     def lock(self, command: str) -> Iterator[None]:
         """One command at a time on a run directory. Re-entrant within a process (`distill run`
-        runs stages under one lock). A holder that died (its pid is gone on this host, or its
+        runs stages under one lock), not across threads. A holder that died (its pid is gone on this host, or its
         heartbeat is older than LOCK_STALE_S) is taken over."""
-        if _HELD.get(self.root.uri):
-            _HELD[self.root.uri] += 1
+        held = _held()
+        if held.get(self.root.uri):
+            held[self.root.uri] += 1
             try:
                 yield
             finally:
-                _HELD[self.root.uri] -= 1
+                held[self.root.uri] -= 1
             return
         loc = self.root.join("_lock.json")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _acquire(loc, me)
-        _HELD[self.root.uri] = 1
+        held[self.root.uri] = 1
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(loc, me, stop), daemon=True)
         beat.start()
@@ -133,7 +134,7 @@ class RunDir:
             yield
         finally:
             stop.set()
-            _HELD.pop(self.root.uri, None)
+            held.pop(self.root.uri, None)
             try:
                 if loc.read_json().get("pid") == me["pid"]:
                     loc.remove()
@@ -141,7 +142,14 @@ class RunDir:
                 pass
 
 
-_HELD: dict[str, int] = {}
+_LOCAL = threading.local()
+
+
+def _held() -> dict[str, int]:
+    """Run directories this thread holds, with nesting depth."""
+    if not hasattr(_LOCAL, "held"):
+        _LOCAL.held = {}
+    return _LOCAL.held
 
 
 def _holder_alive(holder: dict[str, Any]) -> bool:

@@ -132,6 +132,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evaluate", "distill.evaluate:evaluate", ("train", "prepare"), "eval",
           defines=("evaluation", "task", "teacher.path", "teacher.engine.dtype", "teacher.engine.max_model_len",
                    "student.engine.dtype", "student.engine.max_model_len"),
+          knobs=("evaluation.min_kept_ratio",),  # a check on the report, run on every call
           inputs=_evaluate_inputs, gate="distill.evaluate:check_gate"),
 ]}
 ORDER = tuple(STAGES)

@@ -73,7 +73,7 @@ def tiny_config(run_dir: Path, model: str, **sections):
 
     raw = {
         "run_dir": str(run_dir),
-        "data": {"source": {"kind": "synth", "name": "sentiment", "n": 24, "seed": 0}},
+        "data": {"source": {"kind": "synth", "name": "sentiment", "n": 24, "seed": 0, "shifted_n": 6}},
         "task": {"type": "nli", "labels": ["positive", "negative"]},
         "teacher": {"kind": "vllm", "path": model,
                     "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},

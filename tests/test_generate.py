@@ -54,7 +54,7 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path, tiny_model, ray_clu
 
     import psutil
 
-    cfg = tiny_config(tmp_path / "run", tiny_model, data={"source": {"kind": "synth", "name": "sentiment", "n": 60}},
+    cfg = tiny_config(tmp_path / "run", tiny_model, data={"source": {"kind": "synth", "name": "sentiment", "n": 60, "shifted_n": 0}},
                       generation={"batch_size": 2, "rows_per_file": 2, "sampling": {"max_tokens": 16}})
     run_stage("prepare", cfg)
     result = {}
@@ -97,3 +97,67 @@ def test_interrupted_run_regenerates_only_missing_rows(tmp_path, tiny_model, ray
     assert len(ids) == len(set(ids)) == len(_prompt_ids(tmp_path / "run"))
     # finished and unchanged: a rerun does nothing
     assert run_stage("generate", cfg)["finished_at"] == stats["finished_at"]
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+
+
+def test_speed_knobs_redo_nothing_and_a_sampling_change_keeps_the_old_rows(generated_run, tiny_model, tmp_path):
+    from conftest import copy_run
+
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model)
+    teacher = tmp_path / "run" / "teacher"
+    before = _listing(teacher)
+    for knob in ({"teacher": {"pool": {"max": 3}}}, {"teacher": {"engine": {"max_num_seqs": 4}}},
+                 {"teacher": {"engine": {"gpu_memory_utilization": 0.5}}}, {"generation": {"batch_size": 1}},
+                 {"generation": {"rows_per_file": 1}}, {"data": {"on_bad_row": "skip"}}):
+        run_stage("generate", tiny_config(tmp_path / "run", tiny_model, **knob))
+        assert _listing(teacher) == before, knob
+    hot = tiny_config(tmp_path / "run", tiny_model, generation={"sampling": {"max_tokens": 8, "temperature": 0.7}})
+    run_stage("generate", hot)
+    kept = next((tmp_path / "run" / "_versions").glob("teacher-*"))
+    assert [name for name, _ in _listing(kept)] == [name for name, _ in before]  # every old row kept
+    run_stage("generate", cfg)  # back to greedy: restored, not generated again
+    assert [name for name, _ in _listing(teacher)] == [name for name, _ in before]
+
+
+def test_an_edited_input_file_invalidates_prepare_and_everything_after_it(tmp_path, tiny_model, ray_cluster):
+    from distill.rundir import RunDir
+    from distill.stages import is_done
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Review {i}: fine. Positive or negative?", "reference": "positive"})
+                            + "\n" for i in range(12)))
+    lenient = {"drop_truncated": False, "drop_empty": False, "drop_repetition": False, "check_answer": False,
+               "dedup_exact": False, "min_kept_ratio": 0.0}
+    cfg = tiny_config(tmp_path / "run", tiny_model, data={"source": {"path": str(data)}, "split": {"test": 0.0}},
+                      curation=lenient)
+    for stage in ("prepare", "generate", "curate"):
+        run_stage(stage, cfg)
+    lines = data.read_text().splitlines()
+    lines[0] = json.dumps({"prompt": "An edited review. Positive or negative?", "reference": "negative"})
+    data.write_text("\n".join(lines) + "\n")
+    rd = RunDir(cfg)
+    assert not any(is_done(stage, cfg, rd) for stage in ("prepare", "generate", "curate"))
+    run_stage("prepare", cfg)
+    stats = run_stage("generate", cfg)
+    assert stats["generated"] == 1 and stats["kept"] == 11 and stats["orphaned"] == 1  # only the new prompt
+    assert [r["id"] for r in pq.read_table(tmp_path / "run" / "teacher" / "_orphans").to_pylist()] != []
+
+
+def test_a_second_command_on_the_run_directory_refuses(tmp_path, tiny_model, ray_cluster):
+    from distill.rundir import RunDirBusy
+
+    cfg = tiny_config(tmp_path / "run", tiny_model, generation={"sampling": {"max_tokens": 16}, "batch_size": 2})
+    run_stage("prepare", cfg)
+    first = threading.Thread(target=lambda: run_stage("generate", cfg))
+    first.start()
+    lock = tmp_path / "run" / "_lock.json"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RunDirBusy, match="in use by `distill generate`"):
+        run_stage("generate", cfg)
+    first.join(timeout=300)
+    assert not lock.exists() and (tmp_path / "run" / "teacher" / "_SUCCESS.json").exists()

@@ -115,7 +115,7 @@ def test_submitted_pipeline_writes_its_run_to_s3_and_failures_exit_nonzero(tmp_p
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": f"s3://{BUCKET}/runs/tiny",
-        "data": {"source": {"kind": "synth", "name": "sentiment", "n": 24, "seed": 0}},
+        "data": {"source": {"kind": "synth", "name": "sentiment", "n": 24, "seed": 0, "shifted_n": 6}},
         "task": {"type": "nli", "labels": ["positive", "negative"]},
         "teacher": {"kind": "vllm", "path": tiny_model,
                     "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
@@ -144,7 +144,7 @@ def test_submitted_pipeline_writes_its_run_to_s3_and_failures_exit_nonzero(tmp_p
     broken = _submit(address, env, ["--working-dir", "", "evaluate", "--config", str(config),
                                     "run_dir=s3://distill-test/runs/missing"], timeout=300)
     assert broken.returncode == 1 and "FAILED" in broken.stdout
-    assert "no Parquet files" in broken.stdout  # the job's own error reaches the user
+    assert "evaluate needs train to finish first" in broken.stdout  # the job's own error reaches the user
 
     # the README's plain `ray job submit` form (Ray's CLI sends the token only in token mode)
     token = (Path.home() / ".ray" / "auth_token").exists() or "RAY_AUTH_TOKEN" in env
@@ -153,4 +153,4 @@ def test_submitted_pipeline_writes_its_run_to_s3_and_failures_exit_nonzero(tmp_p
          "python", "-m", "distill.cli", "evaluate", "--config", str(config), "run_dir=s3://distill-test/runs/missing"],
         env={**env, **({"RAY_AUTH_MODE": "token"} if token else {})}, cwd=ROOT, capture_output=True, text=True,
         timeout=300)
-    assert plain.returncode == 1 and "no Parquet files" in plain.stdout + plain.stderr
+    assert plain.returncode == 1 and "evaluate needs train to finish first" in plain.stdout + plain.stderr

@@ -32,16 +32,29 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "student", "baseline"}
     n_test = manifest["stages"]["prepare"]["splits"]["test"]
-    assert report["summary"]["test_prompts"] == n_test == manifest["stages"]["evaluate"]["rows"]
-    for name, m in report["models"].items():
-        assert 0.0 <= m["metrics"]["accuracy"] <= 1.0 and m["latency_p50_s"] > 0 and m["parameters"] > 0
-    # the teacher agrees with itself; a student's agreement is computed against the teacher's text
-    assert "agreement" in report["models"]["student"] and "agreement" not in report["models"]["teacher"]
+    assert report["summary"]["sets"]["test"] == n_test == manifest["stages"]["evaluate"]["sets"]["test"]
+    assert report["summary"]["sets"]["shifted"] == manifest["stages"]["prepare"]["splits"]["shifted"] > 0
+    for name, m in report["sets"]["test"]["models"].items():
+        lo, hi = m["ci"]["accuracy"]
+        assert 0.0 <= lo <= m["metrics"]["accuracy"] <= hi <= 1.0
+        assert report["models"][name]["latency_p50_s"] > 0 and report["models"][name]["parameters"] > 0
+    # a student's agreement is computed against the teacher's text; the teacher has none
+    assert "agreement" in report["sets"]["shifted"]["models"]["student"]
+    assert "agreement" not in report["sets"]["shifted"]["models"]["teacher"]
+    assert len(report["summary"]["verdicts"]) == 2  # one sentence per set
     assert set(report["stages"]) >= {"prepare", "generate", "curate", "train"}
     for f in ("report.md", "score.png", "latency_vs_score.png", "loss.png", "predictions.parquet"):
         assert (tmp_path / "run" / "eval" / f).exists(), f
-    assert "keeps" in (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "student keeps" in (tmp_path / "run" / "eval" / "report.md").read_text()
 
     # idempotent: a finished run does nothing
     again = run(lenient)
     assert again["evaluate"]["finished_at"] == results["evaluate"]["finished_at"]
+
+    # a student that keeps less than evaluation.min_kept_ratio fails the run, with the figures
+    from distill.evaluate import DistillationGateError
+
+    gated = lenient.model_copy(update={"evaluation": lenient.evaluation.model_copy(update={"min_kept_ratio": 50.0})})
+    with pytest.raises(DistillationGateError, match="keeps less than evaluation.min_kept_ratio") as e:
+        run(gated)
+    assert "test: student keeps" in str(e.value)

@@ -108,3 +108,15 @@ def test_one_command_per_run_directory_and_a_dead_holder_is_replaced(tmp_path, c
         holder.wait()
     run_stage("prepare", cfg)  # the holder is gone: its lock is taken over
     assert "taking over the lock" in capsys.readouterr().out and not lock.exists()
+
+
+def test_curate_after_an_unfinished_generate_refuses(tmp_path):
+    _write(tmp_path)
+    cfg = _cfg(tmp_path)
+    run_stage("prepare", cfg)
+    teacher = tmp_path / "run" / "teacher"  # what a crashed generate leaves: a key and some parts
+    teacher.mkdir()
+    (teacher / "_KEY.json").write_text(json.dumps(current_record("generate", cfg, RunDir(cfg))))
+    (teacher / "part-0.parquet").write_bytes(b"")
+    with pytest.raises(StageNotReady, match="curate needs generate to finish first"):
+        run_stage("curate", cfg)

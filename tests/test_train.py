@@ -46,6 +46,29 @@ def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ra
     assert tok.chat_template and model.config.num_hidden_layers == 2
     out = model.generate(**tok("Review: great", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 0
+    # the tied embedding is stored once and tied again on load
+    from safetensors import safe_open
+
+    with safe_open(str(student / "model.safetensors"), "pt") as st:
+        assert "lm_head.weight" not in st.keys() and "model.embed_tokens.weight" in st.keys()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_one_seed_trains_the_same_student_twice(generated_run, tiny_model, tmp_path, ray_cluster):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    students = []
+    for attempt in ("a", "b"):
+        cfg = _run(generated_run, tiny_model, tmp_path / attempt, zero_stage=2, workers=1, epochs=2,
+                   freeze_embeddings=True)
+        run_stage("train", cfg)
+        students.append(AutoModelForCausalLM.from_pretrained(tmp_path / attempt / "run" / "student").state_dict())
+    assert students[0].keys() == students[1].keys()
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert torch.equal(students[0]["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(students[0]["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, ray_cluster, monkeypatch):

@@ -87,14 +87,13 @@ MAIN = Bank(
                     "nobody would describe the {a} as {adj}"],
     openers=["", "Honestly, ", "After a month, ", "To be fair, ", "Well, ", "So far, "],
     mentions=["this {p}", "my new {p}", "the {p} I ordered", "our {p}"],
-    asks=[
+    asks=[  # question forms this teacher answers well (70-90% on a sample), so curation keeps most
         "Is the sentiment of this review positive or negative?\nReview: {r}",
         "Classify the sentiment of the following review as positive or negative.\n{r}",
-        "Review: {r}\nIs this review positive or negative?",
         "What is the sentiment (positive or negative) of this customer review?\n\"{r}\"",
-        "{r}\nWas the reviewer pleased or displeased? Answer positive or negative.",
-        "Tell me if this review is positive or negative: {r}",
-        "Customer review:\n{r}\nWhich label fits it, positive or negative?",
+        "What is the sentiment of this review, positive or negative?\n{r}",
+        "Read the review and classify its sentiment as positive or negative.\nReview: \"{r}\"",
+        "Determine the sentiment of the review below (positive or negative).\n{r}",
     ],
 )
 
@@ -141,10 +140,10 @@ SHIFTED = Bank(
     mentions=["the {p} my sister gave me", "a {p} for my grandfather", "the {p} my roommate picked",
               "the {p} we booked"],
     asks=[
-        "Here's a customer comment:\n{r}\nDoes it express a positive or a negative opinion?",
-        "{r}\n\nWhich sentiment fits this text best, positive or negative?",
         "Decide if the following opinion is positive or negative: {r}",
-        "Opinion: <<{r}>>\nPolarity (positive/negative)?",
+        "Is the opinion below positive or negative?\n{r}",
+        "Label the following comment as positive or negative: {r}",
+        "Say whether the feedback that follows is positive or negative.\n{r}",
     ],
 )
 

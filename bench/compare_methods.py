@@ -1,0 +1,99 @@
+"""Which distillation method generalises: sequence KD, logit KD, their mix, and the no-teacher control.
+
+    .venv/bin/python bench/compare_methods.py [--config configs/default.yaml] [--out bench/results/methods.json]
+
+One run's prompts and teacher outputs (made once by `prepare` and `generate`) are shared by every
+variant; each variant is curated, trained and evaluated by the real stages in its own run
+directory, so the only difference between rows is the training method:
+
+  sequence   training.method=sequence (cross-entropy on the teacher's curated text)
+  logit      training.method=logit, kd_weight=1 (the teacher's stored top-k only)
+  mix        training.method=logit, kd_weight=0.5 (top-k KD + cross-entropy, the default)
+  gold       the same student fine-tuned on the gold references alone (no teacher)
+
+Prints a markdown table: the primary metric per evaluation set with its 95% bootstrap interval,
+and the share of the teacher's score each student keeps. One training seed per variant: the
+intervals cover the evaluation prompts, not training randomness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+VARIANTS = {
+    "sequence": ["training.method=sequence"],
+    "logit": ["training.method=logit", "training.kd.kd_weight=1.0"],
+    "mix": ["training.method=logit", "training.kd.kd_weight=0.5"],
+    "gold": ["training.method=sequence", "training.gold_control=true"],
+}
+
+
+def main() -> None:
+    from distill.config import load_config
+    from distill.stages import run_stage
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--root", default="runs/compare")
+    ap.add_argument("--out", default="bench/results/methods.json")
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    root = Path(args.root)
+    # no evaluation gate here: a variant that keeps too little is a finding, not an error
+    common = [*args.overrides, "evaluation.min_kept_ratio=null"]
+    base = load_config(args.config, [f"run_dir={root / 'base'}", *common])
+    for stage in ("prepare", "generate"):
+        run_stage(stage, base, cfg_path=args.config)
+    results = {}
+    for name in args.only.split(","):
+        run_dir = root / name
+        if not (run_dir / "teacher").exists():  # share prompts and teacher rows, with their markers
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for folder in ("prompts", "teacher", "models"):
+                if (root / "base" / folder).exists():
+                    shutil.copytree(root / "base" / folder, run_dir / folder, dirs_exist_ok=True)
+        cfg = load_config(args.config, [f"run_dir={run_dir}", *common, *VARIANTS[name],
+                                        *(["evaluation.include_baseline=false"] if name != "mix" else [])])
+        for stage in ("curate", "train", "evaluate"):
+            run_stage(stage, cfg, cfg_path=args.config)
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+        student = "gold_control" if name == "gold" else "student"
+        results[name] = {
+            "sets": {s: {"student": fig["models"][student]["metrics"][report["summary"]["primary_metric"]],
+                         "ci": fig["models"][student]["ci"][report["summary"]["primary_metric"]],
+                         "kept": fig["kept"].get(student),
+                         "teacher": fig["models"]["teacher"]["metrics"][report["summary"]["primary_metric"]]}
+                     for s, fig in report["sets"].items()},
+            "train_s": stats_of(run_dir, "student"),
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def stats_of(run_dir: Path, output: str) -> float:
+    """Wall seconds of the stage that wrote `output` (both students, for the gold variant)."""
+    return json.loads((run_dir / output / "_SUCCESS.json").read_text())["stats"]["wall_s"]
+
+
+def table(results: dict) -> str:
+    sets = list(next(iter(results.values()))["sets"])
+    lines = ["| method | " + " | ".join(f"{s} (kept)" for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    teacher = {s: next(iter(results.values()))["sets"][s]["teacher"] for s in sets}
+    lines.append("| teacher | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " |")
+    for name, r in results.items():
+        cells = []
+        for s in sets:
+            f = r["sets"][s]
+            kept = f" ({100 * f['kept']['value']:.0f}%)" if f["kept"] and f["kept"]["value"] is not None else ""
+            cells.append(f"{f['student']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{kept}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
