@@ -4,6 +4,8 @@
     distill run --config C --force train,evaluate          # redo some stages
     distill prepare|generate|curate|train|evaluate --config C [--force] [key=value ...]
     distill data synth --task sentiment --n 600 --seed 0 --out data/sentiment.jsonl
+    distill data synth --by-teacher -c C --out data/written.jsonl    # the teacher writes prompts
+    distill data from-serve --url http://127.0.0.1:8000 --out data/round2.jsonl   # the flywheel
     distill config --config C [key=value ...]              # print the resolved config
     distill config --explain [SECTION]                     # every field, default, description
     distill serve runs/default [key=value ...]             # teacher + student + `ab` over HTTP
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ab-report", help="per-arm figures of a running `distill serve`")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--out", help="folder for ab_report.json/.md/.png")
-    p.add_argument("--api-key-env", default="DISTILL_API_KEY")
+    p.add_argument("--admin-key-env", default="DISTILL_ADMIN_KEY", help="variable holding the admin key")
     p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray job on a cluster")
     p.add_argument("--address", default=None, help="the cluster's dashboard URL (default: $RAY_ADDRESS)")
     p.add_argument("--runtime-env", help="YAML runtime env (e.g. cluster/runtime_env.yaml)")
@@ -72,12 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config", "-c", help="with --by-teacher: the run config (teacher, task, synthesis)")
     synth.add_argument("--out", required=True)
     synth.add_argument("overrides", nargs="*", metavar="key=value", help="with --by-teacher: config overrides")
+    fly = data.add_parser("from-serve", help="export the prompts a `distill serve` recorded (serving.record_prompts)")
+    fly.add_argument("--url", default="http://127.0.0.1:8000")
+    fly.add_argument("--out", required=True)
+    fly.add_argument("--admin-key-env", default="DISTILL_ADMIN_KEY")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "data" and args.data_command == "from-serve":
+            from serve.flywheel import export_prompts
+
+            export_prompts(args.url, args.out, args.admin_key_env)
+            return 0
         if args.command == "data" and args.by_teacher:
             from distill.synthesis import synthesize
 
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ab-report":
             from serve.report import ab_report
 
-            ab_report(args.url, args.out, args.api_key_env)
+            ab_report(args.url, args.out, args.admin_key_env)
             return 0
         if args.command == "serve":
             from serve.app import load_target, serve_forever

@@ -64,7 +64,9 @@ def _row_reasons(cfg: RunConfig, table: pa.Table) -> pa.Table:
     from distill.ray_utils import connect
 
     connect(cfg.ray)
-    tokenizer = cfg.teacher.path if cfg.teacher.kind == "vllm" else None
+    from distill.models import teacher_tokenizer
+
+    tokenizer = teacher_tokenizer(cfg)
     rules = _RowRules(cfg.task.model_dump(), cfg.curation.model_dump(), tokenizer, table.schema)
     blocks = [table.slice(i, 1024) for i in range(0, len(table), 1024)] or [table]
     ds = ray.data.from_arrow(blocks).map_batches(rules, batch_format="pyarrow", batch_size=None)

@@ -104,6 +104,8 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
     models = {}
     if cfg.teacher.path is not None:
         models["teacher"] = resolve_model(cfg.teacher.path)
+    elif cfg.teacher.kind == "endpoint":
+        models["teacher"] = cfg.teacher.base_url  # evaluated through the endpoint itself
     models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
         models["baseline"] = student_base(cfg, rd)
@@ -158,7 +160,13 @@ def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     for name, path in models_to_compare(cfg, rd).items():
         print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
               f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
-        results[name] = {**_measure(cfg, name, path, rows), "path": path}
+        if name == "teacher" and cfg.teacher.kind == "endpoint" and cfg.teacher.path is None:
+            from distill.endpoint import measure_endpoint
+
+            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling.model_dump(), cfg.evaluation.latency_requests)
+        else:
+            measured = _measure(cfg, name, path, rows)
+        results[name] = {**measured, "path": path}
     texts = {name: m.pop("texts") for name, m in results.items()}
     table = {S.ID: [r[S.ID] for r in rows], S.SPLIT: [r[S.SPLIT] for r in rows],
              S.REFERENCE: [r[S.REFERENCE] for r in rows], **{f"{n}_text": t for n, t in texts.items()}}

@@ -154,6 +154,15 @@ def derive_student(teacher: str, layers: list[int], out: str | Path) -> Path:
     return out
 
 
+def teacher_tokenizer(cfg: RunConfig) -> str | None:
+    """The model whose tokenizer the teacher's token ids are in, or None (text only)."""
+    if cfg.teacher.kind == "vllm":
+        return cfg.teacher.path
+    if cfg.teacher.kind == "endpoint":
+        return cfg.teacher.tokenizer
+    return None
+
+
 def student_base(cfg: RunConfig, rd: RunDir) -> str:
     """The student before distillation (also the evaluation baseline): a local path, or a URI
     under a remote run directory, which every node fetches with `resolve_model`."""

@@ -38,6 +38,6 @@ def summary_text(s: dict[str, Any], rd: RunDir) -> str:
                         f"{100 * kept['ci'][1]:.1f}] of the teacher" if kept and kept["value"] is not None else ""))
     lines += s.get("verdicts", [])
     if "latency_speedup" in s:
-        lines.append(f"speed: {s['latency_speedup']}x lower p50 latency, {s['throughput_ratio']}x throughput, "
-                     f"{s['parameters_ratio']:.0%} of the teacher's parameters")
+        lines.append(f"speed: {s['latency_speedup']}x lower p50 latency, {s['throughput_ratio']}x throughput"
+                     + (f", {s['parameters_ratio']:.0%} of the teacher's parameters" if s.get("parameters_ratio") else ""))
     return "\n".join(lines)

@@ -85,7 +85,8 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
         summary["throughput_ratio"] = round((student["tokens_per_s"] or 0) / (teacher["tokens_per_s"] or 1), 2)
         summary["weights_ratio"] = (round(student["weights_mb"] / teacher["weights_mb"], 3)
                                     if teacher["weights_mb"] else None)
-        summary["parameters_ratio"] = round(student["parameters"] / teacher["parameters"], 3)
+        summary["parameters_ratio"] = (round(student["parameters"] / teacher["parameters"], 3)
+                                       if teacher["parameters"] else None)
     manifest = rd.manifest()
     price = cfg.evaluation.price_per_accelerator_hour
     stages = {}
@@ -116,9 +117,10 @@ def markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"`{name}` ({n} prompts)" for name, n in s["sets"].items()) + ".", ""]
     lines += [f"- {v}" for v in s["verdicts"]]
     if "latency_speedup" in s:
+        size = (f", {s['parameters_ratio']:.0%} of its parameters and {s['weights_ratio']:.0%} of its weight bytes"
+                if s.get("parameters_ratio") else "")
         lines += ["", f"The student answers {s['latency_speedup']}x faster (p50 latency), with "
-                      f"{s['throughput_ratio']}x the teacher's batch throughput, {s['parameters_ratio']:.0%} "
-                      f"of its parameters and {s['weights_ratio']:.0%} of its weight bytes."]
+                      f"{s['throughput_ratio']}x the teacher's batch throughput{size}."]
     models = list(report["models"])
     lines += ["", f"| set | " + " | ".join(models) + " | student keeps |", "|" + "---|" * (len(models) + 2)]
     for name, fig in report["sets"].items():
@@ -127,8 +129,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pm(kept['value'], kept['ci'], True) if kept else '-'} |")
     lines += ["", "| model | params (M) | weights MB | p50 s | p95 s | TTFT s | tok/s | peak MB |", "|" + "---|" * 8]
     for name, m in report["models"].items():
-        lines.append(f"| {name} | {m['parameters'] / 1e6:.1f} | {m['weights_mb']:.0f} | {m['latency_p50_s']:.3f} | "
-                     f"{m['latency_p95_s']:.3f} | {m['ttft_p50_s']:.3f} | {m['tokens_per_s']} | {m['peak_memory_mb']:.0f} |")
+        size = (f"{m['parameters'] / 1e6:.1f} | {m['weights_mb']:.0f}" if m["parameters"] else "- | -")
+        peak = f"{m['peak_memory_mb']:.0f}" if m["peak_memory_mb"] is not None else "-"
+        lines.append(f"| {name} | {size} | {m['latency_p50_s']:.3f} | "
+                     f"{m['latency_p95_s']:.3f} | {m['ttft_p50_s']:.3f} | {m['tokens_per_s']} | {peak} |")
     lines += ["", "All metrics (agreement = the same metric against the teacher's answers):", ""]
     for name, fig in report["sets"].items():
         for model, m in fig["models"].items():

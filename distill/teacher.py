@@ -160,7 +160,8 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         return import_teacher_outputs(cfg, rd)
     from distill.models import check_model
 
-    check_model(cfg.teacher.path, "teacher.path")
+    if cfg.teacher.kind == "vllm":
+        check_model(cfg.teacher.path, "teacher.path")
     gen = cfg.generation
     n = gen.sampling.n
     prompts = rd.prompts.read_table()
@@ -171,10 +172,14 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     print(f"[generate] {len(prompts)} prompts: {len(done)} already generated (kept), {len(todo)} to go"
           + (f"; {counts['orphaned']} rows of prompts no longer in train/validation moved to "
              f"{rd.teacher.uri}/_orphans" if counts["orphaned"] else ""))
-    start = time.time()
-    if len(todo):
+    start, requests = time.time(), {}
+    if len(todo) and cfg.teacher.kind == "endpoint":
+        from distill.endpoint import run_endpoint_pool
+
+        requests = run_endpoint_pool(cfg, todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
+    elif len(todo):
         run_pool(cfg, todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
-    table = rd.teacher.read_table(columns=[S.ID, S.SAMPLE, S.OUTPUT_TOKENS, S.PROMPT_TOKENS, S.ERROR])
+    table = rd.teacher.read_table(columns=[S.ID, S.SAMPLE, S.OUTPUT_TOKENS, S.PROMPT_TOKENS, S.ERROR, S.TOPK])
     check_complete(table, prompts, n)
     out_tokens = pc.sum(table[S.OUTPUT_TOKENS]).as_py() or 0
     elapsed = time.time() - start
@@ -184,8 +189,14 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         output_tokens=out_tokens, prompt_tokens=pc.sum(table[S.PROMPT_TOKENS]).as_py() or 0,
         output_tokens_per_s=round(out_tokens / elapsed, 1) if len(todo) else None,
         bytes_per_output_token=round(rd.teacher.parquet_bytes() / max(1, out_tokens), 2),
-        accelerator_s=round(elapsed * cfg.teacher.pool.max * cfg.teacher.pool.num_gpus, 1),
+        accelerator_s=round(elapsed * cfg.teacher.pool.max * cfg.teacher.pool.num_gpus, 1)
+        if cfg.teacher.kind == "vllm" else 0.0,
     )
+    if cfg.teacher.kind == "endpoint":  # what this run asked of the endpoint, and what the data cost
+        price = cfg.teacher.price
+        prompt_tokens = (pc.sum(table[S.PROMPT_TOKENS]).as_py() or 0) / n  # n samples share one prompt
+        stats.update(endpoint_requests=requests, text_only=int(pc.sum(pc.equal(table[S.TOPK], 0)).as_py() or 0),
+                     cost=round(prompt_tokens / 1e6 * price.input_per_1m + out_tokens / 1e6 * price.output_per_1m, 4))
     print(f"[generate] {stats['rows']} responses ({stats['errors']} errors), {out_tokens} tokens, "
           f"{stats['bytes_per_output_token']} stored bytes/token -> {rd.teacher.uri}")
     return stats

@@ -32,27 +32,33 @@ FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises onc
 # ----------------------------------------------------------------------------- setup
 
 
-def resolve_method(cfg: RunConfig, student_path: str) -> str:
-    """'logit' or 'sequence'. Logit-level KD needs the teacher's tokenizer; refuse a mismatch
-    unless the fall-back to sequence-level KD is allowed."""
+def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
+    """'logit' or 'sequence'. Logit-level KD needs the teacher's tokenizer and top-k on every
+    curated row; refuse otherwise, naming the fall-back, unless it is allowed."""
+    import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model
+    from distill.models import resolve_model, teacher_tokenizer
     from distill.train_data import TokenizerMismatch, same_tokenizer
 
     if cfg.training.method == "sequence":
         return "sequence"
-    if cfg.teacher.path is None or cfg.generation.top_k_logprobs == 0:
-        raise TokenizerMismatch("training.method=logit needs stored teacher top-k "
-                                "(generation.top_k_logprobs > 0 and a vllm teacher)")
-    teacher_tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
+    fallback = ("the fall-back is sequence-level KD on the teacher's text: set training.method=sequence, "
+                "or training.allow_sequence_fallback=true")
+    reference = teacher_tokenizer(cfg)
+    if reference is None or cfg.generation.top_k_logprobs == 0:
+        raise TokenizerMismatch("training.method=logit needs stored teacher top-k (generation.top_k_logprobs > 0, "
+                                f"and a vllm teacher or an endpoint teacher with teacher.tokenizer); {fallback}")
+    curated = rd.curated.read_table(columns=[S.TOPK])
+    text_only = int(pc.sum(pc.equal(curated[S.TOPK], 0)).as_py() or 0)
+    teacher_tok = AutoTokenizer.from_pretrained(resolve_model(reference))
     student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    if same_tokenizer(teacher_tok, student_tok):
+    if same_tokenizer(teacher_tok, student_tok) and not text_only:
         return "logit"
-    message = ("the student's tokenizer differs from the teacher's, so the teacher's top-k "
-               "logprobs do not apply (logit-level KD); the fall-back is sequence-level KD on "
-               "the teacher's text: set training.method=sequence, or "
-               "training.allow_sequence_fallback=true")
+    message = (f"{text_only} of {len(curated)} curated rows are text-only (the teacher returned no token ids "
+               "and top-k), so logit-level KD cannot use them; " if text_only else
+               "the student's tokenizer differs from the teacher's, so the teacher's top-k logprobs do not "
+               "apply (logit-level KD); ") + fallback
     if not cfg.training.allow_sequence_fallback:
         raise TokenizerMismatch(message)
     print(f"[train] warning: {message}; falling back to sequence-level KD")
@@ -86,12 +92,13 @@ def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: 
 def _same_as_teacher(cfg: RunConfig, tokenizer) -> bool:
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model
+    from distill.models import resolve_model, teacher_tokenizer
     from distill.train_data import same_tokenizer
 
-    if cfg.teacher.path is None or cfg.teacher.kind == "precomputed":
+    reference = teacher_tokenizer(cfg)
+    if reference is None:
         return False
-    return same_tokenizer(AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path)), tokenizer)
+    return same_tokenizer(AutoTokenizer.from_pretrained(resolve_model(reference)), tokenizer)
 
 
 def precision(cfg: RunConfig) -> str:
@@ -135,7 +142,7 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     elif cfg.teacher.path is not None:
         check_model(cfg.teacher.path, "teacher.path")
     base = student_base(cfg, rd)
-    method = resolve_method(cfg, base)
+    method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
     stats = _fit(cfg, rd, base, method, _examples(cfg, rd, base, method), f"train-{key}", rd.student,
                  rd.root.join("train_history.json"))

@@ -46,7 +46,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, use_t
     eos = tokenizer.eos_token_id
     for row in rows:
         prompt = prompt_token_ids(tokenizer, row[S.MESSAGES])
-        if use_teacher_ids and row.get(S.TOKEN_IDS) is not None:
+        if use_teacher_ids and row.get(S.TOKEN_IDS) is not None and len(row[S.TOKEN_IDS]):
             response = list(row[S.TOKEN_IDS])
         else:
             response = tokenizer(row[S.TEXT], add_special_tokens=False)["input_ids"]

@@ -100,11 +100,12 @@ def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str
     return opts
 
 
-def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: str | None = None):
+def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: str | None = None,
+              admin_key: str | None = None, task: dict[str, Any] | None = None):
     """The Serve application: a ModelServer deployment per model, the ledger, the ingress."""
     from ray import serve as ray_serve
 
-    from serve.ingress import Ingress, key_hash, api
+    from serve.ingress import Ingress, api, key_hash
     from serve.ledger import Ledger
     from serve.model_server import ModelServer
 
@@ -113,21 +114,44 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
         deployment = ray_serve.deployment(ModelServer, name=f"model-{name}",
                                           **_deployment_options(hosted.replica, hosted.env))
         handles[name] = deployment.bind(name, hosted.engine_spec, serving.default_max_tokens)
-    ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1,
-                                  ray_actor_options={"num_cpus": 0}).bind(serving.ab_weights)
+    ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
+        serving.ab_weights, shadow_to=serving.shadow.to)
     ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
                                    max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(handles, ledger, serving.user_header, key_hash(api_key) if api_key else None)
+    return ingress.bind(
+        handles, ledger, serving.user_header, key_hash(api_key) if api_key else None,
+        key_hash(admin_key) if admin_key else None,
+        admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
+        max_body_bytes=serving.max_body_bytes, shadow=serving.shadow.model_dump(), task=task,
+        record_prompts=serving.record_prompts)
 
 
-def api_key_from_env(serving: ServingConfig) -> str | None:
-    return os.environ.get(serving.api_key_env) or None
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def keys_from_env(serving: ServingConfig) -> tuple[str | None, str | None]:
+    """(API key, admin key) from the configured variables; refuses an open non-loopback bind."""
+    api_key = os.environ.get(serving.api_key_env) or None
+    admin_key = os.environ.get(serving.admin_key_env) or None
+    if api_key is None and not is_loopback(serving.host) and not serving.allow_unauthenticated:
+        raise ValueError(f"serving.host is {serving.host}, reachable from other machines, and no API key is set: "
+                         f"export {serving.api_key_env}=<key> (and {serving.admin_key_env} for /admin), or set "
+                         "serving.allow_unauthenticated: true to run an open endpoint")
+    return api_key, admin_key
 
 
 def builder(args: dict[str, str]):
     """Application builder for `serve run serve.app:builder config=...` and KubeRay's RayService."""
     cfg = load_config(args.get("config"), [f"{k}={v}" for k, v in args.items() if k != "config"])
-    return build_app(hosted_models(cfg), cfg.serving, api_key_from_env(cfg.serving))
+    return build_app(hosted_models(cfg), cfg.serving, *keys_from_env(cfg.serving), task=cfg.task.model_dump())
 
 
 def load_target(target: str, overrides: list[str]) -> RunConfig:
@@ -155,16 +179,20 @@ def serve_forever(cfg: RunConfig) -> None:
 
     from distill.ray_utils import connect
 
+    api_key, admin_key = keys_from_env(cfg.serving)  # an open public bind fails here, before any work
     models = hosted_models(cfg)
-    api_key = api_key_from_env(cfg.serving)
     connect(cfg.ray)
     print(f"[serve] starting {', '.join(models)} (engine start takes a while on the CPU)", flush=True)
-    url = start(build_app(models, cfg.serving, api_key), cfg.serving)
+    url = start(build_app(models, cfg.serving, api_key, admin_key, cfg.task.model_dump()), cfg.serving)
     auth = f' -H "Authorization: Bearer ${cfg.serving.api_key_env}"' if api_key else ""
-    print(f"[serve] ready at {url}/v1  models: {', '.join(models)}, ab {cfg.serving.ab_weights}\n"
+    shadow = cfg.serving.shadow
+    print(f"[serve] ready at {url}/v1  models: {', '.join(models)}, ab {cfg.serving.ab_weights}"
+          + (f", shadowing {shadow.fraction:.0%} of the student's ab answers to {shadow.to}" if shadow.fraction else "")
+          + "\n"
           f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"ab\", \"user\": \"u1\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
-          f"  distill ab-report --url {url} --out {cfg.run_dir}/serve", flush=True)
+          f"  distill ab-report --url {url} --out {cfg.run_dir}/serve"
+          + (f"   (with {cfg.serving.admin_key_env} set)" if admin_key else ""), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -2,12 +2,15 @@
 
     POST /v1/chat/completions   POST /v1/completions   (both with "stream": true too)
     GET  /v1/models             GET  /health
-    POST /v1/feedback           {"id": <response id>, "score": <number>}
-    GET  /admin/ab              PUT /admin/ab {"weights": {...}}    GET /admin/stats
+    POST /v1/feedback           {"id": <response id>, "score": <number>}   (once per id)
+    GET  /admin/ab              PUT /admin/ab {"weights": {...}}
+    GET  /admin/stats           GET /admin/prompts?since=N   (with serving.record_prompts)
 
-Every error leaves in OpenAI's shape (`protocol.error_body`) with the right 4xx; bodies are parsed
-and validated here so no bad input reaches an engine or becomes a 500. Each response names the
-arm that answered, in `model` and in the `x-distill-arm` header.
+Every error leaves in OpenAI's shape (`protocol.error_body`) with the right 4xx; bodies are read
+with a size cap and validated here, so no bad input reaches an engine or becomes a 500. Every
+route needs the API key when one is set; `/admin/*` needs the admin key (the API key does not
+open it). Each response names the arm that answered, in `model` and in the `x-distill-arm`
+header. A client that drops a stream is recorded as 499 and its engine request is aborted.
 """
 
 from __future__ import annotations
@@ -24,17 +27,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.protocol import (ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate,
-                            error_body, validation_message)
-from serve.routing import normalise, pick_arm
+from serve.body import parse
+from serve.protocol import ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate, error_body, validation_message
+from serve.responses import Chunks, response_body
+from serve.routing import pick_arm
+from serve.shadow import Shadow
 
 log = logging.getLogger("ray.serve")
 AB = "ab"
-MAX_BODY_BYTES = 1 << 20
 WEIGHTS_TTL_S = 1.0
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
 
 api = FastAPI(title="ray-distill A/B endpoint", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -66,24 +70,7 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
-    if not isinstance(raw, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        message, param = validation_message(e.errors(include_url=False))
-        raise ApiError(400, message, param=param) from None
-
-
-def _backpressure(exc: BaseException) -> bool:
+def is_backpressure(exc: BaseException) -> bool:
     from ray.serve.exceptions import BackPressureError
 
     while exc is not None:
@@ -97,11 +84,16 @@ class Ingress:
     """Serve ingress replica; `models` maps a name to its ModelServer deployment handle."""
 
     def __init__(self, models: dict[str, Any], ledger: Any, user_header: str = "x-user-id",
-                 api_key_sha256: str | None = None):
+                 api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
+                 admin_open: bool = False, max_body_bytes: int = 1 << 20,
+                 shadow: dict[str, Any] | None = None, task: dict[str, Any] | None = None,
+                 record_prompts: bool = False):
         from ray.util.metrics import Counter, Histogram
 
         self.models, self.ledger = models, ledger
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
+        self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
+        self.shadow = Shadow(shadow or {"fraction": 0.0, "to": "teacher", "max_in_flight": 1}, task, record_prompts)
         self._weights: dict[str, float] = {}
         self._weights_at = 0.0
         self._pending: set[asyncio.Task] = set()
@@ -118,10 +110,19 @@ class Ingress:
     def _auth(self, request: Request) -> None:
         if self.api_key_sha256 is None:
             return
-        header = request.headers.get("authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else ""
-        if not key or not hmac.compare_digest(key_hash(key), self.api_key_sha256):
+        if not _key_matches(request, self.api_key_sha256):
             raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    def _admin(self, request: Request) -> None:
+        """`/admin/*`: the admin key, not the API key (clients must not move the split)."""
+        if self.admin_key_sha256 is None:
+            if self.admin_open:
+                return
+            raise ApiError(403, "admin routes need an admin key: set serving.admin_key_env (DISTILL_ADMIN_KEY) "
+                                "where the server starts", code="admin_disabled")
+        if not _key_matches(request, self.admin_key_sha256):
+            raise ApiError(401, "missing or wrong admin key (send Authorization: Bearer <admin key>)",
                            code="invalid_api_key")
 
     async def _current_weights(self) -> dict[str, float]:
@@ -151,7 +152,7 @@ class Ingress:
                 self.m_ttft.observe(ttft, tags=tags)
         # recorded in the background; the task is kept so it is not garbage-collected half-way
         task = asyncio.get_running_loop().create_task(
-            self._record(route, arm, status == 200, latency, ttft, tokens, response_id))
+            self._record(route, arm, status, latency, ttft, tokens, response_id))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -163,7 +164,7 @@ class Ingress:
 
     def _engine_error(self, route: str, arm: str, start: float, exc: BaseException) -> ApiError:
         self._observe(route, arm, 503, time.perf_counter() - start, None, 0, None)
-        if _backpressure(exc):
+        if is_backpressure(exc):
             return ApiError(503, f"model '{arm}' is at capacity; retry shortly", "server_error",
                             code="overloaded", headers={"Retry-After": "1"})
         log.error("model %s failed: %s", arm, exc)
@@ -171,20 +172,21 @@ class Ingress:
 
     async def _generate(self, request: Request, kind: str) -> Any:
         self._auth(request)
-        body = await _parse(request, ChatRequest if kind == "chat" else CompletionRequest)
+        body = await parse(request, ChatRequest if kind == "chat" else CompletionRequest, self.max_body_bytes)
         route, arm = await self._route(body, request)
         req = {"params": body.params(), "request_id": uuid.uuid4().hex}
         if kind == "chat":
             req["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
         else:
             req["prompt"] = body.prompt
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        response_id = f"{prefix}-{req['request_id']}"
+        echo = body.prompt if kind == "completion" and body.echo else None
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req['request_id']}"
         headers = {"x-distill-arm": arm, "x-distill-route": route}
         start = time.perf_counter()
         handle = self.models[arm]
         if body.stream:
-            return await self._stream(handle, req, kind, route, arm, response_id, headers, start)
+            return await self._stream(handle, req, kind, route, arm, response_id, headers, start, echo,
+                                      body.include_usage)
         try:
             out = await handle.complete.remote(req)
         except Exception as e:
@@ -192,20 +194,12 @@ class Ingress:
         if "error" in out:
             self._observe(route, arm, out["status"], time.perf_counter() - start, None, 0, None)
             return JSONResponse({"error": out["error"]}, status_code=out["status"], headers=headers)
-        latency = time.perf_counter() - start
-        self._observe(route, arm, 200, latency, out["ttft_s"], out["completion_tokens"], response_id)
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                      "finish_reason": out["finish_reason"], "logprobs": None}
-        else:
-            choice = {"index": 0, "text": out["text"], "finish_reason": out["finish_reason"], "logprobs": None}
-        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                 "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
-        return JSONResponse({"id": response_id, "object": "chat.completion" if kind == "chat" else "text_completion",
-                             "created": int(time.time()), "model": arm, "choices": [choice], "usage": usage},
-                            headers=headers)
+        self._observe(route, arm, 200, time.perf_counter() - start, out["ttft_s"], out["completion_tokens"],
+                      response_id)
+        self.shadow.offer(route, arm, req, out["choices"][0]["text"], self.models, self.ledger)
+        return JSONResponse(response_body(kind, response_id, arm, out, echo), headers=headers)
 
-    async def _stream(self, handle, req, kind, route, arm, response_id, headers, start):
+    async def _stream(self, handle, req, kind, route, arm, response_id, headers, start, echo, include_usage):
         gen = handle.options(stream=True).stream.remote(req)
         try:
             first = await gen.__anext__()
@@ -214,35 +208,38 @@ class Ingress:
         if "error" in first:
             self._observe(route, arm, first["status"], time.perf_counter() - start, None, 0, None)
             return JSONResponse({"error": first["error"]}, status_code=first["status"], headers=headers)
-        created = int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
-            if kind == "chat":
-                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            payload = {"id": response_id, "object": obj, "created": created, "model": arm, "choices": [choice]}
-            return f"data: {json.dumps(payload)}\n\n"
+        chunks = Chunks(kind, response_id, arm)
 
         async def events():
-            ttft, tokens, status = None, 0, 200
+            ttft, tokens, status, texts, started = None, 0, CLIENT_CLOSED, {}, set()
             try:
-                if kind == "chat":
-                    yield chunk("", None, role=True)
                 async for item in gen:
                     if "error" in item:
                         status = item["status"]
                         yield f"data: {json.dumps({'error': item['error']})}\n\n"
-                        break
+                        return
+                    if not item["tokens"] and item["finish_reason"] is None:
+                        continue
                     ttft = ttft if ttft is not None else time.perf_counter() - start
                     tokens += item["tokens"]
-                    yield chunk(item["text"], item["finish_reason"])
+                    i = item["index"]
+                    if kind == "chat" and i not in started:
+                        yield chunks.role(i)
+                    prefix = echo if echo is not None and i not in started else ""
+                    started.add(i)
+                    texts[i] = texts.get(i, "") + item["text"]
+                    yield chunks.delta(item, prefix)
+                if include_usage:
+                    yield chunks.usage(first["prompt_tokens"], tokens)
+                status = 200  # every token was sent: a client that hangs up at [DONE] got its answer
                 yield "data: [DONE]\n\n"
             finally:
+                if status == CLIENT_CLOSED:  # the client went away: stop the engine's work too
+                    gen.cancel()
                 self._observe(route, arm, status, time.perf_counter() - start, ttft, tokens,
                               response_id if status == 200 else None)
+                if status == 200 and texts:
+                    self.shadow.offer(route, arm, req, texts[min(texts)], self.models, self.ledger)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
@@ -270,35 +267,46 @@ class Ingress:
     @api.post("/v1/feedback")
     async def feedback(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        fb = await _parse(request, Feedback)
-        arm = await self.ledger.feedback.remote(fb.id, fb.score)
-        if arm is None:
+        fb = await parse(request, Feedback, self.max_body_bytes)
+        result, arm = await self.ledger.feedback.remote(fb.id, fb.score)
+        if result == "unknown":
             raise ApiError(404, f"no response with id '{fb.id}' (ids come from completion responses)",
                            param="id", code="response_not_found")
+        if result == "duplicate":
+            raise ApiError(409, f"response '{fb.id}' already has its feedback (one score per response)",
+                           param="id", code="duplicate_feedback")
         return {"id": fb.id, "model": arm, "recorded": True}
 
     @api.get("/admin/ab")
     async def get_weights(self, request: Request) -> dict[str, Any]:
-        self._auth(request)
+        self._admin(request)
         return await self.ledger.get_weights.remote()
 
     @api.put("/admin/ab")
     async def set_weights(self, request: Request) -> dict[str, Any]:
-        self._auth(request)
-        update = await _parse(request, WeightsUpdate)
+        self._admin(request)
+        update = await parse(request, WeightsUpdate, self.max_body_bytes)
         unknown = sorted(set(update.weights) - set(self.models))
         if unknown:
             raise ApiError(400, f"weights name unknown models {unknown}; hosted: {sorted(self.models)}",
                            param="weights")
-        try:
-            normalise(update.weights)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="weights") from None
         result = await self.ledger.set_weights.remote(update.weights)
         self._weights, self._weights_at = result["weights"], time.monotonic()
         return result
 
     @api.get("/admin/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
-        self._auth(request)
+        self._admin(request)
         return await self.ledger.stats.remote()
+
+    @api.get("/admin/prompts")
+    async def prompts(self, request: Request, since: int = 0) -> dict[str, Any]:
+        """Shadowed prompts with both answers (`serving.record_prompts`), from position `since`."""
+        self._admin(request)
+        return await self.ledger.prompts.remote(since)
+
+
+def _key_matches(request: Request, sha256: str) -> bool:
+    header = request.headers.get("authorization", "")
+    key = header[7:] if header.lower().startswith("bearer ") else ""
+    return bool(key) and hmac.compare_digest(key_hash(key), sha256)

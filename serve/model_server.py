@@ -48,21 +48,32 @@ class ModelServer:
         if isinstance(prepared, dict):
             return prepared
         ids, params = prepared
-        start, ttft, parts, tokens, reason = time.perf_counter(), None, [], 0, None
+        start, ttft, prompt_logprobs = time.perf_counter(), None, None
+        choices: dict[int, dict[str, Any]] = {}
         try:
             async for delta in self.engine.stream(ids, params, req["request_id"]):
+                if delta.prompt_logprobs is not None:
+                    prompt_logprobs = delta.prompt_logprobs
+                if not delta.tokens and delta.finish_reason is None:
+                    continue
                 ttft = ttft if ttft is not None else time.perf_counter() - start
-                parts.append(delta.text)
-                tokens += delta.tokens
-                reason = delta.finish_reason or reason
+                c = choices.setdefault(delta.index, {"parts": [], "tokens": 0, "reason": None, "logprobs": []})
+                c["parts"].append(delta.text)
+                c["tokens"] += delta.tokens
+                c["reason"] = delta.finish_reason or c["reason"]
+                c["logprobs"] += delta.logprobs or []
         except Exception as e:
             return _error(500, f"the engine failed ({type(e).__name__})", type_="server_error",
                           code="engine_error")
-        return {"text": "".join(parts), "prompt_tokens": len(ids), "completion_tokens": tokens,
-                "finish_reason": reason or "stop", "ttft_s": ttft}
+        out = [{"index": i, "text": "".join(c["parts"]), "finish_reason": c["reason"] or "stop",
+                "tokens": c["tokens"], "logprobs": c["logprobs"] if params.get("logprobs") is not None else None}
+               for i, c in sorted(choices.items())]
+        return {"choices": out, "prompt_tokens": len(ids), "completion_tokens": sum(c["tokens"] for c in out),
+                "ttft_s": ttft, "prompt_logprobs": prompt_logprobs}
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """First item: `{"prompt_tokens": n}` or an error value; then one item per delta."""
+        """First item: `{"prompt_tokens": n}` or an error value; then one item per delta. When the
+        caller goes away, Serve cancels this generator and the engine aborts the request."""
         prepared = self._prepare(req)
         if isinstance(prepared, dict):
             yield prepared
@@ -71,10 +82,15 @@ class ModelServer:
         yield {"prompt_tokens": len(ids)}
         try:
             async for delta in self.engine.stream(ids, params, req["request_id"]):
-                yield {"text": delta.text, "tokens": delta.tokens, "finish_reason": delta.finish_reason}
+                yield {"text": delta.text, "tokens": delta.tokens, "finish_reason": delta.finish_reason,
+                       "index": delta.index, "logprobs": delta.logprobs, "prompt_logprobs": delta.prompt_logprobs}
         except Exception as e:
             yield _error(500, f"the engine failed ({type(e).__name__})", type_="server_error",
                          code="engine_error")
+
+    def active_requests(self) -> int:
+        """Requests the engine is working on now (the fake engine counts; tests check aborts)."""
+        return getattr(self.engine, "active", 0)
 
     def __del__(self):
         # Serve calls this when the replica stops: the engine core process goes with it

@@ -10,6 +10,7 @@ point falls in the part of the line that changed owner.
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 
 
@@ -21,8 +22,8 @@ def user_point(key: str) -> float:
 
 def normalise(weights: dict[str, float]) -> dict[str, float]:
     total = sum(weights.values())
-    if total <= 0 or any(w < 0 for w in weights.values()):
-        raise ValueError("weights must be >= 0 with a positive sum")
+    if not math.isfinite(total) or total <= 0 or any(not math.isfinite(w) or w < 0 for w in weights.values()):
+        raise ValueError("weights must be finite and >= 0 with a positive sum")
     return {arm: w / total for arm, w in sorted(weights.items())}
 
 

@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# an endpoint teacher's key lives in the cluster's environment (as a secret would on a real one),
+# so it is set before the session's cluster starts; test_endpoint checks it never gets written
+os.environ.setdefault("TEST_TEACHER_KEY", "sk-test-not-a-real-key")
 # the environment as a user's shell has it, for processes that stand for one (a `ray start`
 # cluster, a job submitter): in-process Ray, vLLM and torch add variables to os.environ later
 # (a job driver started with them crashed in torch's MKL loader)

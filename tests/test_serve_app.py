@@ -17,6 +17,7 @@ from conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 KEY = "test-key-123"
+ADMIN = "admin-key-456"
 MSG = [{"role": "user", "content": "hello there general"}]
 
 
@@ -29,14 +30,17 @@ def app(ray_cluster):
 
     fast = {"kind": "fake", "delay_s": 0.002, "max_model_len": 64}
     models = {
-        "teacher": HostedModel(fast, ReplicaConfig(num_cpus=0.1)),
+        # the teacher is 10x slower per token: shadowing it must not show in the student's latency
+        "teacher": HostedModel({**fast, "delay_s": 0.02}, ReplicaConfig(num_cpus=0.1)),
         "student": HostedModel({**fast, "reply": "fine"}, ReplicaConfig(num_cpus=0.1)),
         # one request at a time and a queue of one: the third concurrent caller meets backpressure
         "slow": HostedModel({"kind": "fake", "delay_s": 0.4, "max_model_len": 64},
                             ReplicaConfig(num_cpus=0.1, max_ongoing_requests=1, max_queued_requests=1)),
     }
-    serving = ServingConfig(port=free_port())
-    url = start(build_app(models, serving, api_key=KEY), serving)
+    serving = ServingConfig(port=free_port(), shadow={"fraction": 1.0, "to": "teacher", "max_in_flight": 8},
+                            record_prompts=True, max_body_bytes=1 << 20)
+    task = {"type": "nli", "labels": ["ok", "fine"]}  # the fake teacher answers "ok ...", the student "fine ..."
+    url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
     yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
     ray_serve.shutdown()
 
@@ -53,13 +57,13 @@ def raw(app, method, path, body=None, key=KEY, headers=None, content=None):
 
 
 def set_weights(app, weights):
-    r = raw(app, "PUT", "/admin/ab", {"weights": weights})
+    r = raw(app, "PUT", "/admin/ab", {"weights": weights}, key=ADMIN)
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def stats(app):
-    return raw(app, "GET", "/admin/stats").json()
+    return raw(app, "GET", "/admin/stats", key=ADMIN).json()
 
 
 def test_routes_by_model_and_names_the_arm(client):
@@ -142,10 +146,11 @@ def test_metrics_counts_in_stats_and_prometheus(app, client):
                    if line.startswith("ray_distill_serve_requests_total{") and 'model="teacher"' in line
                    and 'route="direct"' in line and 'status="200"' in line)
 
+    answered = after["requests"] - after["errors"] - after["dropped"]
     deadline = time.time() + 60
-    while prometheus_teacher_ok() < after["requests"] - after["errors"] and time.time() < deadline:
+    while prometheus_teacher_ok() < answered and time.time() < deadline:
         time.sleep(2)
-    assert prometheus_teacher_ok() == after["requests"] - after["errors"]
+    assert prometheus_teacher_ok() == answered
 
 
 def test_feedback_is_attached_to_the_arm(app, client):
@@ -154,6 +159,8 @@ def test_feedback_is_attached_to_the_arm(app, client):
     assert r.status_code == 200 and r.json()["model"] == out.model
     missing = raw(app, "POST", "/v1/feedback", {"id": "chatcmpl-nope", "score": 1.0})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "response_not_found"
+    twice = raw(app, "POST", "/v1/feedback", {"id": out.id, "score": 0.0})
+    assert twice.status_code == 409 and twice.json()["error"]["code"] == "duplicate_feedback"
     deadline = time.time() + 10
     while stats(app)["arms"]["ab"][out.model]["feedback_count"] < 1 and time.time() < deadline:
         time.sleep(0.2)
@@ -262,7 +269,7 @@ def test_fuzz_1000_hostile_requests_all_4xx_then_healthy(app, client):
         results = list(pool.map(send, hostile_requests(1000)))
     bad = [(r, req) for r, req in zip(results, hostile_requests(1000)) if not (400 <= r[0] < 500 and r[1] and not r[2])]
     assert len(results) == 1000 and bad == []
-    assert raw(app, "GET", "/admin/ab").json()["weights"] == {"teacher": 0.5, "student": 0.5}
+    assert raw(app, "GET", "/admin/ab", key=ADMIN).json()["weights"] == {"teacher": 0.5, "student": 0.5}
     assert client.chat.completions.create(model="ab", messages=MSG, user="after-fuzz").choices[0].message.content
 
 
@@ -270,10 +277,124 @@ def test_ab_report_prints_and_saves(app, client, tmp_path, monkeypatch, capsys):
     from distill.cli import main
 
     client.chat.completions.create(model="ab", messages=MSG, user="report-user")
-    monkeypatch.setenv("DISTILL_API_KEY", KEY)
+    monkeypatch.setenv("DISTILL_ADMIN_KEY", ADMIN)
     assert main(["ab-report", "--url", app["url"], "--out", str(tmp_path)]) == 0
     assert "| teacher |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "ab_report.json").read_text())
     assert saved["arms"]["ab"] and (tmp_path / "ab_report.png").stat().st_size > 0
-    monkeypatch.delenv("DISTILL_API_KEY")
-    assert main(["ab-report", "--url", app["url"]]) == 1  # no key: a clear error, not a traceback
+    monkeypatch.setenv("DISTILL_ADMIN_KEY", KEY)  # the API key does not open admin routes
+    assert main(["ab-report", "--url", app["url"]]) == 1  # a clear error, not a traceback
+
+
+def test_admin_routes_need_the_admin_key(app):
+    for key in (KEY, None, "wrong"):
+        for method, path, body in (("PUT", "/admin/ab", {"weights": {"teacher": 1, "student": 0}}),
+                                   ("GET", "/admin/stats", None), ("GET", "/admin/prompts", None)):
+            assert raw(app, method, path, body, key=key).status_code == 401, (key, path)
+    assert raw(app, "GET", "/admin/stats", key=ADMIN).status_code == 200
+
+
+@pytest.mark.parametrize("weights", [{"teacher": "NaN", "student": 1}, {"teacher": "Infinity", "student": 1},
+                                     {"teacher": -1, "student": 1}])
+def test_non_finite_or_negative_weights_are_a_400(app, weights):
+    body = json.dumps({"weights": weights}).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+    r = raw(app, "PUT", "/admin/ab", key=ADMIN, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("weights")
+    assert raw(app, "GET", "/admin/ab", key=ADMIN).json()["weights"] == {"teacher": 0.5, "student": 0.5}
+
+
+def test_oversized_and_too_deep_bodies_are_refused_cleanly(app):
+    big = b'{"model": "teacher", "messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
+    r = raw(app, "POST", "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["message"].startswith("request body of")  # from Content-Length
+
+    def chunked():  # no Content-Length: the cap applies while reading
+        yield b'{"model": "teacher", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(app["url"] + "/v1/chat/completions", content=chunked(), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    deep = ("[" * 10_000 + "]" * 10_000).encode()
+    r = raw(app, "POST", "/v1/chat/completions", content=b'{"model": "teacher", "messages": ' + deep + b"}",
+            headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
+def test_a_dropped_stream_is_499_and_the_engine_stops(app):
+    from ray import serve as ray_serve
+
+    before = stats(app)["arms"]["direct"].get("slow", {}).get("dropped", 0)
+    with httpx.stream("POST", app["url"] + "/v1/chat/completions", timeout=30,
+                      json={"model": "slow", "messages": MSG, "max_tokens": 8, "stream": True},
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for line in r.iter_lines():
+            if '"content": "ok"' in line or '"content":"ok"' in line:
+                break  # the first token is here: hang up
+    engine = ray_serve.get_deployment_handle("model-slow", app_name="distill")
+    deadline = time.time() + 20
+    while time.time() < deadline and (engine.active_requests.remote().result() or
+                                      stats(app)["arms"]["direct"]["slow"]["dropped"] == before):
+        time.sleep(0.2)
+    assert engine.active_requests.remote().result() == 0  # aborted, not decoding on for nobody
+    assert stats(app)["arms"]["direct"]["slow"]["dropped"] == before + 1
+
+
+def test_logprobs_n_echo_json_and_usage_reach_the_client(client):
+    out = client.chat.completions.create(model="student", messages=MSG, n=3, logprobs=True, top_logprobs=2,
+                                         max_tokens=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.message.content.split()[0] for c in out.choices] == ["fine", "fine1", "fine2"]
+    lp = out.choices[0].logprobs.content
+    assert len(lp) == 3 and len(lp[0].top_logprobs) == 2 and lp[0].logprob < 0
+    echo = client.completions.create(model="teacher", prompt="a bb ccc", max_tokens=2, echo=True, logprobs=1)
+    choice = echo.choices[0]
+    assert choice.text.startswith("a bb ccc") and choice.logprobs.token_logprobs[0] is None
+    assert len(choice.logprobs.tokens) == 3 + 2  # the prompt's tokens, then the generated ones
+    as_json = client.chat.completions.create(model="student", messages=MSG, response_format={"type": "json_object"})
+    assert json.loads(as_json.choices[0].message.content) == {"answer": "fine"}
+    chunks = list(client.chat.completions.create(model="student", messages=MSG, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="student", messages=MSG,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def test_shadow_traffic_measures_agreement_off_the_response_path(app, client, tmp_path, monkeypatch):
+    from distill.config import load_config
+    from distill.stages import run_stage
+
+    set_weights(app, {"teacher": 0, "student": 1})
+    try:
+        def timed(model, user):
+            start = time.perf_counter()
+            client.chat.completions.create(model=model, messages=MSG, user=user, max_tokens=4)
+            return time.perf_counter() - start
+
+        shadowed = sorted(timed("ab", f"shadow-{i}") for i in range(30))
+        direct = sorted(timed("student", f"direct-{i}") for i in range(30))
+        teacher = sorted(timed("teacher", f"t-{i}") for i in range(10))
+    finally:
+        set_weights(app, {"teacher": 0.5, "student": 0.5})
+    # the student's answers do not wait for the teacher, which takes 10x longer per token
+    assert shadowed[15] < 0.5 * teacher[5] and shadowed[15] < direct[15] + 0.05
+    deadline = time.time() + 20
+    while stats(app)["arms"]["ab"]["student"]["agreement_n"] < 30 and time.time() < deadline:
+        time.sleep(0.2)
+    fig = stats(app)["arms"]["ab"]["student"]
+    assert fig["agreement_n"] >= 30 and fig["agreement"] == 0.0  # "fine ..." never says "ok"
+    assert fig["agreement_ci"] == [0.0, 0.0] and "student agrees with teacher on 0%" in stats(app)["verdicts"][0]
+    # the flywheel: recorded prompts come out as a prompt set that `prepare` reads
+    from distill.cli import main
+
+    out = tmp_path / "round2.jsonl"
+    monkeypatch.setenv("DISTILL_ADMIN_KEY", ADMIN)
+    assert main(["data", "from-serve", "--url", app["url"], "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and rows[0]["messages"] == MSG and rows[0]["teacher"].startswith("ok")
+    assert len(rows) == len({json.dumps(r["messages"]) for r in rows})  # one row per distinct request
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source.path={out}", "task.type=conversation"])
+    assert run_stage("prepare", cfg)["rows"] == len(rows)

@@ -3,6 +3,7 @@ no engine or replica process and no shared-memory file left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -28,14 +29,18 @@ def serving_processes() -> set[int]:
 
 
 def finished_run(tmp_path, teacher: str, student: str):
-    """A run directory whose train stage is done (the student is a tiny model copied in)."""
+    """A run directory whose stages up to train count as done under its config (the student is a
+    tiny model copied in; the markers say what the stages would have recorded)."""
     from distill.config import dump_config
     from distill.rundir import RunDir
+    from distill.stages import current_record
 
     cfg = tiny_config(tmp_path / "run", teacher)
     rd = RunDir(cfg)
     shutil.copytree(student, rd.student.path)
-    rd.mark_done("train", {"note": "student copied in by the test"})
+    for stage, output in (("prepare", "prompts"), ("generate", "teacher"), ("curate", "curated"), ("train", "student")):
+        record = current_record(stage, cfg, rd)
+        rd.write_marker(output, {**record, "content": record["key"], "stats": {"note": "made by the test"}})
     (tmp_path / "run" / "config.yaml").write_text(dump_config(cfg))
     return tmp_path / "run"
 
@@ -77,6 +82,7 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         overflow = httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "model": "teacher", "messages": [{"role": "user", "content": "word " * 400}]})
         assert overflow.status_code == 400 and overflow.json()["error"]["code"] == "context_length_exceeded"
+        check_openai_surface(client)
     finally:
         ray_serve.shutdown()
     deadline = time.time() + 60
@@ -84,3 +90,33 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         time.sleep(1)
     assert not left, f"processes left after shutdown: {left}"
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def check_openai_surface(client) -> None:
+    """logprobs, echo, n, JSON outputs and usage chunks from a real engine, via the openai client."""
+    msg = [{"role": "user", "content": "Review: great film. Sentiment?"}]
+    out = client.chat.completions.create(model="teacher", messages=msg, max_tokens=4, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    # greedy: the chosen token is the most likely one
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-3 for t in content)
+    many = client.chat.completions.create(model="student", messages=msg, max_tokens=3, n=3, temperature=1.0, seed=1)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2] and many.usage.completion_tokens == 9
+    echo = client.completions.create(model="teacher", prompt="The film was", max_tokens=2, echo=True, logprobs=2,
+                                     temperature=0)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith("The film was") and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == echo.usage.prompt_tokens + 2 and all(v is not None for v in lp.token_logprobs[1:])
+    schema = {"type": "object", "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}},
+              "required": ["label"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    text = client.chat.completions.create(model="teacher", messages=msg, max_tokens=40, temperature=0,
+                                          response_format=fmt).choices[0].message.content
+    assert json.loads(text)["label"] in ("positive", "negative")  # from a random tiny model: the grammar did it
+    loose = client.chat.completions.create(model="student", messages=msg, max_tokens=8, temperature=0,
+                                           response_format={"type": "json_object"}).choices[0].message.content
+    assert loose.lstrip().startswith("{")  # a JSON object begins (a random model may not close it in 8 tokens)
+    chunks = list(client.chat.completions.create(model="student", messages=msg, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].choices == []

@@ -58,7 +58,11 @@ def test_bad_weights_are_refused():
     ({"model": "t"}, "messages"),
     ({"model": "t", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "t", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, "max_tokens"),
-    ({"model": "t", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": "t", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"model": "t", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": "t", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+    ({"model": "t", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+     "response_format"),
     ({"model": "t", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"model": "t", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
     ({"model": "", "messages": [{"role": "user", "content": "x"}]}, "model"),
@@ -82,15 +86,65 @@ def test_chat_request_accepts_openai_extras_and_text_parts():
     assert req.messages[0].text() == "ab" and req.params()["max_tokens"] is None
 
 
+def test_requests_carry_logprobs_n_echo_and_structured_outputs_to_the_engine():
+    from serve.protocol import CompletionRequest
+
+    chat = ChatRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "x"}], "n": 3,
+                                       "logprobs": True, "top_logprobs": 4, "response_format": {"type": "json_object"},
+                                       "stream_options": {"include_usage": True}})
+    params = chat.params()
+    assert (params["n"], params["logprobs"], params["structured"]) == (3, 4, {"json_object": True})
+    assert chat.include_usage
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert ChatRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "x"}],
+                                       "response_format": fmt}).params()["structured"] == {"json": schema}
+    comp = CompletionRequest.model_validate({"model": "t", "prompt": "p", "logprobs": 2, "echo": True})
+    assert (comp.params()["logprobs"], comp.params()["prompt_logprobs"]) == (2, 2)
+    with pytest.raises(ValueError, match="echo"):
+        CompletionRequest.model_validate({"model": "t", "prompt": "p", "logprobs": 2, "echo": True, "stream": True})
+
+
+@pytest.mark.parametrize("weights", [{"teacher": float("nan"), "student": 1}, {"teacher": float("inf"), "student": 1},
+                                     {"teacher": -1, "student": 1}, {"teacher": 0, "student": 0}])
+def test_weights_must_be_finite_and_non_negative(weights):
+    from pydantic import ValidationError
+
+    from serve.protocol import WeightsUpdate
+
+    with pytest.raises(ValidationError):
+        WeightsUpdate.model_validate({"weights": weights})
+    with pytest.raises(ValueError):
+        pick_arm(weights, "u")
+    with pytest.raises(ConfigError, match="ab_weights"):
+        load_config(None, [f"serving.ab_weights={{teacher: {weights['teacher']}, student: {weights['student']}}}"
+                           .replace("nan", ".nan").replace("inf", ".inf")])
+
+
+def test_a_public_bind_without_a_key_is_refused(monkeypatch):
+    from serve.app import keys_from_env
+
+    monkeypatch.delenv("DISTILL_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="serving.allow_unauthenticated"):
+        keys_from_env(load_config(None, ["serving.host=0.0.0.0"]).serving)
+    assert keys_from_env(load_config(None, ["serving.host=0.0.0.0", "serving.allow_unauthenticated=true"]).serving)[0] is None
+    assert keys_from_env(load_config(None).serving) == (None, None)  # loopback
+    monkeypatch.setenv("DISTILL_API_KEY", "k")
+    assert keys_from_env(load_config(None, ["serving.host=0.0.0.0"]).serving)[0] == "k"
+
+
 def test_ledger_figures_feedback_and_weights():
     ledger = Ledger({"teacher": 1, "student": 1}, window=100)
     for i in range(10):
-        ledger.record("ab", "student", True, 0.1 * (i + 1), 0.01, 5, f"id-{i}")
-    ledger.record("ab", "student", False, 0.5, None, 0, None)
-    assert ledger.feedback("id-3", 1.0) == "student" and ledger.feedback("nope", 1.0) is None
+        ledger.record("ab", "student", 200, 0.1 * (i + 1), 0.01, 5, f"id-{i}")
+    ledger.record("ab", "student", 503, 0.5, None, 0, None)
+    ledger.record("ab", "student", 499, 0.2, None, 0, None)  # the client went away
+    assert ledger.feedback("id-3", 1.0) == ("ok", "student") and ledger.feedback("nope", 1.0) == ("unknown", None)
+    assert ledger.feedback("id-3", 0.0) == ("duplicate", "student")  # one score per response
     s = ledger.stats()["arms"]["ab"]["student"]
-    assert (s["requests"], s["errors"], s["output_tokens"], s["feedback_count"]) == (11, 1, 50, 1)
-    assert s["latency_p50_s"] == pytest.approx(0.55)
+    assert (s["requests"], s["errors"], s["dropped"], s["output_tokens"], s["feedback_count"]) == (12, 1, 1, 50, 1)
+    assert s["latency_p50_s"] == pytest.approx(0.55) and s["latency_p50_ci"][0] < 0.55 < s["latency_p50_ci"][1]
+    assert s["error_rate"] == pytest.approx(1 / 11, abs=1e-4)
     assert ledger.set_weights({"teacher": 0, "student": 1})["version"] == 2
     with pytest.raises(ValueError):
         ledger.set_weights({"teacher": 0, "student": 0})
@@ -111,3 +165,27 @@ def test_serving_config_rejects_weights_for_models_not_hosted():
         load_config(None, ["serving.models=[teacher]", "serving.ab_weights={teacher: 1, student: 1}"])
     with pytest.raises(ConfigError, match="min_replicas"):
         load_config(None, ["serving.replicas={student: {min_replicas: 3, max_replicas: 2}}"])
+
+
+def test_shadow_agreement_is_recorded_with_its_interval_and_verdict():
+    ledger = Ledger({"teacher": 1, "student": 1}, shadow_to="teacher")
+    for i in range(40):
+        ledger.record_shadow("student", 1.0 if i % 10 else 0.0, "ok",
+                             {"messages": [{"role": "user", "content": f"q{i}"}], "student": "a", "teacher": "b"})
+    ledger.record_shadow("student", None, "shed")
+    stats = ledger.stats()
+    fig = stats["arms"]["ab"]["student"]
+    assert (fig["agreement"], fig["agreement_n"], fig["shadow_shed"]) == (0.9, 40, 1)
+    assert fig["agreement_ci"][0] < 0.9 < fig["agreement_ci"][1]
+    assert stats["verdicts"][0].startswith("student agrees with teacher on 90% +/- ") and "of 40 shadowed" in stats["verdicts"][0]
+    page = ledger.prompts(since=35)
+    assert [r["index"] for r in page["prompts"]] == [35, 36, 37, 38, 39] and page["next"] == 40
+
+
+def test_shadow_agreement_uses_the_task_metric():
+    from serve.shadow import Shadow
+
+    shadow = Shadow({"fraction": 1.0, "to": "teacher", "max_in_flight": 2}, {"type": "nli", "labels": ["positive", "negative"]},
+                    record_prompts=False)
+    assert shadow.agreement("The review is positive.", "Positive") == 1.0
+    assert shadow.agreement("It is negative.", "The sentiment is positive.") == 0.0

@@ -112,6 +112,7 @@ def test_logit_kd_moves_the_student_toward_the_teacher(generated_run, tiny_model
 def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run, tiny_model, tmp_path, ray_cluster):
     from transformers import AutoTokenizer
 
+    from distill.rundir import RunDir
     from distill.train import resolve_method
     from distill.train_data import TokenizerMismatch
 
@@ -122,9 +123,9 @@ def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run
     cfg = _run(generated_run, tiny_model, tmp_path, method="logit")
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": str(other)})})
     with pytest.raises(TokenizerMismatch, match="training.method=sequence"):
-        resolve_method(cfg, str(other))
+        resolve_method(cfg, RunDir(cfg), str(other))
     fallback = cfg.model_copy(update={"training": cfg.training.model_copy(update={"allow_sequence_fallback": True})})
-    assert resolve_method(fallback, str(other)) == "sequence"
+    assert resolve_method(fallback, RunDir(fallback), str(other)) == "sequence"
     stats = run_stage("train", fallback)
     assert stats["method"] == "sequence" and (tmp_path / "run" / "student" / "config.json").exists()
 

@@ -7,13 +7,13 @@
 
 from distill.config.loading import (ConfigError, dump_config, format_validation_error, load_config,
                                     parse_overrides, read_yaml)
-from distill.config.models import (ActorPool, CurationConfig, DataConfig, DerivedStudent, EngineConfig,
+from distill.config.models import (ActorPool, CurationConfig, DataConfig, DerivedStudent, EndpointTeacher, EngineConfig,
                                    EvalSet, EvaluationConfig, GenerationConfig, KDLossConfig, LoraConfig,
                                    PrecomputedTeacher, PretrainedStudent, RayConfig, ReplicaConfig, RunConfig,
                                    SamplingConfig, ServingConfig, SplitConfig, SynthesisConfig, SynthSource, TaskConfig,
                                    TrainingConfig, VllmTeacher)
 
-__all__ = ["ActorPool", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EngineConfig",
+__all__ = ["ActorPool", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EndpointTeacher", "EngineConfig",
            "EvalSet", "EvaluationConfig", "GenerationConfig", "KDLossConfig", "LoraConfig",
            "PrecomputedTeacher", "PretrainedStudent", "RayConfig", "ReplicaConfig", "RunConfig",
            "SamplingConfig", "ServingConfig", "SplitConfig", "SynthesisConfig", "SynthSource", "TaskConfig", "TrainingConfig",

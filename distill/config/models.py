@@ -113,7 +113,49 @@ class PrecomputedTeacher(Strict):
     """The teacher model, for evaluation and serving (optional)."""
 
 
-Teacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[PrecomputedTeacher, Tag("precomputed")]],
+class Price(Strict):
+    input_per_1m: float = Field(0.0, ge=0.0)
+    """Price per million prompt tokens."""
+    output_per_1m: float = Field(0.0, ge=0.0)
+    """Price per million generated tokens."""
+
+
+class EndpointTeacher(Strict):
+    """The teacher behind any OpenAI-compatible endpoint (a provider's API, `vllm serve`, our own
+    `distill serve`): `generate` sends it the prompts with rate and concurrency limits that hold
+    for the whole job, retries, and resume."""
+
+    kind: Literal["endpoint"]
+    """endpoint: an OpenAI-compatible server."""
+    base_url: str
+    """The server's /v1 URL, e.g. https://api.example.com/v1 or http://127.0.0.1:8000/v1."""
+    model: str
+    """The model name the server expects."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the key (read on the workers; never stored)."""
+    max_concurrency: int = Field(32, ge=1)
+    """Requests in flight at once, whole job."""
+    requests_per_minute: float | None = Field(600.0, gt=0)
+    """Client-side request rate limit, whole job (null: none)."""
+    tokens_per_minute: float | None = Field(None, gt=0)
+    """Client-side token rate limit (prompt + max_tokens per request), whole job (null: none)."""
+    max_retries: int = Field(6, ge=0)
+    """Retries of a request after 429, 5xx, a timeout or a dropped connection (Retry-After is honoured)."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds before a request counts as timed out (and is retried)."""
+    price: Price = Price()
+    """For the cost table."""
+    tokenizer: str | None = None
+    """The endpoint model's tokenizer (a model folder or hub id). When it is the student's and
+    the server returns token ids (vLLM's does), rows carry token ids and top-k logprobs for
+    logit-level KD; otherwise rows are text-only (sequence-level KD)."""
+    path: str | None = None
+    """A local copy of the teacher model for evaluation and serving (optional; without it the
+    endpoint itself is evaluated)."""
+
+
+Teacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[PrecomputedTeacher, Tag("precomputed")],
+                          Annotated[EndpointTeacher, Tag("endpoint")]],
                     _kind_or("vllm")]
 
 
@@ -484,6 +526,18 @@ class ReplicaConfig(Strict):
         return _ordered(self, "min_replicas", "max_replicas")
 
 
+class ShadowConfig(Strict):
+    """Shadow traffic: a sample of the requests the student answers through `ab` is also sent to
+    the teacher, off the response path, and the two answers are compared with the task's metric."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of student-answered `ab` requests also sent to the teacher (0 = off)."""
+    to: HostedModel = "teacher"
+    """The model the shadow requests go to."""
+    max_in_flight: int = Field(4, ge=1)
+    """Shadow requests running at once; beyond it new ones are shed (counted), never queued."""
+
+
 class ServingConfig(Strict):
     """`distill serve`: the hosted models behind one OpenAI-compatible endpoint, and the `ab` alias
     that splits traffic between them by weight, sticky per user."""
@@ -499,7 +553,20 @@ class ServingConfig(Strict):
     user_header: str = "x-user-id"
     """Sticky key when the request has no `user`."""
     api_key_env: str = "DISTILL_API_KEY"
-    """Environment variable holding the API key (unset: no auth)."""
+    """Environment variable holding the API key every route needs (unset: no auth, loopback only)."""
+    admin_key_env: str = "DISTILL_ADMIN_KEY"
+    """Environment variable holding the key `/admin/*` needs (changing the split, stats, recorded
+    prompts); the API key does not open them. Unset: admin routes are open only on an
+    unauthenticated loopback server."""
+    allow_unauthenticated: bool = False
+    """Bind a non-loopback host without an API key (an open endpoint); refused otherwise."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body; checked from Content-Length before reading, and while reading."""
+    shadow: ShadowConfig = ShadowConfig()
+    """Shadow traffic to measure how often the student agrees with the teacher."""
+    record_prompts: bool = False
+    """Keep the shadowed prompts and both answers for `distill data from-serve` (stores user
+    prompts in the server's memory: off by default)."""
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none."""
     replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
@@ -513,6 +580,8 @@ class ServingConfig(Strict):
         if any(not math.isfinite(w) or w < 0 for w in self.ab_weights.values()) or sum(self.ab_weights.values()) <= 0:
             raise ValueError("ab_weights must be finite and >= 0 with a positive sum, "
                              "e.g. {teacher: 0.5, student: 0.5}")
+        if self.shadow.fraction > 0 and self.shadow.to not in self.models:
+            raise ValueError(f"shadow.to is {self.shadow.to!r}, which is not in serving.models {self.models}")
         return self
 
     def replica(self, model: str) -> ReplicaConfig:
