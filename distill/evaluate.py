@@ -186,11 +186,14 @@ def check_gate(cfg: RunConfig, stats: dict[str, Any]) -> None:
     if floor is None:
         return
     kept = stats["summary"].get("kept", {})
+    undefined = [s for s, k in kept.items() if k["value"] is None]
+    if undefined:
+        print(f"[evaluate] evaluation.min_kept_ratio cannot judge {', '.join(undefined)}: the teacher scores 0 there")
     short = {s: k for s, k in kept.items() if k["value"] is not None and k["value"] < floor}
     if short:
         table = "\n".join(f"  {s}: student keeps {k['value']:.1%} of the teacher's "
                           f"{stats['summary']['primary_metric']} (95% CI {k['ci'][0]:.1%}-{k['ci'][1]:.1%})"
-                          for s, k in kept.items())
+                          for s, k in kept.items() if k["value"] is not None)
         raise DistillationGateError(
             f"the distilled student keeps less than evaluation.min_kept_ratio={floor:.0%} of the teacher "
             f"on {', '.join(short)}:\n{table}\nSee the report ({cfg.run_dir}/eval/report.md); more or better "

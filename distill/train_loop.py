@@ -214,13 +214,13 @@ class DistillRecipe:
         if self.cfg.training.lora is not None:
             module = module.merge_and_unload()  # a plain model again: adapters folded into the weights
         zero3 = self.cfg.training.zero_stage == 3
-        if zero3:  # gathered from the shards, named as in the wrapper: strip its prefix
-            state = {k.removeprefix("lm."): v for k, v in self.engine._zero3_consolidated_16bit_state_dict().items()}
-        else:
-            state = module.state_dict()
+        # ZeRO-3 gathers the shards on rank 0 (every rank must take part); names carry the wrapper's prefix
+        state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else module.state_dict()
         export_dir = self.config["export_dir"]
         if self.rank != 0 or export_dir is None:
             return
+        if zero3:
+            state = {k.removeprefix("lm."): v for k, v in state.items()}
         state = {k: v.detach().to("cpu", self.export_dtype) if v.is_floating_point() else v
                  for k, v in tied_state_dict(module, state).items()}
         module.config.dtype = self.export_dtype

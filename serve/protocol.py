@@ -104,7 +104,7 @@ class SamplingFields(BaseModel):
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
-        if fmt.type == "json_object":
+        if fmt.type == "json_object":  # compact JSON: the engines are set up without free whitespace
             return {"json_object": True}
         return {"json": fmt.json_schema.schema_ or {"type": "object"}}
 

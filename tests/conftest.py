@@ -112,6 +112,14 @@ def generated_run(tmp_path_factory, tiny_model, ray_cluster):
     return run_dir, stats
 
 
+def with_overrides(cfg, *dotted: str):
+    """The config with dotted overrides applied (nested fields keep their siblings)."""
+    from distill.config import RunConfig
+    from distill.config.loading import _merge, parse_overrides
+
+    return RunConfig.model_validate(_merge(cfg.model_dump(mode="json"), parse_overrides(list(dotted))))
+
+
 def copy_run(src: Path, dst: Path, model: str, **sections):
     """A copy of a run directory and a config pointing at it."""
     import shutil

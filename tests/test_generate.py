@@ -104,17 +104,16 @@ def _listing(folder):
 
 
 def test_speed_knobs_redo_nothing_and_a_sampling_change_keeps_the_old_rows(generated_run, tiny_model, tmp_path):
-    from conftest import copy_run
+    from conftest import copy_run, with_overrides
 
     cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model)
     teacher = tmp_path / "run" / "teacher"
     before = _listing(teacher)
-    for knob in ({"teacher": {"pool": {"max": 3}}}, {"teacher": {"engine": {"max_num_seqs": 4}}},
-                 {"teacher": {"engine": {"gpu_memory_utilization": 0.5}}}, {"generation": {"batch_size": 1}},
-                 {"generation": {"rows_per_file": 1}}, {"data": {"on_bad_row": "skip"}}):
-        run_stage("generate", tiny_config(tmp_path / "run", tiny_model, **knob))
+    for knob in ("teacher.pool.max=3", "teacher.engine.max_num_seqs=4", "teacher.engine.gpu_memory_utilization=0.5",
+                 "generation.batch_size=1", "generation.rows_per_file=1", "data.on_bad_row=skip"):
+        run_stage("generate", with_overrides(cfg, knob))
         assert _listing(teacher) == before, knob
-    hot = tiny_config(tmp_path / "run", tiny_model, generation={"sampling": {"max_tokens": 8, "temperature": 0.7}})
+    hot = with_overrides(cfg, "generation.sampling.temperature=0.7")
     run_stage("generate", hot)
     kept = next((tmp_path / "run" / "_versions").glob("teacher-*"))
     assert [name for name, _ in _listing(kept)] == [name for name, _ in before]  # every old row kept

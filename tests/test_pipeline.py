@@ -51,10 +51,19 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster
     again = run(lenient)
     assert again["evaluate"]["finished_at"] == results["evaluate"]["finished_at"]
 
-    # a student that keeps less than evaluation.min_kept_ratio fails the run, with the figures
-    from distill.evaluate import DistillationGateError
+    # the gate: the tiny teacher never states a label (accuracy 0), so "% kept" is undefined and
+    # the gate cannot judge; it says so instead of failing (its failing case: test_stats_gate below)
+    gated = lenient.model_copy(update={"evaluation": lenient.evaluation.model_copy(update={"min_kept_ratio": 0.9})})
+    assert run(gated)["evaluate"]["finished_at"] == results["evaluate"]["finished_at"]  # a knob: nothing re-run
 
-    gated = lenient.model_copy(update={"evaluation": lenient.evaluation.model_copy(update={"min_kept_ratio": 50.0})})
-    with pytest.raises(DistillationGateError, match="keeps less than evaluation.min_kept_ratio") as e:
-        run(gated)
-    assert "test: student keeps" in str(e.value)
+
+def test_the_evaluation_gate_fails_a_student_that_keeps_too_little():
+    from distill.config import load_config
+    from distill.evaluate import DistillationGateError, check_gate
+
+    stats = {"summary": {"primary_metric": "accuracy", "kept": {
+        "test": {"value": 0.97, "ci": [0.93, 1.01]}, "shifted": {"value": 0.81, "ci": [0.72, 0.9]}}}}
+    check_gate(load_config(None, ["evaluation.min_kept_ratio=0.8"]), stats)  # passes
+    with pytest.raises(DistillationGateError, match=r"min_kept_ratio=95% of the teacher on shifted") as e:
+        check_gate(load_config(None, ["evaluation.min_kept_ratio=0.95"]), stats)
+    assert "shifted: student keeps 81.0% of the teacher's accuracy (95% CI 72.0%-90.0%)" in str(e.value)

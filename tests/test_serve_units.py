@@ -93,12 +93,12 @@ def test_requests_carry_logprobs_n_echo_and_structured_outputs_to_the_engine():
                                        "logprobs": True, "top_logprobs": 4, "response_format": {"type": "json_object"},
                                        "stream_options": {"include_usage": True}})
     params = chat.params()
-    assert (params["n"], params["logprobs"], params["structured"]) == (3, 4, {"json_object": True})
+    assert (params["n"], params["logprobs"], params["structured"]["json_object"]) == (3, 4, True)
     assert chat.include_usage
     schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     assert ChatRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "x"}],
-                                       "response_format": fmt}).params()["structured"] == {"json": schema}
+                                       "response_format": fmt}).params()["structured"]["json"] == schema
     comp = CompletionRequest.model_validate({"model": "t", "prompt": "p", "logprobs": 2, "echo": True})
     assert (comp.params()["logprobs"], comp.params()["prompt_logprobs"]) == (2, 2)
     with pytest.raises(ValueError, match="echo"):
