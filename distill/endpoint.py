@@ -233,11 +233,11 @@ def run_endpoint_pool(cfg, todo: pa.Table, out_uri: str, sampling, top_k: int) -
     """The endpoint counterpart of `teacher.run_pool`; returns the job's request counts."""
     import math
 
-    import pyarrow.compute as pc
     import ray
     import ray.data
 
     from distill.ray_utils import connect
+    from distill.teacher import follow_parts
 
     connect(cfg.ray)
     t, gen = cfg.teacher, cfg.generation
@@ -254,12 +254,7 @@ def run_endpoint_pool(cfg, todo: pa.Table, out_uri: str, sampling, top_k: int) -
                                    token_ids=endpoint_token_ids(cfg), logprob_dtype=gen.logprob_dtype,
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
                                    limiter=limiter))
-    total, written, start = len(todo) * sampling.n, 0, time.time()
-    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        written += pc.sum(summary["rows"]).as_py() or 0
-        rate = written / max(1e-9, time.time() - start)
-        eta = (total - written) / rate if rate else math.inf
-        print(f"[teacher] {written}/{total} responses from {t.base_url}, {rate:.1f} rows/s, ETA {eta:.0f}s", flush=True)
+    follow_parts(ds, len(todo) * sampling.n, f" from {t.base_url}")
     counts = ray.get(limiter.stats.remote())
     ray.kill(limiter)
     return counts

@@ -238,9 +238,14 @@ def run_pool(cfg: RunConfig, todo: pa.Table, out_uri: str, sampling: SamplingCon
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
         ),
     )
-    total, written, start = len(todo) * sampling.n, 0, time.time()
+    follow_parts(ds, len(todo) * sampling.n)
+
+
+def follow_parts(ds, total: int, source: str = "") -> None:
+    """Run a dataset whose workers write parts and return `PART_SUMMARY` rows; print progress."""
+    written, start = 0, time.time()
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         written += pc.sum(summary["rows"]).as_py() or 0
         rate = written / max(1e-9, time.time() - start)
         eta = (total - written) / rate if rate else math.inf
-        print(f"[teacher] {written}/{total} responses, {rate:.1f} rows/s, ETA {eta:.0f}s", flush=True)
+        print(f"[teacher] {written}/{total} responses{source}, {rate:.1f} rows/s, ETA {eta:.0f}s", flush=True)
