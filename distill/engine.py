@@ -108,28 +108,29 @@ def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None):
 
 
 def pack_topk(flat, sampled_ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """vLLM FlatLogprobs -> (topk_ids[T*k], topk_logprobs[T*k], sampled_logprobs[T]).
+    """vLLM FlatLogprobs -> (topk_ids[T*k], topk_logprobs[T*k], sampled_logprobs[T]), in numpy.
 
-    Per position vLLM lists the sampled token first, then ranks 1..k (the sampled token may
-    appear twice). We store ranks 1..k sorted by descending logprob, and the sampled token's
-    logprob separately.
-    """
+    Per position vLLM lists the sampled token first, then ranks 1..k (once only when the sampled
+    token is itself among them). Every entry of rank r <= k goes to column r-1, so each row comes
+    out sorted by descending logprob with no per-token Python loop; the sampled token's logprob
+    (the position's first entry) is kept separately."""
     T = len(sampled_ids)
     ids = np.zeros((T, k), dtype=np.int32)
     vals = np.full((T, k), -np.inf, dtype=np.float32)
-    sampled = np.zeros(T, dtype=np.float32)
-    for t in range(T):
-        start, end = flat.start_indices[t], flat.end_indices[t]
-        sampled[t] = flat.logprobs[start]
-        entries = [(flat.logprobs[i], flat.token_ids[i]) for i in range(start + 1, end)
-                   if flat.ranks[i] is not None and flat.ranks[i] <= k]
-        if len(entries) < k:  # the sampled token was within the top k and is listed once only
-            entries = sorted({(flat.logprobs[i], flat.token_ids[i]) for i in range(start, end)},
-                             reverse=True)
-        entries = sorted(entries, reverse=True)[:k]
-        for r, (lp, tid) in enumerate(entries):
-            ids[t, r], vals[t, r] = tid, lp
-    return ids.reshape(-1), vals.reshape(-1), sampled
+    if T == 0:
+        return ids.reshape(-1), vals.reshape(-1), np.zeros(0, np.float32)
+    starts = np.asarray(flat.start_indices[:T], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[:T], dtype=np.int64)
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+    token_ids = np.asarray(flat.token_ids, dtype=np.int32)
+    ranks = np.array([r if r is not None else k + 1 for r in flat.ranks], dtype=np.int64)
+    position = np.repeat(np.arange(T), ends - starts)
+    entries = np.arange(starts[0], ends[-1])  # positions are stored back to back
+    top = ranks[entries] <= k
+    rows, cols = position[top], ranks[entries][top] - 1
+    ids[rows, cols] = token_ids[entries][top]
+    vals[rows, cols] = logprobs[entries][top]
+    return ids.reshape(-1), vals.reshape(-1), logprobs[starts]
 
 
 def error_rows(row: dict[str, Any], error: str, n: int) -> list[dict[str, Any]]:

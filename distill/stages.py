@@ -269,7 +269,10 @@ def run_stage(name: str, cfg: RunConfig, force: bool = False, cfg_path: str | No
 def _run(stage: Stage, cfg: RunConfig, rd: RunDir, record: dict[str, Any]) -> dict[str, Any]:
     existing = rd.key_record(stage.output)
     old_version = existing and (existing.get("version") or existing.get("key") or "unversioned")
-    if existing and old_version != record["version"]:
+    stale = existing and any(existing.get("fields", {}).get(p, v) != v for p, v in record["fields"].items())
+    if existing and stale and old_version == record["version"]:  # same key, a default changed in code
+        old_version = f"{old_version}-{_digest(existing.get('fields'))[:6]}"
+    if existing and (old_version != record["version"] or stale):
         kept = rd.set_aside(stage.output, old_version)
         print(f"[{stage.name}] the config changed ({'; '.join(changes(existing, record))}); the earlier "
               f"output is kept in {kept.uri} (restored if you change back)")

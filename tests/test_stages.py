@@ -120,3 +120,19 @@ def test_curate_after_an_unfinished_generate_refuses(tmp_path):
     (teacher / "part-0.parquet").write_bytes(b"")
     with pytest.raises(StageNotReady, match="curate needs generate to finish first"):
         run_stage("curate", cfg)
+
+
+def test_a_default_changed_in_code_redoes_the_stage_and_keeps_the_old_output(tmp_path, monkeypatch):
+    _write(tmp_path)
+    cfg = _cfg(tmp_path, "data.split.test=0.2")  # the default, set explicitly: not part of the key
+    run_stage("prepare", cfg)
+    for name in ("_SUCCESS.json", "_KEY.json"):  # as if the default was 0.3 when the stage ran
+        written = tmp_path / "run" / "prompts" / name
+        record = json.loads(written.read_text())
+        record["fields"]["data.split.test"] = 0.3
+        written.write_text(json.dumps(record))
+    assert not is_done("prepare", cfg, RunDir(cfg))
+    run_stage("prepare", cfg)
+    kept = list((tmp_path / "run" / "_versions").iterdir())
+    assert len(kept) == 1 and json.loads((kept[0] / "_SUCCESS.json").read_text())["fields"]["data.split.test"] == 0.3
+    assert is_done("prepare", cfg, RunDir(cfg))
