@@ -94,14 +94,19 @@ def request_seed(row_id: str, seed: int) -> int:
 
 
 def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None):
+    """Per-request seeds make sampled outputs independent of batching and resumes, on GPUs.
+    vLLM 0.32's CPU backend fails on them ("CPU Generator does not use offset", as soon as one
+    request of a batch finishes before the others), so on the CPU sampling uses the engine's
+    seed and is reproducible only for the same batches."""
     from vllm import SamplingParams
 
+    seeded = row_id is not None and cfg.temperature > 0 and cuda_available()
     return SamplingParams(
         n=cfg.n,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         max_tokens=cfg.max_tokens,
-        seed=request_seed(row_id, cfg.seed) if row_id is not None and cfg.temperature > 0 else None,
+        seed=request_seed(row_id, cfg.seed) if seeded else None,
         logprobs=top_k if top_k > 0 else None,
         flat_logprobs=top_k > 0,
     )

@@ -35,6 +35,7 @@ class Delta:
 
 class Engine(Protocol):
     max_model_len: int
+    seeded_sampling: bool  # honours a request's `seed`
 
     def prompt_ids(self, messages: list[dict[str, str]] | None, prompt: str | None) -> list[int]: ...
 
@@ -57,6 +58,11 @@ class VllmEngine:
         cfg = EngineConfig(**engine)
         model = resolve_model(model)  # a model on object storage is fetched to this node
         self.max_model_len = cfg.max_model_len
+        # vLLM 0.32's CPU sampler fails on seeded requests whose prefill is chunked
+        # ("CPU Generator does not use offset"): seeds are honoured on GPUs only
+        from distill.engine import resolve_device
+
+        self.seeded_sampling = resolve_device(cfg) == "cuda"
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
         self.tokenizer = self.llm.tokenizer
 
@@ -116,6 +122,7 @@ class FakeEngine:
     def __init__(self, max_model_len: int = 128, delay_s: float = 0.0, reply: str = "ok"):
         self.max_model_len, self.delay_s, self.reply = max_model_len, delay_s, reply
         self.active = 0
+        self.seeded_sampling = True
 
     def prompt_ids(self, messages, prompt):
         text = " ".join(m["content"] for m in messages) if messages is not None else prompt

@@ -88,7 +88,9 @@ class Ingress:
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: dict[str, Any] | None = None, task: dict[str, Any] | None = None,
                  record_prompts: bool = False):
-        from ray.util.metrics import Counter, Histogram
+        # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
+        # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
+        from ray.serve.metrics import Counter, Histogram
 
         self.models, self.ledger = models, ledger
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
@@ -297,7 +299,10 @@ class Ingress:
     @api.get("/admin/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._admin(request)
-        return await self.ledger.stats.remote()
+        from ray import serve
+
+        stats = await self.ledger.stats.remote()
+        return {**stats, "ingress_replica": serve.get_replica_context().replica_tag}
 
     @api.get("/admin/prompts")
     async def prompts(self, request: Request, since: int = 0) -> dict[str, Any]:

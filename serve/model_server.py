@@ -33,6 +33,9 @@ class ModelServer:
             return _error(400, f"the prompt could not be tokenised ({type(e).__name__})", "messages")
         limit = self.engine.max_model_len
         params = dict(req["params"])
+        if params.get("seed") is not None and params.get("temperature", 1.0) > 0 and not self.engine.seeded_sampling:
+            return _error(400, "`seed` is not supported by this model's CPU engine (vLLM's CPU sampler cannot "
+                               "seed requests); drop it, or use temperature 0 for reproducible answers", "seed")
         room = limit - len(ids)
         if params.get("max_tokens") is None:
             params["max_tokens"] = min(self.default_max_tokens, max(room, 0))

@@ -140,11 +140,13 @@ def test_metrics_counts_in_stats_and_prometheus(app, client):
     assert after["output_tokens"] - before["output_tokens"] == tokens == 10
     assert after["latency_p50_s"] > 0 and after["ttft_p50_s"] > 0
 
+    replica = f'replica="{stats(app)["ingress_replica"]}"'  # other apps of this Ray session export the same metric
+
     def prometheus_teacher_ok():
         body = httpx.get(f"http://127.0.0.1:{app['metrics_port']}/metrics", timeout=10).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
                    if line.startswith("ray_distill_serve_requests_total{") and 'model="teacher"' in line
-                   and 'route="direct"' in line and 'status="200"' in line)
+                   and 'route="direct"' in line and 'status="200"' in line and replica in line)
 
     answered = after["requests"] - after["errors"] - after["dropped"]
     deadline = time.time() + 60

@@ -101,8 +101,10 @@ def check_openai_surface(client) -> None:
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
     # greedy: the chosen token is the most likely one
     assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-3 for t in content)
-    many = client.chat.completions.create(model="student", messages=msg, max_tokens=3, n=3, temperature=1.0, seed=1)
+    many = client.chat.completions.create(model="student", messages=msg, max_tokens=3, n=3, temperature=1.0)
     assert sorted(c.index for c in many.choices) == [0, 1, 2] and many.usage.completion_tokens == 9
+    with pytest.raises(openai.BadRequestError, match="seed"):  # a CPU engine cannot honour it: refused, not dropped
+        client.chat.completions.create(model="student", messages=msg, max_tokens=3, temperature=1.0, seed=1)
     echo = client.completions.create(model="teacher", prompt="The film was", max_tokens=2, echo=True, logprobs=2,
                                      temperature=0)
     lp = echo.choices[0].logprobs
