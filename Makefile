@@ -32,7 +32,7 @@ serve: setup
 	$(VENV)/bin/distill serve runs/default
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -ra tests
+	$(VENV)/bin/python -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not integration" tests

@@ -28,11 +28,17 @@ def _history(run_dir):
     return json.loads((run_dir / "train_history.json").read_text())
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ray_cluster, zero):
-    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=zero)
-    stats = run_stage("train", cfg)
-    history = _history(tmp_path / "run")
+@pytest.fixture(scope="module")
+def clean_zero2_run(generated_run, tiny_model, tmp_path_factory, ray_cluster):
+    """One clean ZeRO-2 training, shared: its export is checked, and it is the reference the
+    crashed-and-resumed runs must land on (max_failures is a knob: it does not change the run)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    cfg = _run(generated_run, tiny_model, tmp, zero_stage=2, max_failures=1)
+    return tmp / "run", run_stage("train", cfg)
+
+
+def _check_training_and_export(run_dir, stats):
+    history = _history(run_dir)
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] * 0.8, losses
     vals = [h["val_loss"] for h in history if "val_loss" in h]
@@ -40,7 +46,7 @@ def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ra
     assert stats["final_loss"] == losses[-1]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    student = tmp_path / "run" / "student"
+    student = run_dir / "student"
     model = AutoModelForCausalLM.from_pretrained(student)
     tok = AutoTokenizer.from_pretrained(student)
     assert tok.chat_template and model.config.num_hidden_layers == 2
@@ -52,6 +58,15 @@ def test_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ra
     with safe_open(str(student / "model.safetensors"), "pt") as st:
         assert "lm_head.weight" not in st.keys() and "model.embed_tokens.weight" in st.keys()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_zero2_loss_falls_and_the_export_loads(clean_zero2_run):
+    _check_training_and_export(*clean_zero2_run)
+
+
+def test_zero3_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ray_cluster):
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=3)
+    _check_training_and_export(tmp_path / "run", run_stage("train", cfg))
 
 
 def test_one_seed_trains_the_same_student_twice(generated_run, tiny_model, tmp_path, ray_cluster):
@@ -71,14 +86,13 @@ def test_one_seed_trains_the_same_student_twice(generated_run, tiny_model, tmp_p
     assert not torch.equal(students[0]["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, ray_cluster, monkeypatch):
-    reference = _run(generated_run, tiny_model, tmp_path / "a", zero_stage=2, max_failures=1)
-    run_stage("train", reference)
+def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, clean_zero2_run,
+                                                    monkeypatch):
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
     crashed = _run(generated_run, tiny_model, tmp_path / "b", zero_stage=2, max_failures=1)
     run_stage("train", crashed)
     assert (tmp_path / "b" / "run" / "checkpoints" / ".failed-once").exists()
-    clean, resumed = _history(tmp_path / "a" / "run"), _history(tmp_path / "b" / "run")
+    clean, resumed = _history(clean_zero2_run[0]), _history(tmp_path / "b" / "run")
     steps = [h["step"] for h in resumed if "loss" in h]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # the step counter continued
     last = lambda h: [x["loss"] for x in h if "loss" in x][-1]  # noqa: E731
