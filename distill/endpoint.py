@@ -160,7 +160,7 @@ class EndpointWorker:
         import httpx
 
         self.cfg, self.sampling, self.top_k, self.token_ids = teacher, sampling, top_k, token_ids
-        self.schema = S.teacher_schema(logprob_dtype)
+        self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part, self.limiter = out_uri, prompts_per_part, limiter
         headers = {}
         if teacher.get("api_key_env"):
@@ -205,10 +205,10 @@ class EndpointWorker:
         return error_rows(row, error, self.sampling["n"])
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        from distill.teacher import PART_SUMMARY, rows_to_table, write_prompt_parts
+        from distill.teacher import PART_SUMMARY, teacher_table, write_prompt_parts
 
         per_prompt = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
-        table = rows_to_table([r for rows in per_prompt for r in rows], self.schema)
+        table = teacher_table([r for rows in per_prompt for r in rows], self.logprob_dtype)
         written = write_prompt_parts(table, self.out_uri, self.prompts_per_part)
         return pa.Table.from_pylist([dict(zip(PART_SUMMARY.names, w)) for w in written], schema=PART_SUMMARY)
 

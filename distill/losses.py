@@ -38,7 +38,7 @@ def _partition_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     s_logp = F.log_softmax(student_logits.float(), dim=-1)
     s_top = s_logp.gather(-1, topk_ids.long())  # [B, T, K]
     s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - _EPS)).unsqueeze(-1)
-    t_top = topk_logprobs.float()
+    t_top = topk_logprobs.float().clamp(min=-1e4)  # -inf (a top-k padded by the teacher) -> probability 0, no NaN
     t_tail = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - _EPS)).unsqueeze(-1)
     student = torch.cat([s_top, s_tail], -1)
     teacher = torch.cat([t_top, t_tail], -1)

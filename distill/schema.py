@@ -6,7 +6,8 @@ curated/  one row per kept sample (curate -> train)
 
 Token-level teacher signal is stored flat and compact: for a response of T tokens and top-k
 width K, `topk_ids` is int32[T*K] and `topk_logprobs` float16[T*K] (row-major: position, then
-rank 1..K, sorted by descending logprob). Flat lists keep `iter_torch_batches` and Arrow happy
+rank 1..K, sorted by descending logprob); with `generation.logprob_dtype: q8` the ids are sorted
+by id and delta-coded and the logprobs are uint8 codes (`distill/topk_codec.py`). Flat lists keep `iter_torch_batches` and Arrow happy
 (ragged nested lists do not convert), and zstd compresses them well.
 """
 
@@ -53,7 +54,8 @@ PROMPT_SCHEMA = pa.schema(
 
 
 def teacher_schema(logprob_dtype: str = "float16") -> pa.Schema:
-    value = pa.float16() if logprob_dtype == "float16" else pa.float32()
+    """`q8`: uint8 codes and id-sorted id deltas (distill.topk_codec)."""
+    value = {"float16": pa.float16(), "float32": pa.float32(), "q8": pa.uint8()}[logprob_dtype]
     return pa.schema(
         list(PROMPT_SCHEMA)
         + [

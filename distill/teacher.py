@@ -41,6 +41,15 @@ from distill.storage import locate
 PART_SUMMARY = pa.schema([("part", pa.string()), ("rows", pa.int64()), ("output_tokens", pa.int64())])
 
 
+def teacher_table(rows: list[dict[str, Any]], logprob_dtype: str) -> pa.Table:
+    """Teacher rows -> the stored table: float top-k, or compact codes (`distill.topk_codec`)."""
+    if logprob_dtype == "q8":
+        from distill.topk_codec import compact_table
+
+        return compact_table(rows_to_table(rows, S.teacher_schema("float32")))
+    return rows_to_table(rows, S.teacher_schema(logprob_dtype))
+
+
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows -> Arrow, building the numeric list columns from flat numpy buffers (fast, and the
     only way to get float16 lists: Arrow will not convert Python floats to float16)."""
@@ -86,7 +95,7 @@ class TeacherWorker:
         self.engine = EngineConfig(**engine)
         self.sampling = SamplingConfig(**sampling)
         self.top_k = top_k
-        self.schema = S.teacher_schema(logprob_dtype)
+        self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part = out_uri, prompts_per_part
         self.llm = make_llm(resolve_model(model), self.engine)
 
@@ -94,7 +103,7 @@ class TeacherWorker:
         from distill.engine import generate_rows
 
         rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine.max_model_len)
-        table = rows_to_table(rows, self.schema)
+        table = teacher_table(rows, self.logprob_dtype)
         written = write_prompt_parts(table, self.out_uri, self.prompts_per_part)
         return pa.Table.from_pylist([dict(zip(PART_SUMMARY.names, w)) for w in written], schema=PART_SUMMARY)
 

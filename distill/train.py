@@ -72,10 +72,11 @@ def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: 
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model
+    from distill.topk_codec import expanded_table
     from distill.train_data import gold_rows, tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    source = rd.prompts.read_table() if gold else rd.curated.read_table()
+    source = rd.prompts.read_table() if gold else expanded_table(rd.curated.read_table())
     same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
     out = {}
     for split in S.TRAINED_SPLITS:

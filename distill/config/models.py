@@ -273,8 +273,10 @@ class GenerationConfig(Strict):
     """How the teacher samples."""
     top_k_logprobs: int = Field(5, ge=0, le=20)
     """Teacher logprobs stored per output token (for logit-level KD); 0 = text only."""
-    logprob_dtype: Literal["float16", "float32"] = "float16"
-    """Storage type of the stored logprobs."""
+    logprob_dtype: Literal["float16", "float32", "q8"] = "float16"
+    """Storage of the teacher's top-k: float16, float32, or q8 (ids delta-coded, logprobs as
+    8-bit codes within 1/16 nat; about half the bytes of float16 at top-20, see
+    distill/topk_codec.py)."""
     batch_size: int = Field(128, ge=1)
     """Prompts per block sent to one teacher actor."""
     rows_per_file: int = Field(1024, ge=1)
