@@ -102,6 +102,7 @@ def _recipe_worker(config: dict) -> None:
 
 
 def ray_deepspeed(path: str, raw_batches: list[list[dict]], overrides: list[str]) -> dict:
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -113,8 +114,10 @@ def ray_deepspeed(path: str, raw_batches: list[list[dict]], overrides: list[str]
     config = {"cfg": cfg.model_dump(mode="json"), "student_path": path, "method": "sequence",
               "ds_config": deepspeed_config(cfg, len(raw_batches)), "steps_per_epoch": len(raw_batches),
               "has_validation": False, "batches": raw_batches, "out": out}
+    examples = [e for batch in raw_batches for e in batch]  # the recipe asks for its shard at setup
     trainer = TorchTrainer(_recipe_worker, train_loop_config=config, scaling_config=ray.train.ScalingConfig(
-        num_workers=1, resources_per_worker={"CPU": cfg.training.cpus_per_worker}))
+        num_workers=1, resources_per_worker={"CPU": cfg.training.cpus_per_worker}),
+        datasets={"train": ray.data.from_items(examples)})
     trainer.fit()
     with open(out) as f:
         return json.load(f)
