@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from distill.config import RunConfig
@@ -247,14 +248,28 @@ def force_list(force: bool | str | list[str] | None, stages: tuple[str, ...]) ->
     return set(names)
 
 
+def remove_outputs(stage: Stage, rd: RunDir, key: str) -> None:
+    """What `--force` deletes: the stage's outputs, and every folder named `<extra>{key}*` (Ray
+    Train's run folders add the worker layout after the key, `train-<key>-w1z2`: a forced
+    training must not resume from them)."""
+    for folder in (stage.output, *stage.extra_outputs):
+        rd.root.join(folder.format(key=key)).remove()
+        if "{key}" in folder:
+            parent, _, name = folder.format(key=key).rpartition("/")
+            base = rd.root.join(parent) if parent else rd.root
+            if base.exists():
+                for info in base.fs.get_file_info(pafs.FileSelector(base.path, recursive=False)):
+                    if info.base_name.startswith(name):
+                        base.join(info.base_name).remove()
+
+
 def run_stage(name: str, cfg: RunConfig, force: bool = False, cfg_path: str | None = None) -> dict[str, Any]:
     """Run one stage if its output is not up to date; return its stats."""
     stage, rd = STAGES[name], RunDir(cfg)
     with rd.lock(f"distill {name}"):
         record = current_record(name, cfg, rd, cfg_path)
         if force:
-            for folder in (stage.output, *stage.extra_outputs):
-                rd.root.join(folder.format(key=record["key"])).remove()
+            remove_outputs(stage, rd, record["key"])
         marker = rd.marker(stage.output)
         if marker and is_done(name, cfg, rd, marker):
             print(f"[{name}] up to date (key {record['key']}): {rd.root.join(stage.output).uri}")

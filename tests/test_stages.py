@@ -136,3 +136,18 @@ def test_a_default_changed_in_code_redoes_the_stage_and_keeps_the_old_output(tmp
     kept = list((tmp_path / "run" / "_versions").iterdir())
     assert len(kept) == 1 and json.loads((kept[0] / "_SUCCESS.json").read_text())["fields"]["data.split.test"] == 0.3
     assert is_done("prepare", cfg, RunDir(cfg))
+
+
+def test_force_removes_the_training_run_folders_whatever_their_layout_suffix(tmp_path):
+    """`--force train` must start over, not resume from Ray Train's `train-<key>-w1z2` folder."""
+    from distill.stages import remove_outputs
+
+    cfg = _cfg(tmp_path)
+    run = tmp_path / "run"
+    for folder in ("student", "checkpoints/train-abc-w1z2", "checkpoints/train-abc-w2z3", "checkpoints/train-old-w1z2",
+                   "checkpoints/gold-abc-w1z2"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "x").write_text("x")
+    remove_outputs(STAGES["train"], RunDir(cfg), "abc")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["train-old-w1z2"]  # another key's run stays
+    assert not (run / "student").exists()
