@@ -76,14 +76,6 @@ def decode(deltas: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, n
     return ids.reshape(-1), lp.reshape(-1)
 
 
-def compact_schema(schema: pa.Schema) -> pa.Schema:
-    """The teacher schema with the top-k logprobs (and sampled logprobs) as uint8 codes."""
-    out = schema
-    for name in (S.TOPK_LOGPROBS, S.SAMPLED_LOGPROBS):
-        out = out.set(out.get_field_index(name), pa.field(name, pa.list_(pa.uint8())))
-    return out
-
-
 def is_compact(schema: pa.Schema) -> bool:
     return (S.TOPK_LOGPROBS in schema.names
             and schema.field(S.TOPK_LOGPROBS).type == pa.list_(pa.uint8()))
@@ -115,7 +107,7 @@ def compact_table(table: pa.Table) -> pa.Table:
     lp_off, lps = _flat(table[S.TOPK_LOGPROBS])
     s_off, sampled = _flat(table[S.SAMPLED_LOGPROBS])
     deltas, codes = encode(ids, lps, k)
-    schema = compact_schema(table.schema)
+    schema = S.teacher_schema("q8")  # the same columns with uint8 logprob codes
     table = table.set_column(table.schema.get_field_index(S.TOPK_IDS), schema.field(S.TOPK_IDS),
                              _list(id_off, deltas if k else ids.astype(np.int32), pa.int32()))
     table = table.set_column(table.schema.get_field_index(S.TOPK_LOGPROBS), schema.field(S.TOPK_LOGPROBS),

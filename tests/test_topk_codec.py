@@ -11,7 +11,7 @@ import torch
 
 from distill import schema as S
 from distill.losses import topk_kd
-from distill.teacher import rows_to_table, teacher_table
+from distill.teacher import teacher_table
 from distill.topk_codec import STEP, decode, encode, expanded_table
 
 K, VOCAB = 20, 500
@@ -114,7 +114,3 @@ def test_training_on_the_compact_form_lands_within_two_percent_of_float16():
     assert final["float16"] < 0.5 * start  # it learned
     assert final["q8"] == pytest.approx(final["float16"], rel=0.02)
 
-
-def test_rows_to_table_is_unchanged_for_float_schemas():
-    table = rows_to_table([], S.teacher_schema("float16"))
-    assert len(table) == 0 and table.schema == S.teacher_schema()
