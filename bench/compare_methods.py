@@ -10,10 +10,14 @@ directory, so the only difference between rows is the training method:
   logit      training.method=logit, kd_weight=1 (the teacher's stored top-k only)
   mix        training.method=logit, kd_weight=0.5 (top-k KD + cross-entropy, the default)
   gold       the same student fine-tuned on the gold references alone (no teacher)
+  on_policy  mix's epochs, then on-policy distillation: the student samples on the train prompts,
+             the teacher scores every token it wrote, reverse KL on its top-k (training.on_policy)
 
 Prints a markdown table: the primary metric per evaluation set with its 95% bootstrap interval,
-and the share of the teacher's score each student keeps. One training seed per variant: the
-intervals cover the evaluation prompts, not training randomness.
+the share of the teacher's score each student keeps, and the teacher tokens each variant cost
+(generated: decoded for the stored outputs; scored: read, prefill only, for on-policy rollouts).
+One training seed per variant: the intervals cover the evaluation prompts, not training
+randomness. Results are merged into `--out` by variant, so variants can be run one at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ VARIANTS = {
     "logit": ["training.method=logit", "training.kd.kd_weight=1.0"],
     "mix": ["training.method=logit", "training.kd.kd_weight=0.5"],
     "gold": ["training.method=sequence", "training.gold_control=true"],
+    "on_policy": ["training.method=on_policy", "training.kd.kd_weight=0.5"],
 }
 
 
@@ -48,7 +53,8 @@ def main() -> None:
     base = load_config(args.config, [f"run_dir={root / 'base'}", *common])
     for stage in ("prepare", "generate"):
         run_stage(stage, base, cfg_path=args.config)
-    results = {}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.only.split(","):
         run_dir = root / name
         if not (run_dir / "teacher").exists():  # share prompts and teacher rows, with their markers
@@ -69,10 +75,20 @@ def main() -> None:
                          "teacher": fig["models"]["teacher"]["metrics"][report["summary"]["primary_metric"]]}
                      for s, fig in report["sets"].items()},
             "train_s": stats_of(run_dir, "student"),
+            "teacher_tokens": teacher_tokens(run_dir),
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+
+
+def teacher_tokens(run_dir: Path) -> dict[str, int]:
+    """Teacher tokens a variant cost: decoded (output) and prefilled (prompts) for the stored
+    outputs, and prefilled for on-policy scoring (prompt + rollout, once per rollout)."""
+    generated = json.loads((run_dir / "teacher" / "_SUCCESS.json").read_text())["stats"]
+    trained = json.loads((run_dir / "student" / "_SUCCESS.json").read_text())["stats"]
+    return {"decoded": generated["output_tokens"], "prefilled": generated["prompt_tokens"],
+            "scored_on_policy": (trained.get("on_policy") or {}).get("teacher_scored_tokens", 0)}
 
 
 def stats_of(run_dir: Path, output: str) -> float:
@@ -82,16 +98,20 @@ def stats_of(run_dir: Path, output: str) -> float:
 
 def table(results: dict) -> str:
     sets = list(next(iter(results.values()))["sets"])
-    lines = ["| method | " + " | ".join(f"{s} (kept)" for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    lines = ["| method | " + " | ".join(f"{s} (kept)" for s in sets) + " | teacher tokens |",
+             "|---" * (len(sets) + 2) + "|"]
     teacher = {s: next(iter(results.values()))["sets"][s]["teacher"] for s in sets}
-    lines.append("| teacher | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " |")
+    lines.append("| teacher | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " | |")
     for name, r in results.items():
         cells = []
         for s in sets:
             f = r["sets"][s]
             kept = f" ({100 * f['kept']['value']:.0f}%)" if f["kept"] and f["kept"]["value"] is not None else ""
             cells.append(f"{f['student']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{kept}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        spent = r.get("teacher_tokens")
+        budget = (f"{spent['decoded']:,} decoded + {spent['prefilled'] + spent['scored_on_policy']:,} read"
+                  if spent else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {budget} |")
     return "\n".join(lines)
 
 

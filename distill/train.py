@@ -25,6 +25,7 @@ from distill import schema as S
 from distill.config import RunConfig
 from distill.hardware import fast_dtype
 from distill.rundir import RunDir
+from distill.storage import locate
 
 FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
 
@@ -33,8 +34,10 @@ FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises onc
 
 
 def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
-    """'logit' or 'sequence'. Logit-level KD needs the teacher's tokenizer and top-k on every
-    curated row; refuse otherwise, naming the fall-back, unless it is allowed."""
+    """'logit' or 'sequence' for the curated rows. Logit-level KD needs the teacher's tokenizer and
+    top-k on every curated row; refuse otherwise, naming the fall-back, unless it is allowed.
+    On-policy distillation trains its epochs like logit KD and has no fall-back: the teacher
+    scores the student's tokens in its own ids."""
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
@@ -59,6 +62,9 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
                "and top-k), so logit-level KD cannot use them; " if text_only else
                "the student's tokenizer differs from the teacher's, so the teacher's top-k logprobs do not "
                "apply (logit-level KD); ") + fallback
+    if cfg.training.method == "on_policy":
+        raise TokenizerMismatch(message.removesuffix(fallback) + "training.method=on_policy needs the teacher's "
+                                "tokenizer and top-k (there is no fall-back): use training.method=sequence")
     if not cfg.training.allow_sequence_fallback:
         raise TokenizerMismatch(message)
     print(f"[train] warning: {message}; falling back to sequence-level KD")
@@ -146,7 +152,7 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
     stats = _fit(cfg, rd, base, method, _examples(cfg, rd, base, method), f"train-{key}", rd.student,
-                 rd.root.join("train_history.json"))
+                 rd.root.join("train_history.json"), on_policy=cfg.training.method == "on_policy")
     if cfg.training.gold_control:
         print("[train] gold control: the same student on the gold references alone (no teacher)")
         gold = _fit(cfg, rd, base, "sequence", _examples(cfg, rd, base, "sequence", gold=True), f"gold-{key}",
@@ -155,8 +161,33 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     return stats
 
 
+def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str) -> list[dict[str, Any]]:
+    """The train split's prompts as the student's prompt ids: what on-policy rollouts start from."""
+    import pyarrow.compute as pc
+    from transformers import AutoTokenizer
+
+    from distill.chat import prompt_token_ids
+    from distill.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
+    prompts = rd.prompts.read_table(columns=[S.ID, S.SPLIT, S.MESSAGES])
+    rows = prompts.filter(pc.equal(prompts[S.SPLIT], "train")).to_pylist()
+    t = cfg.training
+    # prompt + rollout must fit both engines; a prompt that fills max_seq_len leaves nothing to learn
+    limit = min(cfg.student.engine.max_model_len, cfg.teacher.engine.max_model_len) - t.on_policy.max_new_tokens
+    prompts = [{"id": r[S.ID], "prompt_ids": prompt_token_ids(tokenizer, r[S.MESSAGES])} for r in rows]
+    fits = [p for p in prompts if len(p["prompt_ids"]) <= limit and len(p["prompt_ids"]) < t.max_seq_len]
+    if len(fits) < len(prompts):
+        print(f"[train] on-policy: {len(prompts) - len(fits)} of {len(prompts)} train prompts are too long for "
+              f"max_model_len - on_policy.max_new_tokens ({limit}) or training.max_seq_len ({t.max_seq_len}): skipped")
+    if not fits:
+        raise ValueError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
+                         "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
+    return fits
+
+
 def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run_name: str, export,
-         history) -> dict[str, Any]:
+         history, on_policy: bool = False) -> dict[str, Any]:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -166,7 +197,7 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
     t = cfg.training
     rows_per_worker = len(examples["train"]) // t.workers
     steps_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size) // t.gradient_accumulation)
-    total_steps = steps_per_epoch * t.epochs
+    total_steps = steps_per_epoch * t.epochs + (t.on_policy.steps if on_policy else 0)
     connect(cfg.ray)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same batches
     datasets = {"train": ray.data.from_items(examples["train"])}
@@ -184,6 +215,16 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
         "has_validation": "validation" in datasets, "history_uri": history.uri,
         "fail_at_step": int(os.environ.get(FAIL_ENV, "0")), "fail_marker": f"{rd.checkpoints.path}/.failed-once",
     }
+    if on_policy:
+        from distill.on_policy_actors import start_actors
+
+        if t.on_policy.sync_via == "file" and not rd.root.is_local:
+            raise ValueError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
+                             "file the trainer writes); use sync_via=object_store")
+        datasets["prompts"] = ray.data.from_items(_policy_prompts(cfg, rd, base))
+        loop_config["sampler"], loop_config["scorer"] = start_actors(cfg, base)
+        loop_config["rollouts_uri"] = rd.root.join(f"rollouts/{run_name}").uri
+        loop_config["weights_dir"] = rd.root.join(f"rollouts/{run_name}-weights").path
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -196,13 +237,20 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
         # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "prompts"] if on_policy else ["train"]),
     )
     print(f"[train] {method}-level KD: {len(examples['train'])} examples, {t.epochs} epochs, "
-          f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
+          + (f"then {t.on_policy.steps} on-policy steps ({t.on_policy.divergence} on the student's rollouts), "
+             if on_policy else "")
+          + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
           + (", embeddings frozen" if t.freeze_embeddings else ""))
     start = time.time()
     trainer.fit()
+    if on_policy:
+        import ray
+
+        for actor in (loop_config["sampler"], loop_config["scorer"]):
+            ray.kill(actor)
     losses = [h for h in history.read_json() if "loss" in h]
     vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
     workers = t.workers * (1 if t.use_gpu else 0)
@@ -211,8 +259,22 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
                  final_loss=losses[-1]["loss"] if losses else None,
                  val_loss=vals[-1] if vals else None, student_base=base, student=export.uri,
                  accelerator_s=round((time.time() - start) * workers, 1))
+    if on_policy:
+        stats["on_policy"] = rollout_budget(locate(loop_config["rollouts_uri"]))
     print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {export.uri}")
     return stats
+
+
+def rollout_budget(rollouts) -> dict[str, Any]:
+    """What on-policy training cost the teacher, from the rollouts written to the run directory:
+    tokens it read (prompt + rollout, prefill only) and tokens the student wrote."""
+    import pyarrow.compute as pc
+
+    table = rollouts.read_table(columns=["weights_version", "prompt_tokens", "token_ids"])
+    written = int(pc.sum(pc.list_value_length(table["token_ids"])).as_py() or 0)
+    return {"rollouts": len(table), "rollout_tokens": written,
+            "teacher_scored_tokens": written + int(pc.sum(table["prompt_tokens"]).as_py() or 0),
+            "weight_versions": len(set(table["weights_version"].to_pylist()))}
 
 
 # ----------------------------------------------------------------------------- worker

@@ -103,34 +103,36 @@ class DistillRecipe:
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
             config=self.config["ds_config"])
-        self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": []}
+        self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": [],
+                                      "on_policy_step": 0}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
                 _, client = self.engine.load_checkpoint(d, tag="ds")
-                self.state.update({k: client[k] for k in self.state})
+                self.state.update({k: client.get(k, v) for k, v in self.state.items()})
             self._log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if self.config["has_validation"] else None
 
     # ------------------------------------------------------------------------- loss step
-    def loss_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float], int]:
+    def loss_step(self, batch: Batch, kd: dict | None = None) -> tuple[torch.Tensor, dict[str, float], int]:
+        """The loss of one micro-batch; `kd` overrides `training.kd` (on-policy steps use their own)."""
         device = self.engine.device
         labels = batch.labels[:, 1:].to(device)
         positions = labels != IGNORE
         logits = self.engine(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                              positions=positions)
         labels = labels[positions].unsqueeze(0)  # [1, N], like the logits
-        kd = self.cfg.training.kd
+        kd = kd or self.cfg.training.kd.model_dump()
         ids = vals = mask = None
         if batch.teacher is not None:
             teacher = batch.teacher.shifted().to(device)
             mask = teacher.defined()[positions].unsqueeze(0)
             ids = teacher.ids[positions].unsqueeze(0)
             vals = torch.nan_to_num(teacher.logprobs[positions], nan=-30.0).unsqueeze(0)  # masked: any finite value
-        loss, parts = distill_loss(logits, labels, ids, vals, kd.kd_weight if ids is not None else 0.0,
-                                   kd_mask=mask, divergence=kd.divergence, beta=kd.beta,
-                                   temperature=kd.temperature)
+        loss, parts = distill_loss(logits, labels, ids, vals, kd["kd_weight"] if ids is not None else 0.0,
+                                   kd_mask=mask, divergence=kd["divergence"], beta=kd["beta"],
+                                   temperature=kd["temperature"])
         return loss, parts, int(positions.sum())
 
     def validate(self) -> float | None:
@@ -181,8 +183,17 @@ class DistillRecipe:
             self._log(f"epoch {epoch + 1}/{t.epochs}: loss {loss_value:.4f} val_loss {val}")
             if self.rank == 0:
                 locate(self.config["history_uri"]).write_json(state["history"])
-            if epoch + 1 < t.epochs:
+            if epoch + 1 < t.epochs or t.method == "on_policy":
                 self._checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
+        if t.method == "on_policy":
+            from distill.on_policy_loop import OnPolicyPhase
+
+            OnPolicyPhase(self).run()
+            val = self.validate()
+            state["history"].append({"step": state["step"], "epoch": t.epochs, "val_loss": val})
+            self._log(f"on-policy done: val_loss {val}")
+            if self.rank == 0:
+                locate(self.config["history_uri"]).write_json(state["history"])
 
     def _maybe_fail(self, step: int) -> None:
         """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise once at that step."""

@@ -24,8 +24,10 @@ os.environ.setdefault("TEST_TEACHER_KEY", "sk-test-not-a-real-key")
 LAUNCH_ENV = dict(os.environ)
 
 
-def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A random Llama with the SmolLM2 tokenizer; head_dim 32 (vLLM's CPU attention minimum)."""
+def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0, init: float = 0.02) -> Path:
+    """A random Llama with the SmolLM2 tokenizer; head_dim 32 (vLLM's CPU attention minimum).
+    `init` is the weights' standard deviation: at 0.02 (transformers' default) its next-token
+    distribution is close to uniform, at 0.5 it is peaked, as a trained teacher's is."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +38,7 @@ def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=1,
-        head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+        head_dim=32, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)

@@ -398,9 +398,38 @@ class LoraConfig(Strict):
     """Modules that get adapters."""
 
 
+class OnPolicyConfig(Strict):
+    """On-policy distillation (GKD): the student samples, the teacher scores every token it wrote."""
+
+    steps: int = Field(40, ge=1)
+    """Optimizer steps of on-policy training, after `training.epochs` off-policy epochs (0: instead)."""
+    rollouts_per_step: int = Field(8, ge=1)
+    """Prompts the student answers per step and worker (one rollout each)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Rollout length limit."""
+    temperature: float = Field(1.0, ge=0.0)
+    """The student's sampling temperature (1: its own distribution, as GKD samples)."""
+    lambda_mix: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of steps that train on the teacher's stored outputs instead (GKD's lambda is 1 - this)."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    """Per-token divergence on the student's rollouts (reverse KL: the student is pulled off
+    tokens the teacher would not write)."""
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """JSD mixing weight with divergence=jsd."""
+    sync_every: int = Field(1, ge=1)
+    """Optimizer steps between weight syncs from the trainer to the student sampler."""
+    sync_via: Literal["object_store", "file"] = "object_store"
+    """How weights reach the sampler: Ray's object store, or a safetensors file in the run directory."""
+    seed: int = 0
+    """Seed of the prompt draw and of the mixing schedule."""
+
+
 class TrainingConfig(Strict):
-    method: Literal["sequence", "logit"] = "sequence"
-    """sequence: CE on the teacher's text; logit: also match its stored top-k (kd.kd_weight mixes)."""
+    method: Literal["sequence", "logit", "on_policy"] = "sequence"
+    """sequence: CE on the teacher's text; logit: also match its stored top-k (kd.kd_weight mixes);
+    on_policy: logit-level epochs, then `on_policy.steps` on the student's own samples."""
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    """Settings of method=on_policy."""
     kd: KDLossConfig = KDLossConfig()
     """Logit-level KD loss."""
     allow_sequence_fallback: bool = False
@@ -418,8 +447,8 @@ class TrainingConfig(Strict):
     """Micro-batch per worker."""
     gradient_accumulation: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    epochs: int = Field(3, ge=1)
-    """Passes over the curated examples."""
+    epochs: int = Field(3, ge=0)
+    """Passes over the curated examples (0 only with method=on_policy: on-policy steps alone)."""
     max_seq_len: int = Field(256, ge=8)
     """Prompt + response tokens per example (longer ones are cut)."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -454,6 +483,24 @@ class TrainingConfig(Strict):
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("LoRA runs with zero_stage 0-2 (its adapters are merged into whole "
                              "weights for export); set training.zero_stage=2 or drop training.lora")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_limits(self) -> "TrainingConfig":
+        if self.epochs == 0 and self.method != "on_policy":
+            raise ValueError("training.epochs=0 trains nothing: set training.epochs >= 1 "
+                             "(0 is for training.method=on_policy alone)")
+        if self.method != "on_policy":
+            return self
+        # the sampler receives the trained layers in place (vLLM's reload_weights); measured on
+        # vLLM 0.32's CPU backend, reloading a tied embedding leaves the sampler's logprobs off
+        # by up to 0.33 nats, while the layers alone reload exactly (difference 0.0)
+        needs = {"training.freeze_embeddings": (not self.freeze_embeddings, "true"),
+                 "training.lora": (self.lora is not None, "null (LoRA is not synced to the sampler)"),
+                 "training.zero_stage": (self.zero_stage == 3, "0, 1 or 2 (rank 0 sends whole weights)")}
+        for field, (bad, fix) in needs.items():
+            if bad:
+                raise ValueError(f"training.method=on_policy needs {field}={fix}")
         return self
 
 
