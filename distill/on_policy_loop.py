@@ -84,12 +84,12 @@ class OnPolicyPhase:
                 return collate(examples, self.recipe.pad_id, self.recipe.top_k), None
             self.stored = None
 
-    def rollout_batch(self, step: int):
+    def rollout_batch(self, step: int, draw: int):
         """Sample, score, and turn the scored rollouts into a batch; also returns what to record."""
         import ray
 
         recipe = self.recipe
-        index = draw_prompts(len(self.prompts), self.op.rollouts_per_step, step, self.op.seed + 104729 * recipe.rank)
+        index = draw_prompts(len(self.prompts), self.op.rollouts_per_step, draw, self.op.seed + 104729 * recipe.rank)
         prompts = [self.prompts[i] for i in index]
         sampled = ray.get(self.sampler.sample.remote(prompts, self.op.max_new_tokens, self.op.temperature))
         rollouts = sampled["rollouts"]
@@ -123,16 +123,17 @@ class OnPolicyPhase:
             if s > done_at_start and s % op.sync_every == 0:
                 self.sync()
             stored = uses_stored_outputs(s, op.lambda_mix, op.seed)
-            for _ in range(t.gradient_accumulation):
-                batch, record = self.stored_batch() if stored else self.rollout_batch(s)
+            for micro in range(t.gradient_accumulation):
+                draw = s * t.gradient_accumulation + micro  # each micro-batch its own prompts
+                batch, record = self.stored_batch() if stored else self.rollout_batch(s, draw)
                 loss, parts, n_tokens = recipe.loss_step(batch, None if stored else kd)
                 recipe.engine.backward(loss)
                 recipe.engine.step()
+                state["tokens"] += n_tokens * recipe.ctx.get_world_size()
                 if record is not None:
-                    self.rollouts.write_part(record, f"step-{s:06d}-rank{recipe.rank}")
+                    self.rollouts.write_part(record, f"step-{s:06d}-rank{recipe.rank}-{micro}")
             state["step"] += 1
             state["on_policy_step"] = s + 1
-            state["tokens"] += n_tokens * recipe.ctx.get_world_size()
             entry = {"step": state["step"], "phase": "on_policy", "source": "stored" if stored else "rollouts",
                      "loss": round(loss.item(), 5), **parts}
             if record is not None:
