@@ -29,6 +29,8 @@ ROLLOUT_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("weight
 
 
 class OnPolicyPhase:
+    """The on-policy steps of one worker, driving a `DistillRecipe` (its engine, loss step, state)."""
+
     def __init__(self, recipe):
         import ray.train
 
@@ -41,7 +43,7 @@ class OnPolicyPhase:
         self.prompt_ids = [r["id"] for r in rows]
         self.prompts = [list(r["prompt_ids"]) for r in rows]
         self.rollouts = locate(recipe.config["rollouts_uri"])
-        self.stored = None  # an endless iterator over the stored outputs, made on first use
+        self.stored, self.stored_passes = None, 0  # batches of the stored outputs, pass after pass
         self.counts = {"rollout_tokens": 0, "scored_tokens": 0, "sync_s": 0.0, "syncs": 0}
 
     # ------------------------------------------------------------------------- weight sync
@@ -75,10 +77,9 @@ class OnPolicyPhase:
 
         while True:
             if self.stored is None:
-                cycle = self.counts.get("cycles", 0)
-                self.counts["cycles"] = cycle + 1
                 self.stored = _batches(self.recipe.train_shard, self.recipe.cfg.training.batch_size,
-                                       self.op.seed + 7919 * cycle)
+                                       self.op.seed + 7919 * self.stored_passes)
+                self.stored_passes += 1
             examples = next(self.stored, None)
             if examples is not None:
                 return collate(examples, self.recipe.pad_id, self.recipe.top_k), None

@@ -245,12 +245,14 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
           + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
           + (", embeddings frozen" if t.freeze_embeddings else ""))
     start = time.time()
-    trainer.fit()
-    if on_policy:
-        import ray
+    try:
+        trainer.fit()
+    finally:  # the engines hold memory until killed, also when training failed
+        if on_policy:
+            import ray
 
-        for actor in (loop_config["sampler"], loop_config["scorer"]):
-            ray.kill(actor)
+            for actor in (loop_config["sampler"], loop_config["scorer"]):
+                ray.kill(actor)
     losses = [h for h in history.read_json() if "loss" in h]
     vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
     workers = t.workers * (1 if t.use_gpu else 0)
