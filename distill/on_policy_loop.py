@@ -59,7 +59,7 @@ class OnPolicyPhase:
             if self.op.sync_via == "file":
                 from safetensors.torch import save_file
 
-                path = os.path.join(self.recipe.config["weights_dir"], "student.safetensors")
+                path = os.path.join(recipe.config["weights_dir"], "student.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file({n: t.contiguous() for n, t in weights}, path + ".tmp")
                 os.replace(path + ".tmp", path)

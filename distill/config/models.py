@@ -402,7 +402,8 @@ class OnPolicyConfig(Strict):
     """On-policy distillation (GKD): the student samples, the teacher scores every token it wrote."""
 
     steps: int = Field(40, ge=1)
-    """Optimizer steps of on-policy training, after `training.epochs` off-policy epochs (0: instead)."""
+    """Optimizer steps of on-policy training, after the `training.epochs` off-policy epochs
+    (with `training.epochs: 0`, instead of them)."""
     rollouts_per_step: int = Field(8, ge=1)
     """Prompts the student answers per step and worker (one rollout each)."""
     max_new_tokens: int = Field(16, ge=1)
