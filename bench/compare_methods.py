@@ -15,7 +15,7 @@ directory, so the only difference between rows is the training method:
 
 Prints a markdown table: the primary metric per evaluation set with its 95% bootstrap interval,
 the share of the teacher's score each student keeps, and the teacher tokens each variant cost
-(generated: decoded for the stored outputs; scored: read, prefill only, for on-policy rollouts).
+(decoded and prefilled for the stored outputs; scored_on_policy: read, prefill only, by on-policy rollouts).
 One training seed per variant: the intervals cover the evaluation prompts, not training
 randomness. Results are merged into `--out` by variant, so variants can be run one at a time.
 """
