@@ -46,7 +46,7 @@ class _RowRules:
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from distill.teacher import rows_to_table
+        from distill.teacher_workers import rows_to_table
 
         rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens)
                 for r in batch.to_pylist()]

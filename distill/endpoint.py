@@ -205,12 +205,11 @@ class EndpointWorker:
         return error_rows(row, error, self.sampling["n"])
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        from distill.teacher import PART_SUMMARY, teacher_table, write_prompt_parts
+        from distill.teacher_workers import write_parts
 
         per_prompt = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
-        table = teacher_table([r for rows in per_prompt for r in rows], self.logprob_dtype)
-        written = write_prompt_parts(table, self.out_uri, self.prompts_per_part)
-        return pa.Table.from_pylist([dict(zip(PART_SUMMARY.names, w)) for w in written], schema=PART_SUMMARY)
+        return write_parts([r for rows in per_prompt for r in rows], self.logprob_dtype, self.out_uri,
+                           self.prompts_per_part)
 
 
 def endpoint_token_ids(cfg) -> bool:
@@ -229,13 +228,15 @@ def endpoint_token_ids(cfg) -> bool:
                           AutoTokenizer.from_pretrained(resolve_model(student)))
 
 
-def run_endpoint_pool(cfg, todo: pa.Table, out_uri: str, sampling, top_k: int) -> dict[str, Any]:
-    """The endpoint counterpart of `teacher.run_pool`; returns the job's request counts."""
+def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: int) -> dict[str, Any]:
+    """The endpoint counterpart of `teacher.run_pool` over `count` prompts (`prompt_blocks`);
+    returns the job's request counts."""
     import math
 
     import ray
     import ray.data
 
+    from distill.prompt_blocks import blocks_dataset
     from distill.ray_utils import connect
     from distill.teacher import follow_parts
 
@@ -245,16 +246,15 @@ def run_endpoint_pool(cfg, todo: pa.Table, out_uri: str, sampling, top_k: int) -
                                                               t.tokens_per_minute)
     # enough prompts per block to keep max_concurrency requests in flight from few actors
     bs = max(gen.batch_size, t.max_concurrency)
-    actors = max(1, min(4, math.ceil(len(todo) / bs)))
-    blocks = [todo.slice(i, bs) for i in range(0, len(todo), bs)]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    actors = max(1, min(4, math.ceil(count / bs)))
+    ds = blocks_dataset(prompts, bs).map_batches(
         EndpointWorker, batch_size=bs, batch_format="pyarrow", num_cpus=0.1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         fn_constructor_kwargs=dict(teacher=t.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
                                    token_ids=endpoint_token_ids(cfg), logprob_dtype=gen.logprob_dtype,
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
                                    limiter=limiter))
-    follow_parts(ds, len(todo) * sampling.n, f" from {t.base_url}")
+    follow_parts(ds, count * sampling.n, f" from {t.base_url}")
     counts = ray.get(limiter.stats.remote())
     ray.kill(limiter)
     return counts

@@ -1,7 +1,7 @@
 """The vLLM engine behind one small interface: CPU (laptop, CI) and CUDA (cluster) differ only here.
 
     llm = make_llm(model_path, EngineConfig())
-    outputs = generate_rows(llm, tokenizer, messages_batch, SamplingConfig(), top_k=5)
+    rows = generate_rows(llm, prompt_rows, SamplingConfig(), top_k=5, max_model_len=1024)
 
 Everything that turns config into vLLM arguments, and vLLM outputs into schema rows, lives here;
 `teacher.py`, `evaluate.py` and `serve/` call it and never touch vLLM's settings themselves.
@@ -128,7 +128,9 @@ def pack_topk(flat, sampled_ids: list[int], k: int) -> tuple[np.ndarray, np.ndar
     ends = np.asarray(flat.end_indices[:T], dtype=np.int64)
     logprobs = np.asarray(flat.logprobs, dtype=np.float32)
     token_ids = np.asarray(flat.token_ids, dtype=np.int32)
-    ranks = np.array([r if r is not None else k + 1 for r in flat.ranks], dtype=np.int64)
+    ranks = np.asarray(flat.ranks)
+    if ranks.dtype == object:  # a rank vLLM did not compute (None): never among the top k
+        ranks = np.array([r if r is not None else k + 1 for r in flat.ranks], dtype=np.int64)
     position = np.repeat(np.arange(T), ends - starts)
     entries = np.arange(starts[0], ends[-1])  # positions are stored back to back
     top = ranks[entries] <= k
@@ -144,28 +146,39 @@ def error_rows(row: dict[str, Any], error: str, n: int) -> list[dict[str, Any]]:
              S.TOPK_IDS: [], S.TOPK_LOGPROBS: [], S.SAMPLED_LOGPROBS: []} for s in range(n)]
 
 
-def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
-                  max_model_len: int) -> list[dict[str, Any]]:
-    """Generate for prompt rows (schema.PROMPT_SCHEMA dicts); n output rows per prompt.
+def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
+                     max_model_len: int, params_for=None):
+    """Prompt rows -> (errors, TokensPrompts, SamplingParams): `errors[i]` holds row i's error
+    rows, or None when row i became a request (requests keep the rows' order).
 
     Prompts are tokenised here with the model's chat template so an over-long prompt becomes
-    an error row instead of failing the whole batch."""
+    an error row instead of failing the whole batch. `params_for(row)`, when it returns params,
+    overrides the config's for that request (the benchmarks give each prompt its own length)."""
     from vllm.inputs import TokensPrompt
 
-    tokenizer = llm.get_tokenizer()
-    out: list[dict[str, Any]] = []
-    todo, prompts, params = [], [], []
+    errors, prompts, params = [], [], []
     for row in rows:
         ids = prompt_token_ids(tokenizer, row[S.MESSAGES])
         if len(ids) >= max_model_len:
-            out += error_rows(row, f"prompt has {len(ids)} tokens; max_model_len is {max_model_len}",
-                              sampling.n)
+            errors.append(error_rows(row, f"prompt has {len(ids)} tokens; max_model_len is {max_model_len}",
+                                     sampling.n))
             continue
-        todo.append(row)
+        errors.append(None)
         prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
-        params.append(sampling_params(sampling, top_k, row[S.ID]))
-    results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
-    for row, res in zip(todo, results):
+        params.append((params_for and params_for(row)) or sampling_params(sampling, top_k, row[S.ID]))
+    return errors, prompts, params
+
+
+def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int) -> list[dict[str, Any]]:
+    """vLLM RequestOutputs (one per row that became a request, in order) -> n schema rows per
+    prompt row, in the rows' order, error rows in place."""
+    out: list[dict[str, Any]] = []
+    results = iter(results)
+    for row, err in zip(rows, errors):
+        if err is not None:
+            out += err
+            continue
+        res = next(results)
         for s, comp in enumerate(res.outputs):
             token_ids = list(comp.token_ids)
             if top_k > 0 and comp.logprobs is not None:
@@ -178,3 +191,12 @@ def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top
                         S.TOPK: top_k, S.TOPK_IDS: tk_ids, S.TOPK_LOGPROBS: tk_vals,
                         S.SAMPLED_LOGPROBS: sampled})
     return out
+
+
+def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
+                  max_model_len: int, params_for=None) -> list[dict[str, Any]]:
+    """Generate for prompt rows (schema.PROMPT_SCHEMA dicts) with a `vllm.LLM`; n output rows per
+    prompt (an error row per sample for a prompt too long for the engine)."""
+    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, max_model_len, params_for)
+    results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
+    return output_rows(rows, errors, results, top_k)

@@ -9,10 +9,10 @@ detokenize stages as extra actors that each want a CPU (they stall a 2-core mach
 One actor class that owns a `vllm.LLM` does the template, the length check and the top-k packing
 in one place and runs unchanged on GPUs (see `distill.engine`).
 
-Workers write: each actor writes the Parquet parts of the block it generated (atomically, under a
-name derived from the block's prompt ids) and returns one small row per part; the driver only
-counts. A part holds whole prompts (all n samples), so a crash never leaves half a prompt, and a
-block retried after an actor died overwrites its own parts instead of duplicating them.
+The actors (`distill.teacher_workers`) write their own Parquet parts; the driver only counts.
+It never holds the prompts or the rows either: it plans blocks from the prompts' `split` column
+(`distill.prompt_blocks`), and checks and totals the output a part and a column at a time
+(measured with a fake engine: its peak memory at 1M prompts, bench/generate_scale.py).
 
 Resume is exact: rows are kept for every prompt whose n samples are all present and whose
 messages and split still match `prompts/`; rows of prompts that left the train/validation splits
@@ -34,79 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill import schema as S
-from distill.config import EngineConfig, RunConfig, SamplingConfig
+from distill.config import RunConfig, SamplingConfig
+from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir
-from distill.storage import locate
-
-PART_SUMMARY = pa.schema([("part", pa.string()), ("rows", pa.int64()), ("output_tokens", pa.int64())])
-
-
-def teacher_table(rows: list[dict[str, Any]], logprob_dtype: str) -> pa.Table:
-    """Teacher rows -> the stored table: float top-k, or compact codes (`distill.topk_codec`)."""
-    if logprob_dtype == "q8":
-        from distill.topk_codec import compact_table
-
-        return compact_table(rows_to_table(rows, S.teacher_schema("float32")))
-    return rows_to_table(rows, S.teacher_schema(logprob_dtype))
-
-
-def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows -> Arrow, building the numeric list columns from flat numpy buffers (fast, and the
-    only way to get float16 lists: Arrow will not convert Python floats to float16)."""
-    cols = []
-    for field in schema:
-        values = [r.get(field.name) for r in rows]
-        if pa.types.is_list(field.type) and pa.types.is_primitive(field.type.value_type):
-            np_type = field.type.value_type.to_pandas_dtype()
-            parts = [np.asarray(v if v is not None else [], dtype=np_type) for v in values]
-            offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int32)
-            flat = np.concatenate(parts) if parts else np.array([], dtype=np_type)
-            cols.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, field.type.value_type)))
-        else:
-            cols.append(pa.array(values, field.type))
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
-def write_prompt_parts(table: pa.Table, out_uri: str, prompts_per_part: int) -> list[tuple[str, int, int]]:
-    """Write rows (grouped by prompt, n samples each) as parts of whole prompts, named by their
-    ids, so writing the same rows twice replaces rather than duplicates. [(name, rows, tokens)]."""
-    out = locate(out_uri)
-    ids = table[S.ID].to_pylist()
-    bounds = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]
-    written = []
-    for b in range(0, len(bounds) - 1, prompts_per_part):
-        lo, hi = bounds[b], bounds[min(b + prompts_per_part, len(bounds) - 1)]
-        part = table.slice(lo, hi - lo)
-        name = "part-" + hashlib.sha256("\n".join(ids[lo:hi]).encode()).hexdigest()[:16]
-        out.write_part(part, name)
-        written.append((name, len(part), int(pc.sum(part[S.OUTPUT_TOKENS]).as_py() or 0)))
-    return written
-
-
-class TeacherWorker:
-    """One vLLM engine; called by Ray Data with a pyarrow batch of prompt rows. Writes its own
-    output parts and returns a summary row per part."""
-
-    def __init__(self, model: str, engine: dict, sampling: dict, top_k: int, logprob_dtype: str,
-                 out_uri: str, prompts_per_part: int):
-        from distill.engine import make_llm
-        from distill.models import resolve_model
-
-        self.engine = EngineConfig(**engine)
-        self.sampling = SamplingConfig(**sampling)
-        self.top_k = top_k
-        self.logprob_dtype = logprob_dtype
-        self.out_uri, self.prompts_per_part = out_uri, prompts_per_part
-        self.llm = make_llm(resolve_model(model), self.engine)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from distill.engine import generate_rows
-
-        rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine.max_model_len)
-        table = teacher_table(rows, self.logprob_dtype)
-        written = write_prompt_parts(table, self.out_uri, self.prompts_per_part)
-        return pa.Table.from_pylist([dict(zip(PART_SUMMARY.names, w)) for w in written], schema=PART_SUMMARY)
-
 
 def _messages_key(messages) -> str:
     return json.dumps(messages, sort_keys=True)
@@ -173,81 +103,164 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         check_model(cfg.teacher.path, "teacher.path")
     gen = cfg.generation
     n = gen.sampling.n
-    prompts = rd.prompts.read_table()
-    prompts = prompts.filter(pc.is_in(prompts[S.SPLIT], pa.array(S.TRAINED_SPLITS)))
-    counts = reconcile(rd, prompts, n)
+    total = prompt_count(rd)
+    counts = reconcile(rd, trained_prompts(rd, ids=teacher_ids(rd), columns=[S.ID, S.SPLIT, S.MESSAGES]), n)
     done = counts.pop("done")
-    todo = prompts.filter(pc.invert(pc.is_in(prompts[S.ID], pa.array(sorted(done), pa.string()))))
-    print(f"[generate] {len(prompts)} prompts: {len(done)} already generated (kept), {len(todo)} to go"
+    todo = total - len(done)
+    print(f"[generate] {total} prompts: {len(done)} already generated (kept), {todo} to go"
           + (f"; {counts['orphaned']} rows of prompts no longer in train/validation moved to "
              f"{rd.teacher.uri}/_orphans" if counts["orphaned"] else ""))
     start, requests = time.time(), {}
-    if len(todo) and cfg.teacher.kind == "endpoint":
+    if todo and cfg.teacher.kind == "endpoint":
         from distill.endpoint import run_endpoint_pool
 
-        requests = run_endpoint_pool(cfg, todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
-    elif len(todo):
-        run_pool(cfg, todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
-    table = rd.teacher.read_table(columns=[S.ID, S.SAMPLE, S.OUTPUT_TOKENS, S.PROMPT_TOKENS, S.ERROR, S.TOPK])
-    check_complete(table, prompts, n)
-    out_tokens = pc.sum(table[S.OUTPUT_TOKENS]).as_py() or 0
+        requests = run_endpoint_pool(cfg, PromptFiles(rd, done), todo, rd.teacher.uri, gen.sampling,
+                                     gen.top_k_logprobs)
+    elif todo:
+        run_pool(cfg, PromptFiles(rd, done), todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
+    sums = teacher_sums(rd)
+    check_complete(sums.pop("keys"), prompt_keys(rd, n))
+    out_tokens = sums["output_tokens"]
     elapsed = time.time() - start
     stats = dict(
-        rows=len(table), prompts=len(prompts), kept=len(done), generated=len(todo), orphaned=counts["orphaned"],
-        errors=len(table) - table[S.ERROR].null_count,
-        output_tokens=out_tokens, prompt_tokens=pc.sum(table[S.PROMPT_TOKENS]).as_py() or 0,
-        output_tokens_per_s=round(out_tokens / elapsed, 1) if len(todo) else None,
+        rows=sums["rows"], prompts=total, kept=len(done), generated=todo, orphaned=counts["orphaned"],
+        errors=sums["errors"], output_tokens=out_tokens, prompt_tokens=sums["prompt_tokens"],
+        output_tokens_per_s=round(out_tokens / elapsed, 1) if todo else None,
         bytes_per_output_token=round(rd.teacher.parquet_bytes() / max(1, out_tokens), 2),
         accelerator_s=round(elapsed * cfg.teacher.pool.max * cfg.teacher.pool.num_gpus, 1)
         if cfg.teacher.kind == "vllm" else 0.0,
     )
     if cfg.teacher.kind == "endpoint":  # what this run asked of the endpoint, and what the data cost
         price = cfg.teacher.price
-        prompt_tokens = (pc.sum(table[S.PROMPT_TOKENS]).as_py() or 0) / n  # n samples share one prompt
-        stats.update(endpoint_requests=requests, text_only=int(pc.sum(pc.equal(table[S.TOPK], 0)).as_py() or 0),
+        prompt_tokens = sums["prompt_tokens"] / n  # n samples share one prompt
+        stats.update(endpoint_requests=requests, text_only=sums["text_only"],
                      cost=round(prompt_tokens / 1e6 * price.input_per_1m + out_tokens / 1e6 * price.output_per_1m, 4))
     print(f"[generate] {stats['rows']} responses ({stats['errors']} errors), {out_tokens} tokens, "
           f"{stats['bytes_per_output_token']} stored bytes/token -> {rd.teacher.uri}")
     return stats
 
 
-def check_complete(table: pa.Table, prompts: pa.Table, n: int) -> None:
-    """Every prompt has exactly its n samples, nothing else: fail loudly otherwise."""
-    pairs = set(zip(table[S.ID].to_pylist(), table[S.SAMPLE].to_pylist()))
-    expected = {(i, s) for i in prompts[S.ID].to_pylist() for s in range(n)}
-    if len(pairs) != len(table) or pairs != expected:
+def _trained():
+    import pyarrow.dataset as pads
+
+    return pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
+
+
+def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str]) -> pa.Table:
+    """The train/validation prompts with these ids, read with a filter so only the matching rows
+    of the asked columns are held here."""
+    import pyarrow.dataset as pads
+
+    files = rd.prompts.list_files(".parquet")
+    return pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA).to_table(
+        columns=columns, filter=_trained() & pads.field(S.ID).isin(ids))
+
+
+def prompt_count(rd: RunDir) -> int:
+    import pyarrow.dataset as pads
+
+    files = rd.prompts.list_files(".parquet")
+    return pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA).count_rows(
+        filter=_trained())
+
+
+def teacher_ids(rd: RunDir) -> pa.Array:
+    """The distinct prompt ids that have rows in `teacher/` (none before the first run)."""
+    parts = rd.teacher.list_files(".parquet")
+    if not parts:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array([pq.read_table(p, filesystem=rd.teacher.fs, columns=[S.ID])[S.ID].combine_chunks()
+                                       for p in parts]))
+
+
+def row_keys(ids: list[str], samples: list[int]) -> np.ndarray:
+    """A 64-bit hash per (id, sample): what the completeness check holds instead of the rows
+    (8 bytes a row; two of 10M rows collide with probability about 3e-6)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{i}\x1f{s}".encode(), digest_size=8).digest(), "little")
+                        for i, s in zip(ids, samples)), dtype=np.uint64, count=len(ids))
+
+
+def expected_keys(ids: list[str], n: int) -> np.ndarray:
+    """`row_keys` of every (prompt, sample) the output must hold."""
+    return np.concatenate([np.zeros(0, np.uint64)] + [row_keys(ids, [s] * len(ids)) for s in range(n)])
+
+
+def teacher_sums(rd: RunDir) -> dict[str, Any]:
+    """Totals over `teacher/`, a part at a time, and each row's key for the check."""
+    cols = [S.ID, S.SAMPLE, S.OUTPUT_TOKENS, S.PROMPT_TOKENS, S.ERROR, S.TOPK]
+    sums = dict(rows=0, errors=0, output_tokens=0, prompt_tokens=0, text_only=0)
+    keys = [np.zeros(0, np.uint64)]
+    for part in rd.teacher.list_files(".parquet"):
+        t = pq.read_table(part, filesystem=rd.teacher.fs, columns=cols)
+        sums["rows"] += len(t)
+        sums["errors"] += len(t) - t[S.ERROR].null_count
+        sums["output_tokens"] += pc.sum(t[S.OUTPUT_TOKENS]).as_py() or 0
+        sums["prompt_tokens"] += pc.sum(t[S.PROMPT_TOKENS]).as_py() or 0
+        sums["text_only"] += int(pc.sum(pc.equal(t[S.TOPK], 0)).as_py() or 0)
+        keys.append(row_keys(t[S.ID].to_pylist(), t[S.SAMPLE].to_pylist()))
+    sums["keys"] = np.concatenate(keys)
+    return sums
+
+
+def prompt_keys(rd: RunDir, n: int) -> np.ndarray:
+    """`expected_keys` of the train/validation prompts, a file at a time."""
+    keys = [np.zeros(0, np.uint64)]
+    for path in rd.prompts.list_files(".parquet"):
+        t = pq.read_table(path, filesystem=rd.prompts.fs, columns=[S.ID, S.SPLIT])
+        keys.append(expected_keys(t.filter(pc.is_in(t[S.SPLIT], pa.array(S.TRAINED_SPLITS)))[S.ID].to_pylist(), n))
+    return np.concatenate(keys)
+
+
+def check_complete(found: np.ndarray, expected: np.ndarray) -> None:
+    """The output holds every (prompt, sample) once and nothing else: fail loudly otherwise.
+    Both are `row_keys` arrays, sorted in place (at 10M prompts this runs on the driver: sorted
+    arrays of 8 bytes a row, no Python sets)."""
+    rows = len(found)
+    found.sort()
+    expected.sort()
+    repeat = found[1:] == found[:-1]
+    duplicated = int(repeat.sum())
+    unique = found[np.concatenate([[True], ~repeat])] if duplicated else found
+    at = np.minimum(np.searchsorted(expected, unique), max(0, len(expected) - 1))
+    present = int((expected[at] == unique).sum()) if len(expected) else 0
+    missing, unexpected = len(expected) - present, len(unique) - present
+    if duplicated or missing or unexpected:
         raise RuntimeError(
-            f"generate: the output is not prompts x n: {len(table)} rows, {len(table) - len(pairs)} duplicated, "
-            f"{len(expected - pairs)} missing, {len(pairs - expected)} unexpected (of {len(expected)} expected); "
+            f"generate: the output is not prompts x n: {rows} rows, {duplicated} duplicated, "
+            f"{missing} missing, {unexpected} unexpected (of {len(expected)} expected); "
             "rerun the stage to repair it, or `--force generate` to start over")
 
 
-def run_pool(cfg: RunConfig, todo: pa.Table, out_uri: str, sampling: SamplingConfig, top_k: int) -> None:
-    """Run the teacher's actor pool over prompt rows; the actors write teacher-schema parts to
-    `out_uri`. Progress is printed as parts land."""
+def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_uri: str, sampling: SamplingConfig,
+             top_k: int) -> None:
+    """Run the teacher's actor pool over `count` prompts (a run's prompt files, or a table), in
+    blocks of `generation.batch_size`; the actors write teacher-schema parts to `out_uri`.
+    Progress is printed as parts land."""
     import ray.data
 
+    from distill import teacher_workers
     from distill.engine import engine_env
     from distill.ray_utils import connect
 
     connect(cfg.ray)
     gen, teacher = cfg.generation, cfg.teacher
-    bs = gen.batch_size
-    blocks = [todo.slice(i, bs) for i in range(0, len(todo), bs)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        TeacherWorker,
+    bs, in_flight = gen.batch_size, gen.blocks_in_flight
+    ds = blocks_dataset(prompts, bs).map_batches(
+        teacher_workers.AsyncTeacherWorker if in_flight > 1 else teacher_workers.TeacherWorker,
         batch_size=bs,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max),
+        compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max,
+                                           max_concurrent_calls_per_actor=in_flight),
         num_cpus=teacher.pool.num_cpus,
         num_gpus=teacher.pool.num_gpus or None,
         runtime_env={"env_vars": engine_env(teacher.engine)},
         fn_constructor_kwargs=dict(
             model=teacher.path, engine=teacher.engine.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
+            blocks_in_flight=in_flight,
         ),
     )
-    follow_parts(ds, len(todo) * sampling.n)
+    follow_parts(ds, count * sampling.n)
 
 
 def follow_parts(ds, total: int, source: str = "") -> None:

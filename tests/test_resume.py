@@ -13,7 +13,8 @@ from distill import schema as S
 from distill.config import load_config
 from distill.rundir import RunDir
 from distill.storage import Location
-from distill.teacher import check_complete, reconcile, rows_to_table, write_prompt_parts
+from distill.teacher import check_complete, expected_keys, reconcile, row_keys
+from distill.teacher_workers import rows_to_table, write_prompt_parts
 
 
 class Killed(Exception):
@@ -43,6 +44,11 @@ def _run(rd: RunDir, prompts: pa.Table, n: int, rows_per_file: int, rng: random.
         size = rng.randint(1, 5)
         write_prompt_parts(_engine(todo.slice(i, size), n), rd.teacher.uri, max(1, rows_per_file // n))
         i += size
+
+
+def _keys(rd: RunDir):
+    table = rd.teacher.read_table(columns=[S.ID, S.SAMPLE])
+    return row_keys(table[S.ID].to_pylist(), table[S.SAMPLE].to_pylist())
 
 
 def _rows(rd: RunDir) -> list[tuple[str, int]]:
@@ -80,7 +86,7 @@ def test_resume_after_any_kill_point_loses_and_duplicates_nothing(tmp_path, monk
         monkeypatch.setattr(Location, "write_part", real_write)
         _run(rd, prompts, n, rows_per_file, rng)  # the rerun
         assert _rows(rd) == expected, f"kill at part {kill_at}"
-        check_complete(rd.teacher.read_table(columns=[S.ID, S.SAMPLE]), prompts, n)
+        check_complete(_keys(rd), expected_keys(prompts[S.ID].to_pylist(), n))
 
 
 def test_reconcile_keeps_complete_current_prompts_and_sets_aside_the_rest(tmp_path):
@@ -103,4 +109,4 @@ def test_reconcile_keeps_complete_current_prompts_and_sets_aside_the_rest(tmp_pa
     assert {r[S.ID] for r in orphans} == {"p004", "p005"}
     assert _rows(rd) == sorted((i, s) for i in ("p000", "p001", "p002", "p003") for s in range(n))
     with pytest.raises(RuntimeError, match="not prompts x n: 12 rows, 0 duplicated, 3 missing"):
-        check_complete(rd.teacher.read_table(columns=[S.ID, S.SAMPLE]), current, n)
+        check_complete(_keys(rd), expected_keys(current[S.ID].to_pylist(), n))

@@ -30,6 +30,7 @@ def _listing(folder):
     ("generate", "teacher.pool.max=4"), ("generate", "teacher.engine.max_num_seqs=8"),
     ("generate", "teacher.engine.gpu_memory_utilization=0.5"), ("generate", "generation.batch_size=16"),
     ("generate", "generation.rows_per_file=3"), ("generate", "teacher.engine.kv_cache_memory_bytes=2097152"),
+    ("generate", "generation.blocks_in_flight=4"),
     ("train", "training.workers=4"), ("train", "training.checkpoint_every_steps=5"),
 ])
 def test_a_speed_knob_is_not_part_of_any_key(tmp_path, stage, knob):
@@ -151,3 +152,25 @@ def test_force_removes_the_training_run_folders_whatever_their_layout_suffix(tmp
     remove_outputs(STAGES["train"], RunDir(cfg), "abc")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["train-old-w1z2"]  # another key's run stays
     assert not (run / "student").exists()
+
+
+def test_a_content_key_ignores_row_order_and_files_and_sees_one_changed_value(tmp_path):
+    import pyarrow as pa
+
+    from distill.stages import _table_digest
+
+    rows = [{"id": f"p{i}", "sample": 0, "text": f"answer {i}", "split": "train"} for i in range(50)]
+    digest = _table_digest("teacher", ["id", "sample", "text", "split"])
+
+    def key(parts):
+        rd = RunDir(load_config(None, [f"run_dir={tmp_path / str(len(list(tmp_path.iterdir())))}"]))
+        for i, part in enumerate(parts):
+            rd.teacher.write_part(pa.Table.from_pylist(part), f"part-{i}")
+        return digest(rd)
+
+    one_file = key([rows])
+    assert key([rows[30:], rows[:7], rows[7:30][::-1]]) == one_file
+    changed = [dict(r) for r in rows]
+    changed[17]["text"] = "answer 17."
+    assert key([changed]) != one_file
+    assert key([rows[:-1]]) != one_file

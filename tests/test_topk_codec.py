@@ -11,7 +11,7 @@ import torch
 
 from distill import schema as S
 from distill.losses import topk_kd
-from distill.teacher import teacher_table
+from distill.teacher_workers import teacher_table
 from distill.topk_codec import STEP, decode, encode, expanded_table
 
 K, VOCAB = 20, 500

@@ -279,6 +279,13 @@ class GenerationConfig(Strict):
     distill/topk_codec.py)."""
     batch_size: int = Field(128, ge=1)
     """Prompts per block sent to one teacher actor."""
+    blocks_in_flight: int = Field(1, ge=1)
+    """Blocks one vLLM actor works on at once. 1: vLLM's synchronous engine, one block after
+    another, each ending with its longest answers decoding almost alone; reproducible (a prompt's
+    batch-mates are fixed). 2 or more: vLLM's async engine with that many blocks' requests queued,
+    so the next block fills the slots the last one frees (continuous batching across blocks);
+    faster when answer lengths vary, but which requests share a step then depends on timing, and
+    on the CPU that moves a few logprobs by a float16 step between runs."""
     rows_per_file: int = Field(1024, ge=1)
     """Rows per Parquet part (rounded to whole prompts)."""
 
