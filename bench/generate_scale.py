@@ -10,7 +10,7 @@ else is the stage as users run it: `prepare` writes the prompts, then `run_stage
 in a fresh process (Ray Data over the prompt files, the actors apply the chat template, pack the
 top-k, write their Parquet parts; the driver reconciles, checks completeness and digests the
 output). Each size prints prompts/s and the driver's peak RSS (its own process: Ray's raylet and
-workers are other processes), written to bench/results/generate_scale.json.
+workers are other processes; Linux only, from /proc), written to bench/results/generate_scale.json.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -88,7 +87,11 @@ def _fake_worker():
 
 
 def _peak_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec
+    from the parent, which ran `prepare` over all the prompts)."""
+    with open("/proc/self/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def _trace_phases() -> dict[str, float]:

@@ -42,16 +42,15 @@ def raw_vllm(model: str, convs, max_tokens: int, top_k: int) -> float:
 
 def our_stage(n: int, max_tokens: int, top_k: int) -> tuple[float, float]:
     from distill.config import load_config
-    from distill.data import prepare
-    from distill.teacher import generate
+    from distill.stages import run_stage
 
     run_dir = tempfile.mkdtemp(prefix="bench-gen-")
     cfg = load_config("configs/default.yaml", [
         f"run_dir={run_dir}", f"data.source.n={n}", "data.source.seed=123", "data.split.test=0.0",
         "data.split.validation=0.0", f"generation.sampling.max_tokens={max_tokens}",
         f"generation.top_k_logprobs={top_k}", f"generation.batch_size={n}", "task.system_prompt=''"])
-    prepare(cfg)
-    stats = generate(cfg)
+    run_stage("prepare", cfg)
+    stats = run_stage("generate", cfg)
     return stats["output_tokens_per_s"], stats["bytes_per_output_token"]
 
 

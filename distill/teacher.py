@@ -140,10 +140,13 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     return stats
 
 
-def _trained():
+def _trained_prompts(rd: RunDir):
+    """The prompt files as a pyarrow dataset, and the filter that keeps train/validation rows."""
     import pyarrow.dataset as pads
 
-    return pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
+    files = rd.prompts.list_files(".parquet")
+    dataset = pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA)
+    return dataset, pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
 
 
 def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str]) -> pa.Table:
@@ -151,17 +154,13 @@ def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str]) -> pa.Table:
     of the asked columns are held here."""
     import pyarrow.dataset as pads
 
-    files = rd.prompts.list_files(".parquet")
-    return pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA).to_table(
-        columns=columns, filter=_trained() & pads.field(S.ID).isin(ids))
+    dataset, trained = _trained_prompts(rd)
+    return dataset.to_table(columns=columns, filter=trained & pads.field(S.ID).isin(ids))
 
 
 def prompt_count(rd: RunDir) -> int:
-    import pyarrow.dataset as pads
-
-    files = rd.prompts.list_files(".parquet")
-    return pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA).count_rows(
-        filter=_trained())
+    dataset, trained = _trained_prompts(rd)
+    return dataset.count_rows(filter=trained)
 
 
 def teacher_ids(rd: RunDir) -> pa.Array:
