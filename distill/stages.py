@@ -84,15 +84,15 @@ def _table_digest(folder: str, columns: list[str]) -> Callable[[RunDir], str]:
         import numpy as np
         import pyarrow.parquet as pq
 
+        from distill.storage import hash64
+
         loc = rd.root.join(folder)
         rows = []
         for part in loc.list_files(".parquet"):
             table = pq.read_table(part, filesystem=loc.fs, columns=columns)
             for batch in table.to_batches(max_chunksize=65536):
                 values = zip(*(batch.column(c).to_pylist() for c in columns))
-                rows.append(np.fromiter((int.from_bytes(hashlib.blake2b(
-                    json.dumps(v, default=str).encode(), digest_size=8).digest(), "little") for v in values),
-                    dtype=np.uint64, count=batch.num_rows))
+                rows.append(hash64((json.dumps(v, default=str) for v in values), batch.num_rows))
         return hashlib.sha256(np.sort(np.concatenate(rows)).tobytes() if rows else b"").hexdigest()[:16]
 
     return digest

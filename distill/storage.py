@@ -105,6 +105,17 @@ class Location:
         return sum(self.fs.get_file_info(p).size for p in self.list_files(".parquet"))
 
 
+def hash64(texts, count: int):
+    """An 8-byte blake2b hash per string, as a uint64 array: what content keys and the
+    completeness check hold instead of the rows themselves."""
+    import hashlib
+
+    import numpy as np
+
+    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+                        for t in texts), dtype=np.uint64, count=count)
+
+
 _DIGESTS: dict[tuple, str] = {}
 
 

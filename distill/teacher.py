@@ -22,7 +22,6 @@ At the end the stage checks rows == prompts x n with unique (id, sample), and fa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -37,6 +36,7 @@ from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
 from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir
+from distill.storage import hash64
 
 def _messages_key(messages) -> str:
     return json.dumps(messages, sort_keys=True)
@@ -175,8 +175,7 @@ def teacher_ids(rd: RunDir) -> pa.Array:
 def row_keys(ids: list[str], samples: list[int]) -> np.ndarray:
     """A 64-bit hash per (id, sample): what the completeness check holds instead of the rows
     (8 bytes a row; two of 10M rows collide with probability about 3e-6)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{i}\x1f{s}".encode(), digest_size=8).digest(), "little")
-                        for i, s in zip(ids, samples)), dtype=np.uint64, count=len(ids))
+    return hash64((f"{i}\x1f{s}" for i, s in zip(ids, samples)), len(ids))
 
 
 def expected_keys(ids: list[str], n: int) -> np.ndarray:
