@@ -16,8 +16,10 @@ directory, so the only difference between rows is the training method:
 Prints a markdown table: the primary metric per evaluation set with its 95% bootstrap interval,
 the share of the teacher's score each student keeps, and the teacher tokens each variant cost
 (decoded and prefilled for the stored outputs; scored_on_policy: read, prefill only, by on-policy rollouts).
-One training seed per variant: the intervals cover the evaluation prompts, not training
-randomness. Results are merged into `--out` by variant, so variants can be run one at a time.
+The bootstrap intervals cover the evaluation prompts, not training randomness; `--seeds 0,1,2`
+trains every variant once per `training.seed` (data order) and the table shows the mean over
+seeds with the lowest and highest run beside it: a difference smaller than that spread is noise.
+Results are merged into `--out` by variant and seed, so runs can be added one at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--root", default="runs/compare")
     ap.add_argument("--out", default="bench/results/methods.json")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds, one run each")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root = Path(args.root)
@@ -56,30 +59,37 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.only.split(","):
-        run_dir = root / name
-        if not (run_dir / "teacher").exists():  # share prompts and teacher rows, with their markers
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for folder in ("prompts", "teacher", "models"):
-                if (root / "base" / folder).exists():
-                    shutil.copytree(root / "base" / folder, run_dir / folder, dirs_exist_ok=True)
-        cfg = load_config(args.config, [f"run_dir={run_dir}", *common, *VARIANTS[name],
-                                        *(["evaluation.include_baseline=false"] if name != "mix" else [])])
-        for stage in ("curate", "train", "evaluate"):
-            run_stage(stage, cfg, cfg_path=args.config)
-        report = json.loads((run_dir / "eval" / "report.json").read_text())
-        student = "gold_control" if name == "gold" else "student"
-        results[name] = {
-            "sets": {s: {"student": fig["models"][student]["metrics"][report["summary"]["primary_metric"]],
-                         "ci": fig["models"][student]["ci"][report["summary"]["primary_metric"]],
-                         "kept": fig["kept"].get(student),
-                         "teacher": fig["models"]["teacher"]["metrics"][report["summary"]["primary_metric"]]}
-                     for s, fig in report["sets"].items()},
-            "train_s": stats_of(run_dir, "student"),
-            "teacher_tokens": teacher_tokens(run_dir),
-        }
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run_dir = root / (name if seed == 0 else f"{name}-seed{seed}")
+            if not (run_dir / "teacher").exists():  # share prompts and teacher rows, with their markers
+                run_dir.mkdir(parents=True, exist_ok=True)
+                for folder in ("prompts", "teacher", "models"):
+                    if (root / "base" / folder).exists():
+                        shutil.copytree(root / "base" / folder, run_dir / folder, dirs_exist_ok=True)
+            cfg = load_config(args.config, [f"run_dir={run_dir}", *common, *VARIANTS[name], f"training.seed={seed}",
+                                            *(["evaluation.include_baseline=false"] if name != "mix" else [])])
+            for stage in ("curate", "train", "evaluate"):
+                run_stage(stage, cfg, cfg_path=args.config)
+            results.setdefault(name, {}).setdefault("seeds", {})[str(seed)] = one_run(run_dir, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+
+
+def one_run(run_dir: Path, name: str) -> dict:
+    """One trained variant's figures per evaluation set, its training time and teacher budget."""
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    student = "gold_control" if name == "gold" else "student"
+    metric = report["summary"]["primary_metric"]
+    return {
+        "sets": {s: {"student": fig["models"][student]["metrics"][metric],
+                     "ci": fig["models"][student]["ci"][metric],
+                     "kept": fig["kept"].get(student),
+                     "teacher": fig["models"]["teacher"]["metrics"][metric]}
+                 for s, fig in report["sets"].items()},
+        "train_s": stats_of(run_dir, "student"),
+        "teacher_tokens": teacher_tokens(run_dir),
+    }
 
 
 def teacher_tokens(run_dir: Path) -> dict[str, int]:
@@ -97,21 +107,29 @@ def stats_of(run_dir: Path, output: str) -> float:
 
 
 def table(results: dict) -> str:
-    sets = list(next(iter(results.values()))["sets"])
-    lines = ["| method | " + " | ".join(f"{s} (kept)" for s in sets) + " | teacher tokens |",
-             "|---" * (len(sets) + 2) + "|"]
-    teacher = {s: next(iter(results.values()))["sets"][s]["teacher"] for s in sets}
-    lines.append("| teacher | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " | |")
-    for name, r in results.items():
+    """Markdown: per variant and set, the student's score (one seed: with its bootstrap interval;
+    several: the mean, then the lowest and highest run) and the share of the teacher it keeps."""
+    runs = {name: list(r["seeds"].values()) for name, r in results.items()}
+    sets = list(next(iter(runs.values()))[0]["sets"])
+    teacher = {s: next(iter(runs.values()))[0]["sets"][s]["teacher"] for s in sets}
+    lines = ["| method | seeds | " + " | ".join(f"{s} (kept)" for s in sets) + " | teacher tokens |",
+             "|---" * (len(sets) + 3) + "|",
+             "| teacher | | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " | |"]
+    for name, rs in runs.items():
         cells = []
         for s in sets:
-            f = r["sets"][s]
-            kept = f" ({100 * f['kept']['value']:.0f}%)" if f["kept"] and f["kept"]["value"] is not None else ""
-            cells.append(f"{f['student']:.3f} [{f['ci'][0]:.3f}, {f['ci'][1]:.3f}]{kept}")
-        spent = r.get("teacher_tokens")
+            scores = [r["sets"][s]["student"] for r in rs]
+            mean = sum(scores) / len(scores)
+            kept = f" ({100 * mean / teacher[s]:.0f}%)" if teacher[s] else ""
+            if len(rs) == 1:
+                lo, hi = rs[0]["sets"][s]["ci"]
+                cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]{kept}")
+            else:
+                cells.append(f"{mean:.3f} ({min(scores):.3f}-{max(scores):.3f}){kept}")
+        spent = rs[0].get("teacher_tokens")
         budget = (f"{spent['decoded']:,} decoded + {spent['prefilled'] + spent['scored_on_policy']:,} read"
                   if spent else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {budget} |")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {budget} |")
     return "\n".join(lines)
 
 
