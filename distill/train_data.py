@@ -79,11 +79,13 @@ def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -
     """Micro-batches of similar length from a buffer of examples, in a seeded random order.
 
     The whole buffer is sorted (ties broken by token ids), so batch-mates are near-copies of one
-    template and the same every epoch; only their order depends on the seed. Measured on the
-    embedded default (2026-11-29, `bench/compare_methods.py --only mix --seeds 0,1`), random
-    windows of 8 batches sorted by length (transformers' LengthGroupedSampler) trained worse
-    students on every set in both seeds: shifted 0.495 and 0.580, test 0.590 and 0.813, against
-    0.620-0.690 and 0.885-0.942 for this sort; so the sort stays.
+    template and the same every epoch; only their order depends on the seed. The usual
+    alternative, random windows of 8 batches sorted by length (transformers'
+    LengthGroupedSampler: random batch-mates, 1.5% padding here instead of 0.3%), was measured on
+    the embedded default over 3 training seeds (2026-11-29, `bench/compare_methods.py --only mix
+    --seeds 0,1,2`, bench/results/seeds.json) and trained worse students on average on every set:
+    shifted 0.568 (0.495-0.630) against 0.652 (0.630-0.690) for this sort, test 0.775 against
+    0.933, hand-written 0.611 against 0.702; so the sort stays.
     """
     order = sorted(range(len(examples)), key=lambda i: (examples[i][LENGTH], examples[i][INPUT_IDS]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
