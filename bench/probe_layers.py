@@ -81,7 +81,6 @@ def main() -> None:
     names = list(cfg.task.labels or [])
     if len(names) < 2:
         raise SystemExit("probe_layers: task.labels must list the classes (a classification task)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     torch.manual_seed(0)
     if cfg.teacher.kind != "vllm":
         raise SystemExit("probe_layers: needs the teacher's weights (teacher.kind: vllm)")
