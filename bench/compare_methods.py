@@ -19,7 +19,7 @@ the share of the teacher's score each student keeps, and the teacher tokens each
 The bootstrap intervals cover the evaluation prompts, not training randomness; `--seeds 0,1,2`
 trains every variant once per `training.seed` (data order) and the table shows the mean over
 seeds with the lowest and highest run beside it: a difference smaller than that spread is noise.
-Results are merged into `--out` by variant and seed, so runs can be added one at a time.
+Results are merged into `--out` by variant (or `--label`) and seed, so runs can be added one at a time.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/methods.json")
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds, one run each")
+    ap.add_argument("--label", default=None,
+                    help="name results and run directories by this instead of the variant (one variant; "
+                         "for a run with overrides, e.g. --label 'mix, kd.temperature 1' training.kd.temperature=1)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root = Path(args.root)
@@ -58,9 +61,14 @@ def main() -> None:
         run_stage(stage, base, cfg_path=args.config)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for name in args.only.split(","):
+    names = args.only.split(",")
+    if args.label and len(names) > 1:
+        raise SystemExit("compare_methods: --label names one variant's results; give --only one variant")
+    for name in names:
+        label = args.label or name
+        stem = "".join(c if c.isalnum() else "-" for c in label)
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_dir = root / (name if seed == 0 else f"{name}-seed{seed}")
+            run_dir = root / (stem if seed == 0 else f"{stem}-seed{seed}")
             if not (run_dir / "teacher").exists():  # share prompts and teacher rows, with their markers
                 run_dir.mkdir(parents=True, exist_ok=True)
                 for folder in ("prompts", "teacher", "models"):
@@ -70,7 +78,7 @@ def main() -> None:
                                             *(["evaluation.include_baseline=false"] if name != "mix" else [])])
             for stage in ("curate", "train", "evaluate"):
                 run_stage(stage, cfg, cfg_path=args.config)
-            results.setdefault(name, {}).setdefault("seeds", {})[str(seed)] = one_run(run_dir, name)
+            results.setdefault(label, {}).setdefault("seeds", {})[str(seed)] = one_run(run_dir, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
