@@ -22,13 +22,15 @@ import pyarrow.compute as pc
 from distill import schema as S
 from distill.config import CurationConfig, RunConfig, TaskConfig
 from distill.curate_rules import (CurationGateError, exact_duplicates, format_table, near_duplicates,
-                                  reason_table, row_reason, select_per_prompt, trim_after_answer)
+                                  reason_table, relabel_wrong_answer, row_reason, select_per_prompt,
+                                  trim_after_answer)
 from distill.rundir import RunDir
 
 
 class _RowRules:
-    """Ray Data UDF: trims responses after their answer (`curation.trim_after_answer`), then adds
-    the `reason` column (null = passes every per-row rule)."""
+    """Ray Data UDF: trims responses after their answer (`curation.trim_after_answer`), adds the
+    `reason` column (null = passes every per-row rule), and relabels wrong answers to the
+    reference instead of dropping them (`curation.relabel_wrong`)."""
 
     def __init__(self, task: dict, curation: dict, tokenizer: str | None, schema: pa.Schema):
         from distill.tasks import task_from_config
@@ -36,14 +38,15 @@ class _RowRules:
         self.task = task_from_config(TaskConfig(**task))
         self.cfg = CurationConfig(**curation)
         self.schema = schema
-        self.decode = None
-        if tokenizer is not None and self.cfg.trim_after_answer != "off":
+        self.decode = self.encode = None
+        if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong):
             from transformers import AutoTokenizer
 
             from distill.models import resolve_model
 
             tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+            self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distill.teacher_workers import rows_to_table
@@ -51,6 +54,11 @@ class _RowRules:
         rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens)
                 for r in batch.to_pylist()]
         reasons = [row_reason(r, self.task, self.cfg) for r in rows]
+        if self.cfg.relabel_wrong:
+            for i, reason in enumerate(reasons):
+                fixed = reason == "wrong_answer" and relabel_wrong_answer(rows[i], self.task, self.encode or _no_tokens)
+                if fixed:
+                    rows[i], reasons[i] = fixed, None
         return rows_to_table(rows, self.schema).append_column(S.DROP_REASON, pa.array(reasons, pa.string()))
 
 
@@ -111,8 +119,9 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
             examples[reason].append(text)
     prompts = len(set(teacher[S.ID].to_pylist()))
     kept_prompts = len(set(kept[S.ID].to_pylist()))
-    trimmed = int(pc.sum(pc.equal(kept[S.FINISH_REASON], "trimmed")).as_py() or 0)
-    table = reason_table(reasons, examples, prompts, kept_prompts, trimmed)
+    trimmed, relabelled = (int(pc.sum(pc.equal(kept[S.FINISH_REASON], r)).as_py() or 0)
+                           for r in ("trimmed", "relabelled"))
+    table = reason_table(reasons, examples, prompts, kept_prompts, trimmed, relabelled)
     print(format_table(table))
     rd.curated.join("_table.json").write_json(table)
     if table["kept_ratio"] < cfg.curation.min_kept_ratio:

@@ -90,6 +90,29 @@ def trim_after_answer(row: dict[str, Any], task: Task, mode: str, decode) -> dic
     return out
 
 
+def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, Any] | None:
+    """A wrong answer with its stated label replaced by the reference (finish_reason `relabelled`),
+    or None when the task cannot relabel it. Token ids are the new text's (`encode`: the teacher
+    tokenizer's); the teacher's top-k stays on the tokens before the first changed one, the only
+    positions where it still describes the text the student learns."""
+    text = task.relabel(row.get(S.TEXT) or "", row.get(S.REFERENCE))
+    if text is None:
+        return None
+    out = {**row, S.TEXT: text, S.FINISH_REASON: "relabelled"}
+    ids = list(row.get(S.TOKEN_IDS) or [])
+    if not ids:  # imported text-only outputs
+        return out
+    new = list(encode(text))
+    same = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
+    out.update({S.TOKEN_IDS: new, S.OUTPUT_TOKENS: len(new)})
+    width = row.get(S.TOPK) or 0
+    if width and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
+        out[S.TOPK_IDS] = list(row[S.TOPK_IDS])[: same * width]
+        out[S.TOPK_LOGPROBS] = list(row[S.TOPK_LOGPROBS])[: same * width]
+        out[S.SAMPLED_LOGPROBS] = list(row[S.SAMPLED_LOGPROBS])[:same]
+    return out
+
+
 def _pair_text(row: dict[str, Any]) -> str:
     prompt = " ".join(m["content"] for m in row[S.MESSAGES])
     return " ".join(f"{prompt} ||| {row[S.TEXT]}".lower().split())
@@ -146,13 +169,14 @@ def select_per_prompt(rows: list[dict[str, Any]], rule: str) -> set[int]:
 
 
 def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
-                 prompts: int, kept_prompts: int, trimmed: int = 0) -> dict[str, Any]:
+                 prompts: int, kept_prompts: int, trimmed: int = 0, relabelled: int = 0) -> dict[str, Any]:
     """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""
     counts = Counter(r or "kept" for r in reasons)
     return {
         "responses": sum(counts.values()),
         "kept": counts.get("kept", 0),
         "kept_trimmed": trimmed,
+        "kept_relabelled": relabelled,
         "dropped": {r: counts[r] for r in REASONS if counts.get(r)},
         "examples": {r: ex for r, ex in examples.items() if ex},
         "prompts": prompts,
@@ -166,6 +190,8 @@ def format_table(table: dict[str, Any]) -> str:
              f"{'kept':<16}{table['kept']:>10}"]
     if table.get("kept_trimmed"):
         lines.append(f"{'  of which trimmed after the answer':<16} {table['kept_trimmed']}")
+    if table.get("kept_relabelled"):
+        lines.append(f"{'  of which relabelled to the reference':<16} {table['kept_relabelled']}")
     lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
     lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
     for reason, examples in table["examples"].items():

@@ -24,7 +24,7 @@ from distill.chat import prompt_token_ids
 from distill.losses import IGNORE
 
 INPUT_IDS, LABELS, KD_IDS, KD_LOGPROBS, LENGTH = "input_ids", "labels", "kd_ids", "kd_logprobs", "length"
-ENDED = ("stop", "trimmed")  # responses that end where the teacher stopped: the student learns EOS
+ENDED = ("stop", "trimmed", "relabelled")  # responses that end where the teacher stopped: the student learns EOS
 
 
 class TokenizerMismatch(ValueError):
@@ -126,8 +126,15 @@ class Batch:
     teacher: TeacherTopK | None = None  # None: sequence-level KD
 
 
+def _carries_kd(example: dict[str, Any]) -> bool:
+    """Whether an example has teacher rows (a row without them is None, or NaN out of pandas)."""
+    return isinstance(example.get(KD_IDS), (list, np.ndarray))
+
+
 def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int) -> Batch:
-    """Pad a micro-batch. The teacher's top-k comes along when every example carries it."""
+    """Pad a micro-batch. The teacher's top-k comes along when an example carries it (positions
+    without a teacher row, e.g. every position of a response relabelled at its first token, are
+    NaN and take no KD loss)."""
     import torch
 
     L = max(len(e[INPUT_IDS]) for e in batch)
@@ -135,7 +142,7 @@ def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int) -> Batch:
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
-    has_kd = top_k > 0 and all(e.get(KD_IDS) is not None for e in batch)
+    has_kd = top_k > 0 and any(_carries_kd(e) for e in batch)
     kd_ids = torch.zeros((B, L, top_k), dtype=torch.long) if has_kd else None
     kd_vals = torch.full((B, L, top_k), float("nan")) if has_kd else None
     for b, e in enumerate(batch):
@@ -143,7 +150,7 @@ def collate(batch: list[dict[str, Any]], pad_id: int, top_k: int) -> Batch:
         input_ids[b, :n] = torch.tensor(e[INPUT_IDS])
         labels[b, :n] = torch.tensor(e[LABELS])
         attention[b, :n] = 1
-        if has_kd:
+        if has_kd and _carries_kd(e):
             n_resp = sum(1 for x in e[LABELS] if x != IGNORE)
             kd_ids[b, n - n_resp:n] = torch.tensor(e[KD_IDS]).view(-1, top_k)
             kd_vals[b, n - n_resp:n] = torch.tensor(e[KD_LOGPROBS], dtype=torch.float32).view(-1, top_k)

@@ -125,3 +125,82 @@ def test_a_truncated_response_that_stated_its_answer_is_cut_there():
     assert trim_after_answer(_long_row(), task, "off", _decode)["finish_reason"] == "length"
     no_answer = {**_long_row(), "text": "It was fun", "token_ids": [5, 6, 7]}
     assert trim_after_answer(no_answer, task, "truncated", _decode) is no_answer
+
+
+# --- relabelling a wrong answer to the reference (curation.relabel_wrong)
+RELABEL_PIECES = ["The", " review", " is", " negative", " positive", ".", "Negative"]
+
+
+def _encode(text):
+    """Toy teacher tokenizer over RELABEL_PIECES: greedy longest piece first."""
+    ids, rest = [], text
+    while rest:
+        i = max((i for i, p in enumerate(RELABEL_PIECES) if rest.startswith(p)), key=lambda i: len(RELABEL_PIECES[i]))
+        ids.append(i)
+        rest = rest[len(RELABEL_PIECES[i]):]
+    return ids
+
+
+def test_a_wrong_label_becomes_the_reference_and_the_teacher_rows_stop_where_the_text_changed():
+    from distill.curate_rules import relabel_wrong_answer
+
+    text, k = "The review is negative.", 2
+    ids = _encode(text)  # [0, 1, 2, 3, 5]
+    wrong = row(text=text, reference="positive", token_ids=ids, output_tokens=len(ids), topk=k,
+                topk_ids=list(range(len(ids) * k)), topk_logprobs=[-0.5] * (len(ids) * k),
+                sampled_logprobs=[-0.1] * len(ids))
+    assert row_reason(wrong, TASK, CurationConfig()) == "wrong_answer"
+    out = relabel_wrong_answer(wrong, TASK, _encode)
+    assert out["text"] == "The review is positive." and out["finish_reason"] == "relabelled"
+    assert out["token_ids"] == [0, 1, 2, 4, 5] and out["output_tokens"] == 5
+    # the teacher's rows describe "The review is" only: from " positive" on it had said " negative"
+    assert out["topk_ids"] == list(range(3 * k)) and len(out["topk_logprobs"]) == 3 * k
+    assert len(out["sampled_logprobs"]) == 3
+    assert TASK.is_correct(out["text"], "positive") and row_reason(out, TASK, CurationConfig()) is None
+
+
+@pytest.mark.parametrize("text, reference, relabelled", [
+    ("Negative.", "positive", "Positive."),  # the case of the stated label is kept
+    ("NEGATIVE", "positive", "POSITIVE"),
+    ("It is negative, not positive.", "positive", None),  # a negated mention: swapping would contradict
+    ("It is positive or maybe negative.", "positive", None),  # no single stated label
+    ("The review is negative.", "neutral", None),  # the reference is not a label
+    ("The review is positive.", "positive", None),  # already right
+])
+def test_relabel_only_when_one_label_is_stated(text, reference, relabelled):
+    assert TASK.relabel(text, reference) == relabelled
+
+
+def test_tasks_without_labels_do_not_relabel():
+    assert get_task("qa").relabel("The answer is Paris.", "Rome") is None
+
+
+def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_it():
+    """The curate stage's per-row UDF on a real tokenizer (the embedded default's): a wrong
+    answer comes back right, re-tokenised, with top-k up to the changed token; off, it is dropped."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from distill.curate import _RowRules
+    from distill.curate_rules import format_table
+    from distill.models import resolve_model
+
+    tok_path = "builtin:smollm2-135m-instruct"
+    tok = AutoTokenizer.from_pretrained(resolve_model(tok_path))
+    text, k = "The review is negative.", 3
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    teacher_row = row(text=text, reference="positive", token_ids=ids, output_tokens=len(ids), topk=k,
+                      topk_ids=[1] * len(ids) * k, topk_logprobs=[-0.5] * len(ids) * k,
+                      sampled_logprobs=[-0.1] * len(ids), split="train", task="nli", prompt_tokens=9)
+    table = pa.Table.from_pylist([teacher_row], schema=S.TEACHER_SCHEMA)
+    task = {"type": "nli", "labels": ["positive", "negative"]}
+    on = _RowRules(task, CurationConfig(relabel_wrong=True).model_dump(), tok_path, S.TEACHER_SCHEMA)(table)
+    out = on.to_pylist()[0]
+    assert out[S.DROP_REASON] is None and out[S.TEXT] == "The review is positive."
+    assert out[S.TOKEN_IDS] == tok(out[S.TEXT], add_special_tokens=False)["input_ids"]
+    changed = next(i for i, (a, b) in enumerate(zip(ids, out[S.TOKEN_IDS])) if a != b)
+    assert len(out[S.TOPK_IDS]) == changed * k and changed == ids.index(tok(" negative", add_special_tokens=False)["input_ids"][0])
+    off = _RowRules(task, CurationConfig().model_dump(), tok_path, S.TEACHER_SCHEMA)(table)
+    assert off.to_pylist()[0][S.DROP_REASON] == "wrong_answer"
+    shown = format_table(reason_table([None], {}, prompts=1, kept_prompts=1, relabelled=1))
+    assert "relabelled to the reference" in shown

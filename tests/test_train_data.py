@@ -39,3 +39,25 @@ def test_padding_is_a_fraction_of_random_batching():
     random.Random(0).shuffle(shuffled)
     unsorted = padded([shuffled[i:i + 8] for i in range(0, len(shuffled), 8)])
     assert padded(batches(exs, seed=0)) < 1 + (unsorted - 1) / 10, unsorted
+
+
+def test_a_batch_mixes_examples_with_and_without_teacher_rows():
+    """A response relabelled at its first token has no teacher row left: its batch-mates keep
+    their KD, and its own positions are NaN (no KD loss), never a lost batch."""
+    import math
+
+    import pandas as pd
+
+    from distill.losses import IGNORE
+    from distill.train_data import KD_IDS, KD_LOGPROBS, LABELS, collate
+
+    with_kd = {"input_ids": [5, 6, 7, 8], LABELS: [IGNORE, IGNORE, 7, 8], LENGTH: 4,
+               KD_IDS: [7, 1, 8, 2], KD_LOGPROBS: [-0.1, -2.0, -0.2, -1.5]}
+    without = {"input_ids": [5, 6, 9], LABELS: [IGNORE, IGNORE, 9], LENGTH: 3}
+    for rows in ([with_kd, without], pd.DataFrame([with_kd, without]).to_dict("records")):  # None or NaN
+        batch = collate(rows, pad_id=0, top_k=2)
+        assert batch.teacher is not None
+        assert batch.teacher.ids[0, 2:].tolist() == [[7, 1], [8, 2]]
+        assert batch.teacher.defined().tolist() == [[False, False, True, True], [False] * 4]
+        assert all(math.isnan(v) for v in batch.teacher.logprobs[1].flatten().tolist())
+    assert collate([without, without], pad_id=0, top_k=2).teacher is None

@@ -342,6 +342,11 @@ class SynthesisConfig(Strict):
 class CurationConfig(Strict):
     check_answer: bool = True
     """Drop responses whose answer differs from the gold reference (reason wrong_answer)."""
+    relabel_wrong: bool = False
+    """With check_answer: keep a wrong answer with its stated label replaced by the gold reference
+    (nli and classification: "The review is negative." -> "The review is positive."), instead of
+    dropping it; the teacher's top-k is kept up to the first token that changed. The student then
+    learns the prompts the teacher gets wrong, in the teacher's words (`kept_relabelled` in the table)."""
     trim_after_answer: Literal["off", "truncated", "all"] = "truncated"
     """Cut a response after the sentence that states its answer (nli and math): `truncated` keeps
     responses cut at max_tokens that already gave their answer; `all` trims every response."""

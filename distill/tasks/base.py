@@ -51,6 +51,11 @@ class Task(ABC):
         """Gold check for curation; None when the row has no reference or the task cannot check."""
         return None
 
+    def relabel(self, response: str, reference: str | None) -> str | None:
+        """The response with its stated answer replaced by the reference (`curation.relabel_wrong`),
+        or None when the task cannot do that safely."""
+        return None
+
     @abstractmethod
     def item_scores(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
         """Per-response metrics whose corpus value is their mean (accuracy, F1, ROUGE-L): what a

@@ -40,6 +40,25 @@ class NLITask(Task):
             return None
         return self.extract(response) == reference.strip().lower()
 
+    def relabel(self, response: str, reference: str | None) -> str | None:
+        """"The review is negative." -> "The review is positive.": every mention of the stated
+        label becomes the reference, in the same case. None when the answer is not one clear label,
+        or a negated mention ("negative, not positive") would make the swap say something else."""
+        gold = (reference or "").strip().lower()
+        stated = self.extract(response)
+        if stated is None or gold not in self.labels or stated == gold:
+            return None
+        if any(m.group(1) for m in self._mention.finditer(response)):
+            return None
+
+        def swap(m: re.Match) -> str:
+            word = m.group(2)
+            if word.lower() != stated:
+                return word
+            return gold.upper() if word.isupper() else gold.capitalize() if word[0].isupper() else gold
+
+        return self._mention.sub(swap, response)
+
     def _labels(self, predictions: list[str], references: list[str]):
         return [self.extract(p) for p in predictions], [self.extract(r) or r.strip().lower() for r in references]
 
