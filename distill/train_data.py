@@ -82,8 +82,8 @@ def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -
     template and the same every epoch; only their order depends on the seed. The usual
     alternative, random windows of 8 batches sorted by length (transformers'
     LengthGroupedSampler: random batch-mates, 1.5% padding here instead of 0.3%), was measured on
-    the embedded default over 3 training seeds (2026-11-29, that variant in place of this
-    function under `bench/compare_methods.py --only mix --seeds 0,1,2`; bench/results/seeds.json)
+    the embedded default of then (KD temperature 1) over 3 training seeds (2026-11-29, that
+    variant in place of this function under `bench/compare_methods.py --only mix --seeds 0,1,2`; bench/results/seeds.json)
     and trained worse students on average on every set:
     shifted 0.568 (0.495-0.630) against 0.652 (0.630-0.690) for this sort, test 0.775 against
     0.933, hand-written 0.611 against 0.702; so the sort stays.
