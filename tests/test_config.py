@@ -34,6 +34,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("data.split.test=0.95", "validation + test must leave room for train"),
     ("training={zero_stage: 3, lora: {r: 4}}", "training: Value error, LoRA runs with zero_stage 0-2"),
     ("generation.top_k_logprobs=50", "generation.top_k_logprobs: Input should be less than or equal to 20"),
+    ("curation={relabel_wrong: true, check_answer: false}", "curation: Value error, curation.relabel_wrong relabels"),
 ])
 def test_bad_values_name_the_field_and_the_problem(override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -381,6 +381,13 @@ class CurationConfig(Strict):
     examples_per_reason: int = Field(3, ge=0)
     """Examples per drop reason in the table."""
 
+    @model_validator(mode="after")
+    def _relabel_needs_the_answer_check(self) -> "CurationConfig":
+        if self.relabel_wrong and not self.check_answer:
+            raise ValueError("curation.relabel_wrong relabels the answers that the gold check finds wrong: "
+                             "set curation.check_answer=true, or curation.relabel_wrong=false")
+        return self
+
 
 # ----------------------------------------------------------------------------- training
 
