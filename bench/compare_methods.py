@@ -19,7 +19,8 @@ the share of the teacher's score each student keeps, and the teacher tokens each
 The bootstrap intervals cover the evaluation prompts, not training randomness; `--seeds 0,1,2`
 trains every variant once per `training.seed` (data order) and the table shows the mean over
 seeds with the lowest and highest run beside it: a difference smaller than that spread is noise.
-Results are merged into `--out` by variant (or `--label`) and seed, so runs can be added one at a time.
+Results are merged into `--out` by variant (or `--label`) and seed after every run, so runs can
+be added one at a time and a cut session keeps the runs that finished.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def main() -> None:
             for stage in ("curate", "train", "evaluate"):
                 run_stage(stage, cfg, cfg_path=args.config)
             results.setdefault(label, {}).setdefault("seeds", {})[str(seed)] = one_run(run_dir, name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a cut session keeps what finished
     print(table(results))
 
 
