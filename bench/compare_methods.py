@@ -54,6 +54,9 @@ def main() -> None:
                          "for a run with overrides, e.g. --label 'mix, kd.temperature 1' training.kd.temperature=1)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    names = args.only.split(",")
+    if args.label and len(names) > 1:
+        raise SystemExit("compare_methods: --label names one variant's results; give --only one variant")
     root = Path(args.root)
     # no evaluation gate here: a variant that keeps too little is a finding, not an error
     common = [*args.overrides, "evaluation.min_kept_ratio=null"]
@@ -62,9 +65,6 @@ def main() -> None:
         run_stage(stage, base, cfg_path=args.config)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    names = args.only.split(",")
-    if args.label and len(names) > 1:
-        raise SystemExit("compare_methods: --label names one variant's results; give --only one variant")
     for name in names:
         label = args.label or name
         stem = "".join(c if c.isalnum() else "-" for c in label)
