@@ -81,12 +81,17 @@ def trim_after_answer(row: dict[str, Any], task: Task, mode: str, decode) -> dic
     k = next((k for k in range(1, len(ids) + 1) if decode(ids[:k]).rstrip().startswith(target)), None)
     if k is None:  # text and tokens disagree (should not happen with the teacher's tokenizer)
         return row
-    width = row.get(S.TOPK) or 0
     out.update({S.TEXT: decode(ids[:k]), S.TOKEN_IDS: ids[:k], S.OUTPUT_TOKENS: k})
+    return _with_topk_cut(out, row, k)
+
+
+def _with_topk_cut(out: dict[str, Any], row: dict[str, Any], positions: int) -> dict[str, Any]:
+    """`out` with `row`'s teacher top-k (and sampled logprobs) cut to its first `positions` tokens."""
+    width = row.get(S.TOPK) or 0
     if width and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
-        out[S.TOPK_IDS] = list(row[S.TOPK_IDS])[: k * width]
-        out[S.TOPK_LOGPROBS] = list(row[S.TOPK_LOGPROBS])[: k * width]
-        out[S.SAMPLED_LOGPROBS] = list(row[S.SAMPLED_LOGPROBS])[:k]
+        out[S.TOPK_IDS] = list(row[S.TOPK_IDS])[: positions * width]
+        out[S.TOPK_LOGPROBS] = list(row[S.TOPK_LOGPROBS])[: positions * width]
+        out[S.SAMPLED_LOGPROBS] = list(row[S.SAMPLED_LOGPROBS])[:positions]
     return out
 
 
@@ -105,12 +110,7 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     new = list(encode(text))
     same = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
     out.update({S.TOKEN_IDS: new, S.OUTPUT_TOKENS: len(new)})
-    width = row.get(S.TOPK) or 0
-    if width and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
-        out[S.TOPK_IDS] = list(row[S.TOPK_IDS])[: same * width]
-        out[S.TOPK_LOGPROBS] = list(row[S.TOPK_LOGPROBS])[: same * width]
-        out[S.SAMPLED_LOGPROBS] = list(row[S.SAMPLED_LOGPROBS])[:same]
-    return out
+    return _with_topk_cut(out, row, same)
 
 
 def _pair_text(row: dict[str, Any]) -> str:
