@@ -21,6 +21,9 @@ from distill.config import EngineConfig, SamplingConfig
 from distill.hardware import cuda_available, fast_dtype
 
 
+CPU_BLOCK_SIZE = 32
+
+
 def resolve_device(cfg: EngineConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
@@ -67,6 +70,13 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
         # a random tiny model spends its whole budget on spaces inside the object otherwise.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
+    if cfg.block_size:
+        kw["block_size"] = cfg.block_size
+    elif device == "cpu":
+        # prefix caching reuses whole blocks only: at vLLM's CPU default (128 tokens) prompts
+        # that share a 40-token system prompt reuse none of it; 32 is the smallest block the
+        # CPU backend takes without a warning (it wants multiples of 32)
+        kw["block_size"] = CPU_BLOCK_SIZE
     if device == "cpu":
         # the KV cache lives in RAM: size it explicitly (vLLM's fraction-of-memory default fails)
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 512 * 2**20

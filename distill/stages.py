@@ -114,7 +114,7 @@ class Stage:
 
 
 _ENGINE_KNOBS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
-                 "cpu_threads_bind", "tensor_parallel_size")
+                 "block_size", "cpu_threads_bind", "tensor_parallel_size")
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("prepare", "distill.data:prepare", (), "prompts",

@@ -106,28 +106,3 @@ def test_mixing_weight():
     assert half.item() == pytest.approx(0.5 * ce_only.item() + 0.5 * kd_only.item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown divergence"):
         topk_kd(logits, ids, vals, mask, "wasserstein")
-
-
-def test_top_k_packing_matches_a_plain_loop_over_vllm_flat_logprobs():
-    import numpy as np
-    from vllm.logprobs import FlatLogprobs, Logprob
-
-    from distill.engine import pack_topk
-
-    rng = np.random.default_rng(0)
-    k, T = 5, 40
-    flat, sampled_ids = FlatLogprobs(), []
-    for _ in range(T):
-        vocab = rng.choice(1000, size=k + 3, replace=False)
-        lps = np.sort(rng.normal(-3, 2, size=k + 3))[::-1]
-        sampled = int(rng.integers(0, k + 3))  # in the top k, or not
-        position = {int(vocab[sampled]): Logprob(float(lps[sampled]), sampled + 1)}
-        position.update({int(vocab[r]): Logprob(float(lps[r]), r + 1) for r in range(k)})
-        flat.append(position)
-        sampled_ids.append(int(vocab[sampled]))
-    ids, vals, sampled = pack_topk(flat, sampled_ids, k)
-    for t in range(T):  # the reference: per position, ranks 1..k in order
-        entries = sorted((lp.rank, tid, lp.logprob) for tid, lp in flat[t].items() if lp.rank <= k)
-        assert list(ids[t * k:(t + 1) * k]) == [tid for _, tid, _ in entries]
-        np.testing.assert_allclose(vals[t * k:(t + 1) * k], [v for *_, v in entries], rtol=1e-6)
-        assert sampled[t] == np.float32(flat[t][sampled_ids[t]].logprob)

@@ -165,3 +165,12 @@ def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_mode
     changed = [n for n, w in exported.state_dict().items() if not w.equal(base.state_dict()[n])]
     assert changed and all(any(m in n for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
     assert stats["method"] == "sequence"
+
+
+def test_deepspeed_is_kept_from_building_its_inference_only_shm_op():
+    import importlib
+
+    from distill.train_loop import skip_deepspeed_shm_op
+
+    skip_deepspeed_shm_op()  # without it this call compiles the op (40 s) and returns it
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None

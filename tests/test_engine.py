@@ -1,0 +1,37 @@
+"""The engine interface's pure parts: config -> vLLM arguments, vLLM logprobs -> top-k arrays."""
+
+from distill.config import EngineConfig
+from distill.engine import CPU_BLOCK_SIZE, engine_kwargs
+
+
+def test_cpu_engines_take_a_kv_block_small_enough_to_reuse_a_system_prompt():
+    cpu = engine_kwargs("m", EngineConfig(device="cpu"))
+    assert cpu["block_size"] == CPU_BLOCK_SIZE == 32
+    assert engine_kwargs("m", EngineConfig(device="cpu", block_size=128))["block_size"] == 128
+    assert "block_size" not in engine_kwargs("m", EngineConfig(device="cuda"))  # vLLM's GPU default
+    assert engine_kwargs("m", EngineConfig(device="cuda", block_size=64))["block_size"] == 64
+
+
+def test_top_k_packing_matches_a_plain_loop_over_vllm_flat_logprobs():
+    import numpy as np
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from distill.engine import pack_topk
+
+    rng = np.random.default_rng(0)
+    k, T = 5, 40
+    flat, sampled_ids = FlatLogprobs(), []
+    for _ in range(T):
+        vocab = rng.choice(1000, size=k + 3, replace=False)
+        lps = np.sort(rng.normal(-3, 2, size=k + 3))[::-1]
+        sampled = int(rng.integers(0, k + 3))  # in the top k, or not
+        position = {int(vocab[sampled]): Logprob(float(lps[sampled]), sampled + 1)}
+        position.update({int(vocab[r]): Logprob(float(lps[r]), r + 1) for r in range(k)})
+        flat.append(position)
+        sampled_ids.append(int(vocab[sampled]))
+    ids, vals, sampled = pack_topk(flat, sampled_ids, k)
+    for t in range(T):  # the reference: per position, ranks 1..k in order
+        entries = sorted((lp.rank, tid, lp.logprob) for tid, lp in flat[t].items() if lp.rank <= k)
+        assert list(ids[t * k:(t + 1) * k]) == [tid for _, tid, _ in entries]
+        np.testing.assert_allclose(vals[t * k:(t + 1) * k], [v for *_, v in entries], rtol=1e-6)
+        assert sampled[t] == np.float32(flat[t][sampled_ids[t]].logprob)
