@@ -60,7 +60,7 @@ class EngineConfig(Strict):
     max_num_seqs: int = Field(256, ge=1)
     """Sequences decoded together; lower it after an out-of-memory error."""
     block_size: int | None = Field(None, ge=1)
-    """KV cache block in tokens; null = 32 on the CPU, vLLM's default (16) on GPUs. Prompts reuse a
+    """KV cache block in tokens; null = 32 on the CPU, vLLM's own default on GPUs. Prompts reuse a
     shared prefix (the system prompt) only in whole blocks: vLLM's CPU default of 128 never
     reuses the embedded default's 40-token one; 32 makes its evaluation batch 1.54x faster
     (bench/kv_block_size.py)."""
