@@ -26,12 +26,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.body import parse
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate, error_body, validation_message
-from serve.responses import Chunks, response_body
+from serve.responses import Chunks, ClosingStreamingResponse, response_body
 from serve.routing import pick_arm
 from serve.shadow import Shadow
 
@@ -243,7 +243,7 @@ class Ingress:
                 if status == 200 and texts:
                     self.shadow.offer(route, arm, req, texts[min(texts)], self.models, self.ledger)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     # ------------------------------------------------------------------ routes
 

@@ -189,3 +189,42 @@ def test_shadow_agreement_uses_the_task_metric():
                     record_prompts=False)
     assert shadow.agreement("The review is positive.", "Positive") == 1.0
     assert shadow.agreement("It is negative.", "The sentiment is positive.") == 0.0
+
+
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_stream_the_client_left_mid_send_runs_its_cleanup_at_once(closing):
+    """The ASGI server fails a send (the client is gone) while the body generator sits at a yield:
+    Starlette's own StreamingResponse leaves it suspended, ours closes it (its `finally` records the 499)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import StreamingResponse
+
+    from serve.responses import ClosingStreamingResponse
+
+    cleaned = []
+
+    async def body():
+        try:
+            for i in range(5):
+                yield f"data: {i}\n\n"
+        finally:
+            cleaned.append(True)
+
+    sent = []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and sent:
+            raise OSError("client disconnected")
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(60)
+
+    async def serve_once():
+        response = (ClosingStreamingResponse if closing else StreamingResponse)(body())
+        with pytest.raises(ClientDisconnect):
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        return list(cleaned)  # read while the loop runs: at its end asyncio closes every generator
+
+    assert asyncio.run(serve_once()) == ([True] if closing else [])
