@@ -70,21 +70,20 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
         # a random tiny model spends its whole budget on spaces inside the object otherwise.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
-    if cfg.block_size:
-        kw["block_size"] = cfg.block_size
-    elif device == "cpu":
-        # prefix caching reuses whole blocks only: at vLLM's CPU default (128 tokens) prompts
-        # that share a 40-token system prompt reuse none of it; 32 is the smallest block the
-        # CPU backend takes without a warning (it wants multiples of 32)
-        kw["block_size"] = CPU_BLOCK_SIZE
     if device == "cpu":
         # the KV cache lives in RAM: size it explicitly (vLLM's fraction-of-memory default fails)
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 512 * 2**20
+        # prefix caching reuses whole blocks only: at vLLM's CPU default (128 tokens) prompts
+        # that share a 40-token system prompt reuse none of it; 32 is the smallest block the
+        # CPU backend takes without a warning (it wants multiples of 32)
+        kw["block_size"] = cfg.block_size or CPU_BLOCK_SIZE
         kw["distributed_executor_backend"] = "uni" if cfg.tensor_parallel_size == 1 else "mp"
     else:
         kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.kv_cache_memory_bytes:
             kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        if cfg.block_size:
+            kw["block_size"] = cfg.block_size
         # tensor parallelism inside one actor that holds all its GPUs: local worker processes
         kw["distributed_executor_backend"] = "mp" if cfg.tensor_parallel_size > 1 else "uni"
     return kw

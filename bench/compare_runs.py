@@ -1,0 +1,66 @@
+"""Are two runs the same? Teacher rows and evaluation answers of two run directories, compared.
+
+    .venv/bin/python bench/compare_runs.py RUN_A RUN_B      # e.g. two fresh clones' runs/default
+
+Rows are matched by prompt id (and sample). For each stored teacher column it prints how many
+rows differ; for the top-k logprobs also how many values and by how much at most; for every
+model's answers in `eval/predictions` how many of the prompts got another answer. What the README
+says about two demos giving the same answers comes from this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEACHER_COLUMNS = ["text", "token_ids", "topk_ids", "topk_logprobs"]
+
+
+def _read(folder: Path, stem: str = "") -> pa.Table:
+    parts = sorted(folder.glob(f"{stem}*.parquet"))
+    if not parts:
+        raise SystemExit(f"compare_runs: no Parquet files in {folder}")
+    return pa.concat_tables(pq.read_table(p) for p in parts)
+
+
+def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
+    return table.sort_by([(k, "ascending") for k in keys if k in table.column_names])
+
+
+def compare(a: Path, b: Path) -> dict:
+    out: dict = {"teacher": {}, "answers": {}}
+    ta, tb = (_sorted(_read(r / "teacher"), ["id", "sample"]) for r in (a, b))
+    if not ta["id"].equals(tb["id"]):
+        raise SystemExit("compare_runs: the two runs' teacher rows are for different prompts")
+    for col in TEACHER_COLUMNS:
+        out["teacher"][col] = {"rows": len(ta), "rows_differing": sum(x != y for x, y in zip(ta[col].to_pylist(),
+                                                                                          tb[col].to_pylist()))}
+    la = np.concatenate([np.asarray(v, np.float32) for v in ta["topk_logprobs"].to_pylist()] or [np.zeros(0)])
+    lb = np.concatenate([np.asarray(v, np.float32) for v in tb["topk_logprobs"].to_pylist()] or [np.zeros(0)])
+    if len(la) == len(lb):
+        both = np.isfinite(la) & np.isfinite(lb)
+        diff = np.abs(la[both] - lb[both])
+        out["teacher"]["topk_logprobs"].update(values=int(both.sum()), values_differing=int((diff > 0).sum()),
+                                               max_difference=float(diff.max()) if len(diff) else 0.0)
+    pa_, pb = (_sorted(_read(r / "eval", "predictions"), ["id"]) for r in (a, b))
+    for col in (c for c in pa_.column_names if c.endswith("_text") and c in pb.column_names):
+        out["answers"][col.removesuffix("_text")] = {
+            "prompts": len(pa_), "differing": sum(x != y for x, y in zip(pa_[col].to_pylist(), pb[col].to_pylist()))}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_a", type=Path)
+    ap.add_argument("run_b", type=Path)
+    args = ap.parse_args()
+    print(json.dumps(compare(args.run_a, args.run_b), indent=2))
+
+
+if __name__ == "__main__":
+    main()
