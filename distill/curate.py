@@ -2,41 +2,55 @@
 
     distill curate --config configs/default.yaml
 
-Per-response rules (`curate_rules.row_reason`: errors, empty, truncated, length, refusals,
-repetition, wrong answers against the gold reference) run in parallel over Ray Data. The
-rules that need all rows at once (exact and MinHash near-duplicates, best sample per prompt)
-run on the surviving rows' text columns in the driver. A gate stops the run, with the table,
-when fewer than `curation.min_kept_ratio` of the prompts keep a response: training on what is
-left would not be worth its cost. Outputs: `curated/` Parquet (the teacher schema, kept rows
-only), `curated/_dropped/` (id, sample, reason, text) and `curated/_table.json` (underscored, so
-Parquet readers of the folder skip them).
+The rows stay on the cluster. Three rounds of Ray tasks, the driver holding only references and
+counts:
+1. a task per teacher part applies the per-row rules (`curate_rules.row_reason`: errors, empty,
+   truncated, length, refusals, repetition, wrong answers against the gold reference; trimming
+   after the answer, relabelling) and writes the part, with each row's reason, to
+   `curated/_staging/`; it returns the part's compact keys (`curate_keys.PartKeys`);
+2. the whole-set rules (exact and MinHash near-duplicates, samples per prompt) run as
+   reductions over hash buckets of those keys, a task per bucket;
+3. a task per part drops what the reductions dropped and writes the kept rows to `curated/`
+   and the dropped ones (id, sample, reason, text) to `curated/_dropped/`, returning counts and
+   a few examples per reason, which the driver adds up into the table.
+A gate stops the run, with the table, when fewer than `curation.min_kept_ratio` of the prompts
+keep a response: training on what is left would not be worth its cost. The table is written to
+`curated/_table.json` (underscored, so Parquet readers of the folder skip it).
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.config import CurationConfig, RunConfig, TaskConfig
-from distill.curate_rules import (CurationGateError, exact_duplicates, format_table, near_duplicates,
-                                  reason_table, relabel_wrong_answer, row_reason, select_per_prompt,
+from distill.curate_keys import PartKeys, exact_drops, near_drops, part_keys, selection_drops
+from distill.curate_rules import (CurationGateError, format_table, reason_table, relabel_wrong_answer, row_reason,
                                   trim_after_answer)
 from distill.rundir import RunDir
+from distill.storage import Location
+
+GLOBAL_REASONS = ("duplicate", "near_duplicate", "not_selected")
 
 
-class _RowRules:
-    """Ray Data UDF: trims responses after their answer (`curation.trim_after_answer`), adds the
-    `reason` column (null = passes every per-row rule), and relabels wrong answers to the
-    reference instead of dropping them (`curation.relabel_wrong`)."""
+class RowRules:
+    """The per-row rules over one batch: trims responses after their answer
+    (`curation.trim_after_answer`), adds the `reason` column (null = passes every per-row rule),
+    and relabels wrong answers to the reference instead of dropping them (`curation.relabel_wrong`)."""
 
-    def __init__(self, task: dict, curation: dict, tokenizer: str | None, schema: pa.Schema):
+    def __init__(self, task: TaskConfig, curation: CurationConfig, tokenizer: str | None, schema: pa.Schema):
         from distill.tasks import task_from_config
 
-        self.task = task_from_config(TaskConfig(**task))
-        self.cfg = CurationConfig(**curation)
+        self.task = task_from_config(task)
+        self.cfg = curation
         self.schema = schema
         self.decode = self.encode = None
         if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong):
@@ -66,80 +80,165 @@ def _no_tokens(ids):
     raise ValueError("trimming token ids needs the teacher's tokenizer")
 
 
-def _row_reasons(cfg: RunConfig, table: pa.Table) -> pa.Table:
-    import ray.data
-
-    from distill.ray_utils import connect
-
-    connect(cfg.ray)
-    from distill.models import teacher_tokenizer
-
-    tokenizer = teacher_tokenizer(cfg)
-    rules = _RowRules(cfg.task.model_dump(), cfg.curation.model_dump(), tokenizer, table.schema)
-    blocks = [table.slice(i, 1024) for i in range(0, len(table), 1024)] or [table]
-    ds = ray.data.from_arrow(blocks).map_batches(rules, batch_format="pyarrow", batch_size=None)
-    return pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+_RULES: dict[tuple, RowRules] = {}  # per worker process: the tokenizer is loaded once
 
 
-def apply_global_rules(rows: list[dict[str, Any]], cfg: CurationConfig) -> list[str | None]:
-    """Reasons after dedup and per-prompt selection, for rows that passed the per-row rules."""
-    reasons: list[str | None] = [None] * len(rows)
-    if cfg.dedup_exact:
-        for i in exact_duplicates(rows):
-            reasons[i] = "duplicate"
-    if cfg.dedup_near:
-        alive = [i for i, r in enumerate(reasons) if r is None]
-        for j in near_duplicates([rows[i] for i in alive], cfg.near_threshold):
-            reasons[alive[j]] = "near_duplicate"
-    alive = [i for i, r in enumerate(reasons) if r is None]
-    chosen = select_per_prompt([rows[i] for i in alive], cfg.select)
-    for j, i in enumerate(alive):
-        if j not in chosen:
-            reasons[i] = "not_selected"
-    return reasons
+def _rules(task: TaskConfig, curation: CurationConfig, tokenizer: str | None, schema: pa.Schema) -> RowRules:
+    key = (task.model_dump_json(), curation.model_dump_json(), tokenizer, schema.to_string())
+    if key not in _RULES:
+        _RULES[key] = RowRules(task, curation, tokenizer, schema)
+    return _RULES[key]
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: RunConfig,
+                tokenizer: str | None) -> PartKeys:
+    """Round 1 for one teacher part: the per-row rules, the staged part, its compact keys."""
+    table = pq.read_table(path, filesystem=src.fs)
+    ruled = _rules(cfg.task, cfg.curation, tokenizer, table.schema)(table)
+    staging.write_part(ruled, f"part-{part:06d}")
+    c = cfg.curation
+    rows = ruled.select([S.ID, S.SAMPLE, S.MESSAGES, S.TEXT, S.OUTPUT_TOKENS]).to_pylist()
+    return part_keys(rows, (r is None for r in ruled[S.DROP_REASON].to_pylist()), part,
+                     c.near_threshold if c.dedup_near else None)
+
+
+def _concat(*arrays: np.ndarray) -> np.ndarray:
+    return np.unique(np.concatenate([np.zeros(0, np.int64), *arrays]))
+
+
+# round 2: Ray resolves only top-level references, so the parts' keys come as *parts
+def _exact(bucket: int, buckets: int, *parts: PartKeys) -> np.ndarray:
+    return exact_drops(list(parts), bucket, buckets)
+
+
+def _near(excluded: np.ndarray, bucket: int, buckets: int, *parts: PartKeys) -> np.ndarray:
+    return near_drops(list(parts), excluded, bucket, buckets)
+
+
+def _select(excluded: np.ndarray, rule: str, bucket: int, buckets: int, *parts: PartKeys):
+    return selection_drops(list(parts), excluded, rule, bucket, buckets)
+
+
+@dataclass
+class PartSummary:
+    """What round 3 of one part tells the driver: counts and the first examples per reason."""
+
+    responses: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    trimmed: int = 0
+    relabelled: int = 0
+    kept_splits: Counter = field(default_factory=Counter)
+
+    def add(self, other: "PartSummary", examples_per_reason: int) -> None:
+        self.responses += other.responses
+        self.reasons.update(other.reasons)
+        for reason, texts in other.examples.items():
+            have = self.examples.setdefault(reason, [])
+            have.extend(texts[: examples_per_reason - len(have)])
+        self.trimmed += other.trimmed
+        self.relabelled += other.relabelled
+        self.kept_splits.update(other.kept_splits)
+
+
+def _finish_part(staging: Location, part: int, out: Location, examples_per_reason: int,
+                 *drops: np.ndarray) -> PartSummary:
+    """Round 3 for one part: the global drops applied; kept and dropped rows written."""
+    table = pq.read_table(f"{staging.path}/part-{part:06d}.parquet", filesystem=staging.fs)
+    reasons = table[S.DROP_REASON].to_pylist()
+    lo, hi = np.int64(part) << np.int64(32), np.int64(part + 1) << np.int64(32)
+    for reason, dropped in zip(GLOBAL_REASONS, drops):
+        for ordinal in dropped[np.searchsorted(dropped, lo):np.searchsorted(dropped, hi)]:
+            reasons[int(ordinal - lo)] = reason
+    kept_mask = pa.array([r is None for r in reasons])
+    kept = table.drop_columns([S.DROP_REASON]).filter(kept_mask)
+    if len(kept):
+        out.write_part(kept, f"part-{part:06d}")
+    dropped = pa.table({S.ID: table[S.ID], S.SAMPLE: table[S.SAMPLE],
+                        S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: table[S.TEXT]}).filter(pc.invert(kept_mask))
+    if len(dropped):
+        out.join("_dropped").write_part(dropped, f"part-{part:06d}")
+    summary = PartSummary(responses=len(table), reasons=Counter(r or "kept" for r in reasons),
+                          kept_splits=Counter(kept[S.SPLIT].to_pylist()))
+    for reason, text in zip(reasons, table[S.TEXT].to_pylist()):
+        if reason and len(summary.examples.setdefault(reason, [])) < examples_per_reason:
+            summary.examples[reason].append(text)
+    summary.trimmed, summary.relabelled = (int(pc.sum(pc.equal(kept[S.FINISH_REASON], r)).as_py() or 0)
+                                           for r in ("trimmed", "relabelled"))
+    return summary
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _wait_all(refs: list, label: str) -> None:
+    """Block until every task is done (nothing fetched), printing progress at most every 10 s."""
+    import ray
+
+    pending, done, last = list(refs), 0, time.time()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=10, fetch_local=False)
+        done += len(ready)
+        if pending and time.time() - last >= 10:
+            print(f"[curate] {label}: {done}/{len(refs)} parts", flush=True)
+            last = time.time()
 
 
 def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
-    teacher = rd.teacher.read_table()
-    with_reason = _row_reasons(cfg, teacher)
-    reasons = with_reason[S.DROP_REASON].to_pylist()
-    teacher = with_reason.drop_columns([S.DROP_REASON])  # trimmed where the rule applied
-    passing = [i for i, r in enumerate(reasons) if r is None]
-    rows = teacher.select([S.ID, S.SAMPLE, S.MESSAGES, S.TEXT, S.OUTPUT_TOKENS]).take(
-        pa.array(passing, pa.int64())).to_pylist()
-    for i, reason in zip(passing, apply_global_rules(rows, cfg.curation)):
-        reasons[i] = reason
+    import ray
 
-    kept_mask = pa.array([r is None for r in reasons])
-    kept = teacher.filter(kept_mask)
-    texts = teacher[S.TEXT].to_pylist()
-    examples: dict[str, list[str]] = {}
-    for reason, text in zip(reasons, texts):
-        if reason and len(examples.setdefault(reason, [])) < cfg.curation.examples_per_reason:
-            examples[reason].append(text)
-    prompts = len(set(teacher[S.ID].to_pylist()))
-    kept_prompts = len(set(kept[S.ID].to_pylist()))
-    trimmed, relabelled = (int(pc.sum(pc.equal(kept[S.FINISH_REASON], r)).as_py() or 0)
-                           for r in ("trimmed", "relabelled"))
-    table = reason_table(reasons, examples, prompts, kept_prompts, trimmed, relabelled)
+    from distill.models import teacher_tokenizer
+    from distill.ray_utils import connect
+
+    connect(cfg.ray)
+    c = cfg.curation
+    parts = rd.teacher.list_files(".parquet")
+    if not parts:
+        raise FileNotFoundError(f"no Parquet files under {rd.teacher.uri}: run distill generate first")
+    staging = rd.curated.join("_staging")
+    task = ray.remote(num_cpus=1)
+    tokenizer = teacher_tokenizer(cfg)
+    keys = [task(_stage_part).remote(rd.teacher, path, i, staging, cfg, tokenizer) for i, path in enumerate(parts)]
+    _wait_all(keys, "per-row rules")
+
+    buckets = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
+    reduce = task(_concat)
+    exact = reduce.remote(*[task(_exact).remote(b, buckets, *keys) for b in range(buckets)]) \
+        if c.dedup_exact else reduce.remote()
+    near = reduce.remote(*[task(_near).remote(exact, b, buckets, *keys) for b in range(buckets)]) \
+        if c.dedup_near else reduce.remote()
+    excluded = reduce.remote(exact, near)
+    chosen = [task(_select).options(num_returns=2).remote(excluded, c.select, b, buckets, *keys)
+              for b in range(buckets)]
+    selected = reduce.remote(*[drops for drops, _ in chosen])
+    counts = ray.get([n for _, n in chosen])
+    finished = [task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, exact, near, selected)
+                for i in range(len(parts))]
+    _wait_all(finished, "kept rows written")
+    total = PartSummary()
+    for summary in ray.get(finished):
+        total.add(summary, c.examples_per_reason)
+    staging.remove()
+
+    prompts, kept_prompts = (sum(n[k] for n in counts) for k in ("prompts", "kept_prompts"))
+    table = reason_table(total.reasons.elements(), total.examples, prompts, kept_prompts,
+                         total.trimmed, total.relabelled)
     print(format_table(table))
     rd.curated.join("_table.json").write_json(table)
-    if table["kept_ratio"] < cfg.curation.min_kept_ratio:
+    if table["kept_ratio"] < c.min_kept_ratio:
+        for part in rd.curated.list_files(".parquet"):
+            rd.curated.fs.delete_file(part)
         raise CurationGateError(
             f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
-            f"{cfg.curation.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
+            f"{c.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
             "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
             "samples with generation.sampling.n and a temperature for wrong answers), switch off "
             "a rule, or lower curation.min_kept_ratio."
         )
-    for i in range(0, max(1, len(kept)), cfg.generation.rows_per_file):
-        rd.curated.write_part(kept.slice(i, cfg.generation.rows_per_file), f"part-{i:08d}")
-    dropped = pa.table({
-        S.ID: teacher[S.ID], S.SAMPLE: teacher[S.SAMPLE],
-        S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: teacher[S.TEXT],
-    }).filter(pc.invert(kept_mask))
-    rd.curated.join("_dropped").write_part(dropped, "dropped")
-    print(f"[curate] kept {len(kept)} of {len(teacher)} responses ({trimmed} trimmed after their answer) "
-          f"-> {rd.curated.uri}")
-    return {"rows": len(kept), "table": table,
-            "kept_splits": {s: int(pc.sum(pc.equal(kept[S.SPLIT], s)).as_py() or 0) for s in S.TRAINED_SPLITS}}
+    print(f"[curate] kept {table['kept']} of {total.responses} responses ({total.trimmed} trimmed after "
+          f"their answer) -> {rd.curated.uri}")
+    return {"rows": table["kept"], "table": table,
+            "kept_splits": {s: total.kept_splits.get(s, 0) for s in S.TRAINED_SPLITS}}

@@ -113,61 +113,6 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     return _with_topk_cut(out, row, same)
 
 
-def _pair_text(row: dict[str, Any]) -> str:
-    prompt = " ".join(m["content"] for m in row[S.MESSAGES])
-    return " ".join(f"{prompt} ||| {row[S.TEXT]}".lower().split())
-
-
-def exact_duplicates(rows: list[dict[str, Any]]) -> set[int]:
-    """Indices of rows whose (prompt, response) pair already occurred earlier.
-
-    Duplicates are judged on the pair, not the response alone: in classification tasks many
-    prompts legitimately share the response "positive"."""
-    seen: set[str] = set()
-    dup = set()
-    for i, row in enumerate(rows):
-        key = _pair_text(row)
-        if key in seen:
-            dup.add(i)
-        seen.add(key)
-    return dup
-
-
-def near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm: int = 64) -> set[int]:
-    """Indices of rows whose (prompt, response) pair is a MinHash-LSH near-duplicate of an
-    earlier one (Jaccard over word 3-shingles >= threshold), via datasketch."""
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    dup = set()
-    for i, row in enumerate(rows):
-        words = _pair_text(row).split()
-        shingles = {" ".join(words[j:j + 3]) for j in range(max(1, len(words) - 2))}
-        mh = MinHash(num_perm=num_perm, seed=1)
-        mh.update_batch([s.encode() for s in shingles])
-        if lsh.query(mh):
-            dup.add(i)
-        else:
-            lsh.insert(str(i), mh)
-    return dup
-
-
-def select_per_prompt(rows: list[dict[str, Any]], rule: str) -> set[int]:
-    """Indices (among passing rows) to keep: one per prompt, or all with `all_correct`."""
-    if rule == "all_correct":
-        return set(range(len(rows)))
-    best: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        j = best.get(row[S.ID])
-        if j is None:
-            best[row[S.ID]] = i
-        elif rule == "shortest_correct" and row[S.OUTPUT_TOKENS] < rows[j][S.OUTPUT_TOKENS]:
-            best[row[S.ID]] = i
-        elif rule == "first_correct" and row[S.SAMPLE] < rows[j][S.SAMPLE]:
-            best[row[S.ID]] = i
-    return set(best.values())
-
-
 def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
                  prompts: int, kept_prompts: int, trimmed: int = 0, relabelled: int = 0) -> dict[str, Any]:
     """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""

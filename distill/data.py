@@ -7,8 +7,12 @@ Accepted rows: chat `messages` ([{role, content}, ...]; a final assistant turn b
 `split`. A malformed row is an error naming the file and line (or row), or is skipped and counted
 when `data.on_bad_row: skip`. Ids are the given ones or a content hash, so they are stable across
 reruns; the split is a hash of the id, so it is deterministic and does not move when rows are
-added. Validation happens row by row in the driver to name the exact line; the rows are small
-(the heavy work is generation), so this is not the bottleneck.
+added.
+
+The input is streamed: files are read a chunk of lines (or a Parquet batch) at a time, each part
+of `generation.rows_per_file` prompts is written as soon as it is full, and duplicate ids are
+found on an 8-byte hash per row (`SeenKeys`), so the process holds one part of rows and 8 bytes a
+prompt whatever the size of the input (bench/pipeline_scale.py measures it).
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from typing import Any, Iterator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.config import RunConfig
 from distill.rundir import RunDir
-from distill.storage import Location, locate
+from distill.storage import Location, hash64, locate
 from distill.synth import synth_rows
 from distill.tasks import task_from_config
 
@@ -47,30 +54,52 @@ def _input_files(loc: Location, field: str) -> list[str]:
     return files
 
 
+READ_CHUNK = 1 << 22  # bytes of a JSONL file read at a time
+PARQUET_BATCH = 4096  # rows of a Parquet input read at a time
+
+
 def read_raw(loc: Location, field: str = "data.source.path") -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
-    """(where, row) for every row of every input file; a line that is not UTF-8 or not JSON yields
-    a BadRow. `field` names the config field in errors."""
+    """(where, row) for every row of every input file, streamed; a line that is not UTF-8 or not
+    JSON yields a BadRow. `field` names the config field in errors."""
     for path in _input_files(loc, field):
         if path.endswith(".parquet"):
-            for i, row in enumerate(pq.read_table(path, filesystem=loc.fs).to_pylist()):
-                yield f"{path} row {i}", row
+            with loc.fs.open_input_file(path) as f:
+                i = 0
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH):
+                    for row in batch.to_pylist():
+                        yield f"{path} row {i}", row
+                        i += 1
             continue
         with loc.fs.open_input_stream(path) as f:
-            for lineno, raw in enumerate(f.read().split(b"\n"), start=1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield where, BadRow(f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, BadRow(f"not valid JSON ({e.msg})")
-                    continue
-                yield where, row if isinstance(row, dict) else BadRow("a row must be a JSON object")
+            for lineno, raw in enumerate(_lines(f), start=1):
+                row = _parse_line(raw)
+                if row is not None:  # a blank line
+                    yield f"{path}:{lineno}", row
+
+
+def _lines(stream) -> Iterator[bytes]:
+    """The lines of a byte stream, a chunk at a time (the last line may lack its newline)."""
+    rest = b""
+    while chunk := stream.read(READ_CHUNK):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | BadRow | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRow(f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8")
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return BadRow(f"not valid JSON ({e.msg})")
+    return row if isinstance(row, dict) else BadRow("a row must be a JSON object")
 
 
 def normalise(row: dict[str, Any], task_name: str, system_prompt: str) -> dict[str, Any]:
@@ -126,18 +155,79 @@ def _source_rows(cfg: RunConfig) -> Iterator[tuple[str, Any]]:
     return read_raw(locate(src.path))
 
 
-def normalised_rows(rows: Iterator[tuple[str, Any]], cfg: RunConfig, system_prompt: str,
-                    splits: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Validate and normalise (where, raw) rows: (rows, skipped lines). A bad row raises BadRow
-    naming its file and line, unless `data.on_bad_row` is skip."""
-    out, seen, skipped = [], set(), []
+class SeenKeys:
+    """A set of 64-bit keys kept as a few sorted numpy runs (8 bytes a key, no Python objects):
+    what duplicate-id detection holds instead of the ids. Runs are merged like a binary counter,
+    so a lookup searches O(log n) of them."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def first_seen(self, keys: np.ndarray) -> np.ndarray:
+        """Add `keys`; True where a key was not seen before (nor earlier in `keys`)."""
+        new = np.zeros(len(keys), bool)
+        new[np.unique(keys, return_index=True)[1]] = True
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            new &= run[at] != keys
+        self.runs.append(np.sort(keys[new]))
+        while len(self.runs) > 1 and len(self.runs[-2]) <= len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
+        return new
+
+
+@dataclass
+class Skipped:
+    """Bad rows skipped under `data.on_bad_row: skip`: a count and the first few, as file:line."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(line)
+
+
+DUPLICATE_CHECK_ROWS = 4096  # rows whose ids are checked against the seen ones at a time
+
+
+def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prompt: str,
+                    splits: tuple[str, ...], skipped: Skipped) -> Iterator[dict[str, Any]]:
+    """Validate and normalise (where, raw) rows, streamed in input order. A bad row raises BadRow
+    naming its file and line, unless `data.on_bad_row` is skip: then it lands in `skipped`."""
+    seen, pending = SeenKeys(), []
+    kept, limit = 0, cfg.data.limit
+
+    def bad(where: str, e: BadRow) -> None:
+        if cfg.data.on_bad_row == "error":
+            raise BadRow(f"{where}: {e} (set data.on_bad_row=skip to skip such rows)") from None
+        skipped.add(f"{where}: {e}")
+
+    def checked() -> Iterator[dict[str, Any]]:  # the pending rows whose id is new
+        fresh = seen.first_seen(hash64((r[S.ID] for _, r in pending), len(pending)))
+        batch = list(pending)
+        pending.clear()
+        for (where, row), ok in zip(batch, fresh):
+            if ok:
+                yield row
+            else:
+                bad(where, BadRow(f"duplicate id {row[S.ID]!r}"))
+
+    def flush() -> Iterator[dict[str, Any]]:
+        nonlocal kept
+        for row in checked():
+            if limit and kept >= limit:
+                return
+            kept += 1
+            yield row
+
     for where, raw in rows:
         try:
             if isinstance(raw, BadRow):
                 raise raw
             row = normalise(raw, cfg.task.type, system_prompt)
-            if row[S.ID] in seen:
-                raise BadRow(f"duplicate id {row[S.ID]!r}")
             if row[S.SPLIT] not in splits:
                 if row[S.SPLIT] is not None:
                     raise BadRow(f"`split` must be one of {splits}, got {row[S.SPLIT]!r}")
@@ -145,25 +235,26 @@ def normalised_rows(rows: Iterator[tuple[str, Any]], cfg: RunConfig, system_prom
                 row[S.SPLIT] = assign_split(row[S.ID], sp.validation, sp.test, sp.seed)
         except BadRow as e:
             if cfg.data.on_bad_row == "error":
-                raise BadRow(f"{where}: {e} (set data.on_bad_row=skip to skip such rows)") from None
-            skipped.append(f"{where}: {e}")
+                yield from flush()  # an earlier duplicate id is the first error
+            bad(where, e)
             continue
-        seen.add(row[S.ID])
-        out.append(row)
-        if cfg.data.limit and len(out) >= cfg.data.limit:
-            break
-    return out, skipped
+        pending.append((where, row))
+        if len(pending) >= DUPLICATE_CHECK_ROWS or (limit and kept + len(pending) >= limit):
+            yield from flush()
+            if limit and kept >= limit:
+                return
+    yield from flush()
 
 
 def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
     """A user's evaluation set (`evaluation.extra_sets`), normalised like prompts, split = name.
     Every row needs a reference: a set is scored against them."""
     task = task_from_config(cfg.task)
-    rows, _ = normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
-                               for w, r in read_raw(locate(path), f"evaluation.extra_sets {name}")),
-                              cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
-                                                                                         "limit": None})}),
-                              task.system_prompt(), S.SPLITS)
+    rows = list(normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
+                                 for w, r in read_raw(locate(path), f"evaluation.extra_sets {name}")),
+                                cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
+                                                                                           "limit": None})}),
+                                task.system_prompt(), S.SPLITS, Skipped()))
     missing = [r[S.ID] for r in rows if r[S.REFERENCE] is None]
     if missing:
         raise BadRow(f"evaluation.extra_sets {name} ({path}): {len(missing)} rows have no `reference` "
@@ -173,15 +264,21 @@ def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
 
 def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     task = task_from_config(cfg.task)
-    out, skipped = normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), (*S.SPLITS, S.SHIFTED))
-    if not out:
-        raise ValueError(f"no usable rows in {cfg.data.source} ({len(skipped)} skipped)")
-    table = pa.Table.from_pylist(out, schema=S.PROMPT_SCHEMA)
-    per_file = cfg.generation.rows_per_file
-    for i in range(0, len(table), per_file):
-        rd.prompts.write_part(table.slice(i, per_file), f"part-{i // per_file:05d}")
-    counts = {s: sum(r[S.SPLIT] == s for r in out) for s in (*S.SPLITS, S.SHIFTED)}
-    for line in skipped[:5]:
+    skipped, counts = Skipped(), Counter()
+    per_file, part, parts = cfg.generation.rows_per_file, [], 0
+    for row in normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), (*S.SPLITS, S.SHIFTED), skipped):
+        part.append(row)
+        counts[row[S.SPLIT]] += 1
+        if len(part) == per_file:
+            rd.prompts.write_part(pa.Table.from_pylist(part, schema=S.PROMPT_SCHEMA), f"part-{parts:05d}")
+            part, parts = [], parts + 1
+    if part:
+        rd.prompts.write_part(pa.Table.from_pylist(part, schema=S.PROMPT_SCHEMA), f"part-{parts:05d}")
+    rows = sum(counts.values())
+    if not rows:
+        raise ValueError(f"no usable rows in {cfg.data.source} ({skipped.count} skipped)")
+    splits = {s: counts[s] for s in (*S.SPLITS, S.SHIFTED)}
+    for line in skipped.examples:
         print(f"[prepare] skipped {line}")
-    print(f"[prepare] {len(out)} prompts ({counts}), {len(skipped)} bad rows skipped -> {rd.prompts.uri}")
-    return {"rows": len(out), "splits": counts, "skipped": len(skipped), "skipped_examples": skipped[:5]}
+    print(f"[prepare] {rows} prompts ({splits}), {skipped.count} bad rows skipped -> {rd.prompts.uri}")
+    return {"rows": rows, "splits": splits, "skipped": skipped.count, "skipped_examples": skipped.examples}

@@ -3,8 +3,8 @@
 import pytest
 
 from distill import schema as S
-from distill.config import CurationConfig
-from distill.curate import apply_global_rules
+from distill.config import CurationConfig, TaskConfig
+from distill.curate_keys import apply_global_rules
 from distill.curate_rules import REASONS, reason_table, repetition_ratio, row_reason
 from distill.tasks import get_task
 
@@ -181,7 +181,7 @@ def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    from distill.curate import _RowRules
+    from distill.curate import RowRules
     from distill.curate_rules import format_table
     from distill.models import resolve_model
 
@@ -193,14 +193,80 @@ def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_
                       topk_ids=[1] * len(ids) * k, topk_logprobs=[-0.5] * len(ids) * k,
                       sampled_logprobs=[-0.1] * len(ids), split="train", task="nli", prompt_tokens=9)
     table = pa.Table.from_pylist([teacher_row], schema=S.TEACHER_SCHEMA)
-    task = {"type": "nli", "labels": ["positive", "negative"]}
-    on = _RowRules(task, CurationConfig(relabel_wrong=True).model_dump(), tok_path, S.TEACHER_SCHEMA)(table)
+    task = TaskConfig(type="nli", labels=["positive", "negative"])
+    on = RowRules(task, CurationConfig(relabel_wrong=True), tok_path, S.TEACHER_SCHEMA)(table)
     out = on.to_pylist()[0]
     assert out[S.DROP_REASON] is None and out[S.TEXT] == "The review is positive."
     assert out[S.TOKEN_IDS] == tok(out[S.TEXT], add_special_tokens=False)["input_ids"]
     changed = next(i for i, (a, b) in enumerate(zip(ids, out[S.TOKEN_IDS])) if a != b)
     assert len(out[S.TOPK_IDS]) == changed * k and changed == ids.index(tok(" negative", add_special_tokens=False)["input_ids"][0])
-    off = _RowRules(task, CurationConfig().model_dump(), tok_path, S.TEACHER_SCHEMA)(table)
+    off = RowRules(task, CurationConfig(), tok_path, S.TEACHER_SCHEMA)(table)
     assert off.to_pylist()[0][S.DROP_REASON] == "wrong_answer"
     shown = format_table(reason_table([None], {}, prompts=1, kept_prompts=1, relabelled=1))
     assert "relabelled to the reference" in shown
+
+
+# --- the whole-set rules as the stage runs them: compact keys, parts and hash buckets
+def _parts_and_drops(rows, cfg, parts, buckets):
+    """The map over `parts` slices of `rows` and the reductions over `buckets` buckets, as
+    `distill.curate` runs them in tasks; returns the reasons in row order."""
+    import numpy as np
+
+    from distill.curate_keys import exact_drops, near_drops, part_keys, selection_drops
+
+    near = cfg.near_threshold if cfg.dedup_near else None
+    size = -(-len(rows) // parts)
+    keys = [part_keys(rows[i:i + size], [True] * len(rows[i:i + size]), p, near)
+            for p, i in enumerate(range(0, len(rows), size))]
+    exact = np.unique(np.concatenate([exact_drops(keys, b, buckets) for b in range(buckets)]))
+    close = np.unique(np.concatenate([near_drops(keys, exact, b, buckets) for b in range(buckets)])) \
+        if near else np.zeros(0, np.int64)
+    chosen = [selection_drops(keys, np.union1d(exact, close), cfg.select, b, buckets) for b in range(buckets)]
+    reasons = [None] * len(rows)
+    for reason, drops in (("duplicate", exact), ("near_duplicate", close),
+                          ("not_selected", np.concatenate([d for d, _ in chosen]))):
+        for o in drops:
+            reasons[(int(o) >> 32) * size + (int(o) & 0xFFFFFFFF)] = reason
+    counts = {k: sum(c[k] for _, c in chosen) for k in ("prompts", "kept_prompts")}
+    return reasons, counts
+
+
+@pytest.mark.parametrize("select", ["first_correct", "shortest_correct", "all_correct"])
+def test_parts_and_buckets_do_not_change_what_is_kept(select):
+    """Splitting the rows into parts and the keys into hash buckets (how the stage spreads the
+    work over tasks) gives the reasons of one in-process pass, and the prompt counts add up."""
+    long = "this product is positive in every way a great buy that i would recommend to friends and family"
+    rows = []
+    for i in range(40):
+        for s in range(3):
+            text = [f"The review is positive. {long} {i}", "positive", f"{long} {i} today"][(i + s) % 3]
+            rows.append(row(text=text, **{S.ID: f"p{i % 25}", S.SAMPLE: s + 3 * (i // 25),
+                                          S.OUTPUT_TOKENS: len(text.split()),
+                                          S.MESSAGES: [{"role": "user", "content": f"Review {i % 25}"}]}))
+    cfg = CurationConfig(dedup_near=True, near_threshold=0.7, select=select)
+    one = apply_global_rules(rows, cfg)
+    many, counts = _parts_and_drops(rows, cfg, parts=7, buckets=4)
+    assert many == one
+    assert {"duplicate", "near_duplicate"} <= set(one) and counts["prompts"] == 25
+    assert counts["kept_prompts"] == len({r[S.ID] for r, why in zip(rows, one) if why is None})
+
+
+def test_a_near_duplicate_of_a_near_duplicate_is_dropped_too():
+    """Bands are grouped independently: c shares a band with b and b with a, but c none with a;
+    both b and c go (a sequential MinHash index, which holds only kept rows, would keep c)."""
+    from distill.curate_keys import part_keys
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+    texts = (" ".join(words), " ".join(words[:-2] + ["rho", "sigma"]),
+             " ".join(words[:-4] + ["rho", "sigma", "tau", "phi"]))
+    rows = [row(text=t, **{S.ID: f"x{i}"}) for i, t in enumerate(texts)]
+    bands = part_keys(rows, [True] * 3, 0, 0.6).bands
+    assert (bands[0] == bands[1]).any() and (bands[1] == bands[2]).any() and not (bands[0] == bands[2]).any()
+    reasons = apply_global_rules(rows, CurationConfig(dedup_near=True, near_threshold=0.6, select="all_correct"))
+    assert reasons == [None, "near_duplicate", "near_duplicate"]
+
+
+def test_shortest_correct_uses_characters_for_text_only_rows():
+    rows = [row(text="It is clearly positive.", **{S.SAMPLE: 0, S.OUTPUT_TOKENS: None}),
+            row(text="positive", **{S.SAMPLE: 1, S.OUTPUT_TOKENS: None})]
+    assert apply_global_rules(rows, CurationConfig(select="shortest_correct")) == ["not_selected", None]

@@ -109,3 +109,39 @@ def test_synth_is_deterministic_and_checkable():
     assert list(synth_rows("math", 5, 2)) != a[:5]
     labels = {r["reference"] for r in synth_rows("nli", 60, 0)}
     assert labels == {"entailment", "neutral", "contradiction"}
+
+
+def test_seen_keys_find_repeats_within_and_across_batches():
+    import numpy as np
+
+    from distill.data import SeenKeys
+
+    seen, rng = SeenKeys(), np.random.default_rng(0)
+    reference: set[int] = set()
+    for size in (5, 1, 17, 3, 40, 2, 9):
+        keys = rng.integers(0, 60, size).astype(np.uint64)
+        expected = []
+        for k in keys.tolist():
+            expected.append(k not in reference)
+            reference.add(k)
+        assert seen.first_seen(keys).tolist() == expected
+    assert len(seen.runs) <= 4 and sum(len(r) for r in seen.runs) == len(reference)
+
+
+def test_a_large_file_streams_into_parts_in_input_order(tmp_path, monkeypatch):
+    """Read in small chunks (lines cut across them), parts of rows_per_file written as they fill,
+    and a duplicate id after several duplicate-check batches still found at its line."""
+    import distill.data as data
+
+    monkeypatch.setattr(data, "READ_CHUNK", 64)
+    monkeypatch.setattr(data, "DUPLICATE_CHECK_ROWS", 7)
+    rows = [{"prompt": f"question number {i}", "id": f"q{i}"} for i in range(50)]
+    src = _write(tmp_path / "in.jsonl", rows + [{"prompt": "again", "id": "q3"}, {"prompt": "last", "id": "q50"}])
+    stats = run_stage("prepare", _cfg(tmp_path, src, "generation.rows_per_file=8", "data.on_bad_row=skip"))
+    assert stats["rows"] == 51 and stats["skipped"] == 1
+    assert stats["skipped_examples"] == [f"{src}:51: duplicate id 'q3'"]
+    parts = sorted((tmp_path / "run" / "prompts").glob("*.parquet"))
+    assert len(parts) == 7 and all(pq.read_metadata(p).num_rows == 8 for p in parts[:-1])
+    assert [r["id"] for p in parts for r in pq.read_table(p).to_pylist()] == [f"q{i}" for i in range(51)]
+    with pytest.raises(BadRow, match="in.jsonl:51: duplicate id 'q3'"):
+        run_stage("prepare", _cfg(tmp_path, src, "generation.rows_per_file=8"), force=True)
