@@ -1,10 +1,12 @@
-"""Are two runs the same? Teacher rows and evaluation answers of two run directories, compared.
+"""Are two runs the same? Teacher rows, curated rows and evaluation answers of two run directories.
 
     .venv/bin/python bench/compare_runs.py RUN_A RUN_B      # e.g. two fresh clones' runs/default
 
 Rows are matched by prompt id (and sample). For each stored teacher column it prints how many
 rows differ; for the top-k logprobs also how many values and by how much at most; for every
-model's answers in `eval/predictions` how many of the prompts got another answer. What the README
+model's answers in `eval/predictions` how many of the prompts got another answer. Curated rows
+are compared in the order training reads them (the parts in name order): whether the same
+(id, sample) rows come in the same order, and how many of them differ in any stored column. What the README
 says about two demos giving the same answers comes from this command.
 """
 
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TEACHER_COLUMNS = ["text", "token_ids", "topk_ids", "topk_logprobs"]
+CURATED_COLUMNS = ["split", "messages", "reference", "finish_reason", *TEACHER_COLUMNS, "sampled_logprobs"]
 
 
 def _read(folder: Path, stem: str = "") -> pa.Table:
@@ -47,6 +50,12 @@ def compare(a: Path, b: Path) -> dict:
         diff = np.abs(la[both] - lb[both])
         out["teacher"]["topk_logprobs"].update(values=int(both.sum()), values_differing=int((diff > 0).sum()),
                                                max_difference=float(diff.max()) if len(diff) else 0.0)
+    ca, cb = (_read(r / "curated") for r in (a, b))
+    keys = [list(zip(c["id"].to_pylist(), c["sample"].to_pylist())) for c in (ca, cb)]
+    out["curated"] = {"rows": [len(ca), len(cb)], "same_rows_in_same_order": keys[0] == keys[1]}
+    if keys[0] == keys[1]:
+        rows = [list(zip(*(c[col].to_pylist() for col in CURATED_COLUMNS))) for c in (ca, cb)]
+        out["curated"]["rows_differing"] = sum(x != y for x, y in zip(*rows))
     pa_, pb = (_sorted(_read(r / "eval", "predictions"), ["id"]) for r in (a, b))
     for col in (c for c in pa_.column_names if c.endswith("_text") and c in pb.column_names):
         out["answers"][col.removesuffix("_text")] = {

@@ -118,7 +118,10 @@ def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     """Name -> prompt rows: `test`, `shifted` (when prepared) and the user's extra sets."""
     from distill.data import read_eval_set
 
-    prompts = rd.prompts.read_table()
+    import pyarrow.dataset as pads
+
+    prompts = pads.dataset(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs, format="parquet",
+                           schema=S.PROMPT_SCHEMA).to_table(filter=pads.field(S.SPLIT).isin(list(S.EVAL_SPLITS)))
     sets = {name: prompts.filter(pc.equal(prompts[S.SPLIT], name)).to_pylist() for name in S.EVAL_SPLITS}
     sets = {name: rows for name, rows in sets.items() if rows}
     for extra in cfg.evaluation.extra_sets:

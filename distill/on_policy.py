@@ -26,6 +26,23 @@ from distill.losses import IGNORE
 from distill.train_data import INPUT_IDS, KD_IDS, KD_LOGPROBS, LABELS, LENGTH
 
 
+def policy_prompts(batch, student_path: str, max_prompt_tokens: int):
+    """Ray Data UDF: a batch of prompts -> the train split's `id` and `prompt_ids` (the student's
+    chat template applied), with `fits`: whether a rollout still fits after the prompt."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from distill import schema as S
+    from distill.chat import prompt_token_ids
+    from distill.train_data import tokenizer_for
+
+    batch = batch.filter(pc.equal(batch[S.SPLIT], "train"))
+    tokenizer = tokenizer_for(student_path)
+    ids = [prompt_token_ids(tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
+    return pa.table({"id": batch[S.ID], "prompt_ids": pa.array(ids, pa.list_(pa.int32())),
+                     "fits": pa.array([len(p) <= max_prompt_tokens for p in ids], pa.bool_())})
+
+
 def uses_stored_outputs(step: int, lambda_mix: float, seed: int) -> bool:
     """Whether on-policy step `step` trains on the teacher's stored outputs instead: a seeded
     draw per step, so a resumed run makes the same choices."""

@@ -40,8 +40,16 @@ class OnPolicyPhase:
         self.top_k = recipe.cfg.generation.top_k_logprobs
         shard = ray.train.get_dataset_shard("prompts")
         rows = [r for batch in shard.iter_batches(batch_size=1024, batch_format="pandas") for r in batch.to_dict("records")]
-        self.prompt_ids = [r["id"] for r in rows]
-        self.prompts = [list(r["prompt_ids"]) for r in rows]
+        fits = [r for r in rows if r["fits"]]
+        t = recipe.cfg.training
+        if len(fits) < len(rows):
+            recipe._log(f"on-policy: {len(rows) - len(fits)} of {len(rows)} train prompts of this worker are too long "
+                        f"for max_model_len - on_policy.max_new_tokens or training.max_seq_len ({t.max_seq_len}): skipped")
+        if not fits:
+            raise ValueError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
+                             "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
+        self.prompt_ids = [r["id"] for r in fits]
+        self.prompts = [list(r["prompt_ids"]) for r in fits]
         self.rollouts = locate(recipe.config["rollouts_uri"])
         self.stored, self.stored_passes = None, 0  # batches of the stored outputs, pass after pass
         self.counts = {"rollout_tokens": 0, "scored_tokens": 0, "sync_s": 0.0, "syncs": 0}

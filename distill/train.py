@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from distill import schema as S
@@ -38,7 +39,7 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     top-k on every curated row; refuse otherwise, naming the fall-back, unless it is allowed.
     On-policy distillation trains its epochs like logit KD and has no fall-back: the teacher
     scores the student's tokens in its own ids."""
-    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model, teacher_tokenizer
@@ -52,13 +53,13 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     if reference is None or cfg.generation.top_k_logprobs == 0:
         raise TokenizerMismatch("training.method=logit needs stored teacher top-k (generation.top_k_logprobs > 0, "
                                 f"and a vllm teacher or an endpoint teacher with teacher.tokenizer); {fallback}")
-    curated = rd.curated.read_table(columns=[S.TOPK])
-    text_only = int(pc.sum(pc.equal(curated[S.TOPK], 0)).as_py() or 0)
+    curated = pads.dataset(rd.curated.list_files(".parquet"), filesystem=rd.curated.fs, format="parquet")
+    text_only = curated.count_rows(filter=pads.field(S.TOPK) == 0)
     teacher_tok = AutoTokenizer.from_pretrained(resolve_model(reference))
     student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
     if same_tokenizer(teacher_tok, student_tok) and not text_only:
         return "logit"
-    message = (f"{text_only} of {len(curated)} curated rows are text-only (the teacher returned no token ids "
+    message = (f"{text_only} of {curated.count_rows()} curated rows are text-only (the teacher returned no token ids "
                "and top-k), so logit-level KD cannot use them; " if text_only else
                "the student's tokenizer differs from the teacher's, so the teacher's top-k logprobs do not "
                "apply (logit-level KD); ") + fallback
@@ -71,29 +72,58 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     return "sequence"
 
 
-def _examples(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: bool = False):
-    """Tokenised train/validation examples: the curated teacher outputs, or (gold) every prompt
-    with its gold reference as the response."""
+@dataclass
+class TrainingData:
+    """The examples each worker streams: Ray Datasets read from Parquet and tokenised in Ray Data
+    (`train_data.tokenize_split`), never materialised in the driver; `rows` counts the source rows per
+    split (an upper bound on the examples: a row whose prompt fills max_seq_len is left out)."""
+
+    datasets: dict[str, Any]
+    rows: dict[str, int]
+
+
+def split_counts(loc, splits: tuple[str, ...], need_reference: bool = False) -> dict[str, int]:
+    """Rows per split of a Parquet folder, read a file and a column at a time."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = dict.fromkeys(splits, 0)
+    columns = [S.SPLIT, S.REFERENCE] if need_reference else [S.SPLIT]
+    for path in loc.list_files(".parquet"):
+        t = pq.read_table(path, filesystem=loc.fs, columns=columns)
+        if need_reference:
+            t = t.filter(pc.is_valid(t[S.REFERENCE]))
+        for split in splits:
+            counts[split] += int(pc.sum(pc.equal(t[S.SPLIT], split)).as_py() or 0)
+    return counts
+
+
+def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: bool = False) -> TrainingData:
+    """The train/validation examples: the curated teacher outputs, or (gold) every prompt with its
+    gold reference as the response. Call after joining the cluster."""
+    import ray.data
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model
-    from distill.topk_codec import expanded_table
-    from distill.train_data import gold_rows, tokenize_rows
+    from distill.train_data import tokenize_split
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    source = rd.prompts.read_table() if gold else expanded_table(rd.curated.read_table())
-    same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
-    out = {}
-    for split in S.TRAINED_SPLITS:
-        rows = source.filter(pc.equal(source[S.SPLIT], split)).to_pylist()
-        out[split] = tokenize_rows(gold_rows(rows) if gold else rows, tokenizer, cfg.training.max_seq_len,
-                                   use_teacher_ids=same,
-                                   top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
-    if not out["train"]:
+    source = rd.prompts if gold else rd.curated
+    rows = split_counts(source, S.TRAINED_SPLITS, need_reference=gold)
+    if not rows["train"]:
         raise ValueError("no gold references in the train split" if gold else
                          "no curated training examples: check the curation table")
-    return out
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
+    same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
+    files = source.list_files(".parquet")
+    datasets = {}
+    for split in S.TRAINED_SPLITS:
+        if rows[split]:
+            datasets[split] = ray.data.read_parquet(files, filesystem=source.fs).map_batches(
+                tokenize_split, batch_format="pyarrow", batch_size=None,
+                fn_kwargs=dict(student_path=student_path, split=split, max_seq_len=cfg.training.max_seq_len,
+                               use_teacher_ids=same, gold=gold,
+                               top_k=cfg.generation.top_k_logprobs if method == "logit" else 0))
+    return TrainingData(datasets, rows)
 
 
 def _same_as_teacher(cfg: RunConfig, tokenizer) -> bool:
@@ -151,42 +181,33 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     base = student_base(cfg, rd)
     method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
-    stats = _fit(cfg, rd, base, method, _examples(cfg, rd, base, method), f"train-{key}", rd.student,
+    stats = _fit(cfg, rd, base, method, False, f"train-{key}", rd.student,
                  rd.root.join("train_history.json"), on_policy=cfg.training.method == "on_policy")
     if cfg.training.gold_control:
         print("[train] gold control: the same student on the gold references alone (no teacher)")
-        gold = _fit(cfg, rd, base, "sequence", _examples(cfg, rd, base, "sequence", gold=True), f"gold-{key}",
+        gold = _fit(cfg, rd, base, "sequence", True, f"gold-{key}",
                     rd.student_gold, rd.root.join("train_history_gold.json"))
         stats["gold_control"] = {k: gold[k] for k in ("rows", "steps", "final_loss", "val_loss")}
     return stats
 
 
-def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str) -> list[dict[str, Any]]:
-    """The train split's prompts as the student's prompt ids: what on-policy rollouts start from."""
-    import pyarrow.compute as pc
-    from transformers import AutoTokenizer
+def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
+    """The train split's prompts as the student's prompt ids, tokenised in Ray Data: what on-policy
+    rollouts start from (those too long to leave room for a rollout are marked, not sent)."""
+    import ray.data
 
-    from distill.chat import prompt_token_ids
-    from distill.models import resolve_model
+    from distill.on_policy import policy_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    prompts = rd.prompts.read_table(columns=[S.ID, S.SPLIT, S.MESSAGES])
-    rows = prompts.filter(pc.equal(prompts[S.SPLIT], "train")).to_pylist()
     t = cfg.training
     # prompt + rollout must fit both engines; a prompt that fills max_seq_len leaves nothing to learn
     limit = min(cfg.student.engine.max_model_len, cfg.teacher.engine.max_model_len) - t.on_policy.max_new_tokens
-    prompts = [{"id": r[S.ID], "prompt_ids": prompt_token_ids(tokenizer, r[S.MESSAGES])} for r in rows]
-    fits = [p for p in prompts if len(p["prompt_ids"]) <= limit and len(p["prompt_ids"]) < t.max_seq_len]
-    if len(fits) < len(prompts):
-        print(f"[train] on-policy: {len(prompts) - len(fits)} of {len(prompts)} train prompts are too long for "
-              f"max_model_len - on_policy.max_new_tokens ({limit}) or training.max_seq_len ({t.max_seq_len}): skipped")
-    if not fits:
-        raise ValueError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
-                         "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
-    return fits
+    return ray.data.read_parquet(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs,
+                                 columns=[S.ID, S.SPLIT, S.MESSAGES]).map_batches(
+        policy_prompts, batch_format="pyarrow", batch_size=None,
+        fn_kwargs=dict(student_path=student_path, max_prompt_tokens=min(limit, t.max_seq_len - 1)))
 
 
-def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run_name: str, export,
+def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_name: str, export,
          history, on_policy: bool = False) -> dict[str, Any]:
     import ray.data
     import ray.train
@@ -195,14 +216,13 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
     from distill.ray_utils import connect
 
     t = cfg.training
-    rows_per_worker = len(examples["train"]) // t.workers
-    steps_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size) // t.gradient_accumulation)
-    total_steps = steps_per_epoch * t.epochs + (t.on_policy.steps if on_policy else 0)
     connect(cfg.ray)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same batches
-    datasets = {"train": ray.data.from_items(examples["train"])}
-    if examples["validation"]:
-        datasets["validation"] = ray.data.from_items(examples["validation"])
+    data = training_data(cfg, rd, base, method, gold)
+    datasets = data.datasets
+    rows_per_worker = data.rows["train"] // t.workers
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / t.batch_size) // t.gradient_accumulation)
+    total_steps = (t.max_steps or steps_per_epoch * t.epochs) + (t.on_policy.steps if on_policy else 0)
     storage = rd.checkpoints.path if rd.root.is_local else rd.checkpoints.uri
     # Train V2 resumes a run of the same name and storage from its newest checkpoint (also after
     # a crash of the whole job); the name carries the stage key (a changed config starts over)
@@ -221,7 +241,7 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
             raise ValueError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
                              "file the trainer writes); use sync_via=object_store")
-        datasets["prompts"] = ray.data.from_items(_policy_prompts(cfg, rd, base))
+        datasets["prompts"] = _policy_prompts(cfg, rd, base)
         loop_config["sampler"], loop_config["scorer"] = start_actors(cfg, base)
         loop_config["rollouts_uri"] = rd.root.join(f"rollouts/{run_name}").uri
         loop_config["weights_dir"] = rd.root.join(f"rollouts/{run_name}-weights").path
@@ -239,7 +259,8 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
         # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "prompts"] if on_policy else ["train"]),
     )
-    print(f"[train] {method}-level KD: {len(examples['train'])} examples, {t.epochs} epochs, "
+    print(f"[train] {method}-level KD: {data.rows['train']} examples, "
+          + (f"{t.max_steps} steps at most, " if t.max_steps else f"{t.epochs} epochs, ")
           + (f"then {t.on_policy.steps} on-policy steps ({t.on_policy.divergence} on the student's rollouts), "
              if on_policy else "")
           + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
@@ -256,7 +277,7 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, examples: dict, run
     losses = [h for h in history.read_json() if "loss" in h]
     vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
     workers = t.workers * (1 if t.use_gpu else 0)
-    stats = dict(rows=len(examples["train"]), method=method, steps=losses[-1]["step"] if losses else 0,
+    stats = dict(rows=data.rows["train"], method=method, steps=losses[-1]["step"] if losses else 0,
                  first_loss=losses[0]["loss"] if losses else None,
                  final_loss=losses[-1]["loss"] if losses else None,
                  val_loss=vals[-1] if vals else None, student_base=base, student=export.uri,

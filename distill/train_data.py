@@ -1,9 +1,11 @@
 """Training examples from curated teacher outputs: token ids, response-only labels, aligned top-k.
 
-Pure (no Ray). `tokenize_rows` runs in the driver before training, so every worker reads ready
-token ids; `collate` pads a micro-batch into a `Batch`, whose `teacher` field carries the
-teacher's top-k (a `TeacherTopK`) from here to the loss; `length_buckets` groups a buffer of
-examples by length so padding does not dominate.
+Pure (no Ray). `examples_table` turns a batch of curated rows into examples as Arrow columns;
+`distill.train` runs it as a Ray Data `map_batches` step (`tokenize_split`) between the
+curated Parquet and the workers' shards, so no process holds the whole set and the top-k stays
+flat Arrow arrays (no Python lists of floats). `collate` pads a micro-batch into a `Batch`, whose
+`teacher` field carries the teacher's top-k (a `TeacherTopK`) from here to the loss;
+`length_buckets` groups a buffer of examples by length so padding does not dominate.
 
 Alignment: for an example of prompt P and response R, `input_ids = P + R`, `labels` is IGNORE on
 P and R on R; teacher top-k rows belong to the response positions, in the same order as labels
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.chat import prompt_token_ids
@@ -36,43 +40,103 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tokenizer, max_seq_len: int, use_teacher_ids: bool,
-                  top_k: int) -> list[dict[str, Any]]:
-    """Curated rows -> training examples (lists of ints / floats), truncated to max_seq_len.
+EXAMPLE_SCHEMA = pa.schema([(INPUT_IDS, pa.list_(pa.int32())), (LABELS, pa.list_(pa.int32())),
+                            (LENGTH, pa.int32()), (KD_IDS, pa.list_(pa.int32())),
+                            (KD_LOGPROBS, pa.list_(pa.float32()))])
+
+
+def _flat_list(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets from 0, values, valid) of a list column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.asarray(arr.offsets, np.int64)
+    return offsets - offsets[0], arr.flatten().to_numpy(zero_copy_only=False), np.asarray(arr.is_valid())
+
+
+def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids: bool, top_k: int) -> pa.Table:
+    """Curated rows -> training examples (EXAMPLE_SCHEMA), truncated to max_seq_len; a row whose
+    prompt alone fills max_seq_len is left out (nothing to learn).
 
     With `use_teacher_ids` (same tokenizer) the teacher's own token ids are the targets, so
-    its top-k rows line up; otherwise the response text is re-tokenised (sequence-level only)."""
-    out = []
+    its top-k rows line up; otherwise the response text is re-tokenised (sequence-level only).
+    The top-k is sliced as numpy views of the Arrow buffers: response position j of an example
+    has the teacher's row j, and positions without one (an appended EOS) are NaN."""
     eos = tokenizer.eos_token_id
-    for row in rows:
-        prompt = prompt_token_ids(tokenizer, row[S.MESSAGES])
-        if use_teacher_ids and row.get(S.TOKEN_IDS) is not None and len(row[S.TOKEN_IDS]):
-            response = list(row[S.TOKEN_IDS])
+    names = table.column_names
+    messages, texts = table[S.MESSAGES].to_pylist(), table[S.TEXT].to_pylist()
+    finish = table[S.FINISH_REASON].to_pylist()
+    token_ids = table[S.TOKEN_IDS].to_pylist() if S.TOKEN_IDS in names else [None] * len(table)
+    with_kd = bool(top_k and use_teacher_ids and S.TOPK_IDS in names)
+    if with_kd:
+        kd_off, kd_id_values, kd_valid = _flat_list(table[S.TOPK_IDS])
+        _, kd_lp_values, _ = _flat_list(table[S.TOPK_LOGPROBS])
+    inputs, labels, lengths, kd_ids, kd_lps, kd_offsets, kd_present = [], [], [], [], [], [0], []
+    for i, msgs in enumerate(messages):
+        prompt = prompt_token_ids(tokenizer, msgs)
+        if use_teacher_ids and token_ids[i]:
+            response = list(token_ids[i])
         else:
-            response = tokenizer(row[S.TEXT], add_special_tokens=False)["input_ids"]
-        kd_ids = kd_vals = None
-        if top_k and use_teacher_ids and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
-            kd_ids = np.asarray(row[S.TOPK_IDS], np.int64).reshape(-1, top_k)
-            kd_vals = np.asarray(row[S.TOPK_LOGPROBS], np.float32).reshape(-1, top_k)
-        if row.get(S.FINISH_REASON) in ENDED and (not response or response[-1] != eos):
+            response = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        if finish[i] in ENDED and (not response or response[-1] != eos):
             response = response + [eos]  # teach the student to stop where the teacher stopped
         ids = (prompt + response)[:max_seq_len]
         n_resp = max(0, len(ids) - len(prompt))
         if n_resp == 0:
             continue  # the prompt alone fills max_seq_len: nothing to learn
-        example = {INPUT_IDS: ids, LABELS: [IGNORE] * len(prompt) + response[:n_resp], LENGTH: len(ids)}
-        if kd_ids is not None:
-            pad = n_resp - len(kd_ids)  # the appended EOS has no teacher row: masked out of KD
-            example[KD_IDS] = np.concatenate([kd_ids[:n_resp], np.zeros((max(0, pad), top_k), np.int64)]).ravel().tolist()
-            example[KD_LOGPROBS] = np.concatenate([kd_vals[:n_resp], np.full((max(0, pad), top_k), np.nan, np.float32)]).ravel().tolist()
-        out.append(example)
-    return out
+        inputs.append(ids)
+        labels.append([IGNORE] * len(prompt) + response[:n_resp])
+        lengths.append(len(ids))
+        lo, hi = (kd_off[i], kd_off[i + 1]) if with_kd else (0, 0)
+        if with_kd and kd_valid[i] and hi > lo:
+            take = min((hi - lo) // top_k, n_resp) * top_k
+            pad = n_resp * top_k - take  # the appended EOS has no teacher row: masked out of KD
+            kd_ids += [kd_id_values[lo:lo + take], np.zeros(pad, np.int32)]
+            kd_lps += [kd_lp_values[lo:lo + take].astype(np.float32), np.full(pad, np.nan, np.float32)]
+            kd_offsets.append(kd_offsets[-1] + n_resp * top_k)
+            kd_present.append(True)
+        else:
+            kd_offsets.append(kd_offsets[-1])
+            kd_present.append(False)
+    mask = pa.array(~np.asarray(kd_present, bool))
+    flat_ids = np.concatenate([np.zeros(0, np.int32), *kd_ids]).astype(np.int32)
+    flat_lps = np.concatenate([np.zeros(0, np.float32), *kd_lps])
+    offsets = pa.array(np.asarray(kd_offsets, np.int32))
+    return pa.Table.from_arrays([
+        pa.array(inputs, pa.list_(pa.int32())), pa.array(labels, pa.list_(pa.int32())),
+        pa.array(lengths, pa.int32()),
+        pa.ListArray.from_arrays(offsets, pa.array(flat_ids, pa.int32()), mask=mask),
+        pa.ListArray.from_arrays(offsets, pa.array(flat_lps, pa.float32()), mask=mask),
+    ], schema=EXAMPLE_SCHEMA)
 
 
-def gold_rows(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def gold_table(prompts: pa.Table) -> pa.Table:
     """Prompt rows as 'teacher outputs' whose text is the gold reference: the no-teacher control."""
-    return [{**p, S.TEXT: str(p[S.REFERENCE]), S.FINISH_REASON: "stop"} for p in prompts
-            if p.get(S.REFERENCE) is not None]
+    with_reference = prompts.filter(pc.is_valid(prompts[S.REFERENCE]))
+    return with_reference.append_column(S.TEXT, with_reference[S.REFERENCE]).append_column(
+        S.FINISH_REASON, pa.array(["stop"] * len(with_reference), pa.string()))
+
+
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: Ray Data reuses processes between tasks
+
+
+def tokenizer_for(path: str):
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        from distill.models import resolve_model
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(resolve_model(path))
+    return _TOKENIZERS[path]
+
+
+def tokenize_split(batch: pa.Table, student_path: str, split: str, max_seq_len: int, use_teacher_ids: bool,
+                   top_k: int, gold: bool = False) -> pa.Table:
+    """Ray Data UDF (tasks, not actors: nothing holds a CPU between batches): a batch of curated
+    rows (or, `gold`, of prompts) -> the examples of one split."""
+    from distill.topk_codec import expanded_table
+
+    batch = batch.filter(pc.equal(batch[S.SPLIT], split))
+    batch = gold_table(batch) if gold else expanded_table(batch)
+    return examples_table(batch, tokenizer_for(student_path), max_seq_len, use_teacher_ids, top_k)
 
 
 def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict]]:

@@ -167,13 +167,17 @@ class DistillRecipe:
     # ------------------------------------------------------------------------- train
     def train(self) -> None:
         t, state = self.cfg.training, self.state
-        steps_total = self.config["steps_per_epoch"] * t.epochs
+        per_epoch = self.config["steps_per_epoch"]
+        epochs = math.ceil(t.max_steps / per_epoch) if t.max_steps else t.epochs
+        steps_total = t.max_steps or per_epoch * epochs
         start, tokens_at_start, step_at_start = time.time(), state["tokens"], state["step"]
         loss_value, parts = math.nan, {}
-        for epoch in range(state["epoch"], t.epochs):
+        for epoch in range(state["epoch"], epochs):
             for i, examples in enumerate(_batches(self.train_shard, t.batch_size, t.seed + epoch * 1000)):
                 if epoch == state["epoch"] and i < state["batch_in_epoch"]:
                     continue  # consumed before the restart
+                if state["step"] >= steps_total:
+                    break  # training.max_steps reached within this epoch
                 loss, parts, n_tokens = self.loss_step(collate(examples, self.pad_id, self.top_k))
                 self.engine.backward(loss)
                 self.engine.step()
@@ -197,10 +201,10 @@ class DistillRecipe:
             state.update(epoch=epoch + 1, batch_in_epoch=0)
             val = self.validate()
             state["history"].append({"step": state["step"], "epoch": epoch + 1, "val_loss": val})
-            self._log(f"epoch {epoch + 1}/{t.epochs}: loss {loss_value:.4f} val_loss {val}")
+            self._log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {val}")
             if self.rank == 0:
                 locate(self.config["history_uri"]).write_json(state["history"])
-            if epoch + 1 < t.epochs or t.method == "on_policy":
+            if epoch + 1 < epochs or t.method == "on_policy":
                 self._checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
         if t.method == "on_policy":
             from distill.on_policy_loop import OnPolicyPhase

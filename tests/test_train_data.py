@@ -5,6 +5,8 @@
 
 import random
 
+import pytest
+
 from distill.train_data import LENGTH, length_buckets
 
 
@@ -61,3 +63,42 @@ def test_a_batch_mixes_examples_with_and_without_teacher_rows():
         assert batch.teacher.defined().tolist() == [[False, False, True, True], [False] * 4]
         assert all(math.isnan(v) for v in batch.teacher.logprobs[1].flatten().tolist())
     assert collate([without, without], pad_id=0, top_k=2).teacher is None
+
+
+def test_examples_line_the_teachers_top_k_up_with_the_response_as_flat_arrow_columns():
+    """The Ray Data tokenisation step on a real tokenizer: labels only on the response, an EOS
+    where the teacher stopped (with no teacher row: NaN), top-k cut with a truncated response, a
+    text-only row without KD, and a row whose prompt fills max_seq_len left out."""
+    import math
+
+    import pyarrow as pa
+
+    from distill import schema as S
+    from distill.chat import prompt_token_ids
+    from distill.losses import IGNORE
+    from distill.train_data import EXAMPLE_SCHEMA, KD_IDS, KD_LOGPROBS, LABELS, examples_table, tokenizer_for
+
+    tok = tokenizer_for("builtin:smollm2-135m-instruct")
+    k, msgs = 2, [{"role": "user", "content": "Review: great. Sentiment?"}]
+    prompt = prompt_token_ids(tok, msgs)
+    resp = tok("The review is positive.", add_special_tokens=False)["input_ids"]
+
+    def teacher_row(finish, topk=True, messages=msgs):
+        n = len(resp)
+        return {S.SPLIT: "train", S.MESSAGES: messages, S.TEXT: "The review is positive.", S.TOKEN_IDS: resp,
+                S.FINISH_REASON: finish, S.TOPK: k if topk else 0,
+                S.TOPK_IDS: list(range(n * k)) if topk else None,
+                S.TOPK_LOGPROBS: [-0.5 - j / 100 for j in range(n * k)] if topk else None}
+
+    long = [{"role": "user", "content": "word " * 300}]
+    table = pa.Table.from_pylist([teacher_row("stop"), teacher_row("length"), teacher_row("stop", topk=False),
+                                  teacher_row("stop", messages=long)])
+    out = examples_table(table, tok, max_seq_len=len(prompt) + 3, use_teacher_ids=True, top_k=k)
+    assert out.schema == EXAMPLE_SCHEMA and len(out) == 3  # the over-long prompt is left out
+    stop, cut, text_only = out.to_pylist()
+    assert stop["input_ids"] == prompt + resp[:3] and stop[LABELS] == [IGNORE] * len(prompt) + resp[:3]
+    assert stop[KD_IDS] == list(range(3 * k)) and text_only[KD_IDS] is None and text_only[KD_LOGPROBS] is None
+    full = examples_table(table.slice(0, 2), tok, max_seq_len=512, use_teacher_ids=True, top_k=k).to_pylist()
+    assert full[0]["input_ids"][-1] == tok.eos_token_id and full[1]["input_ids"][-1] == resp[-1]
+    assert len(full[0][KD_IDS]) == (len(resp) + 1) * k and all(math.isnan(v) for v in full[0][KD_LOGPROBS][-k:])
+    assert full[1][KD_LOGPROBS] == pytest.approx([-0.5 - j / 100 for j in range(len(resp) * k)], abs=1e-6)

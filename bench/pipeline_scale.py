@@ -1,0 +1,177 @@
+"""The data path at scale: prepare, generate, curate and train on 10k to 1M prompts, each stage's
+wall time and the peak memory of the process that runs it, and of one training worker.
+
+    .venv/bin/python bench/pipeline_scale.py                        # 10k, 100k, 1M prompts
+    .venv/bin/python bench/pipeline_scale.py --sizes 10000 --keep   # one size, keep the run dir
+
+What a 10M-prompt job asks of the driver cannot be seen with real engines on a laptop, so the
+teacher's engine is replaced (inside the actors only) by `generate_scale.FakeLLM`, which answers
+every prompt at once with 16 tokens and vLLM-shaped top-20 logprobs, and the student is a tiny
+Llama with the embedded default's tokenizer (its steps cost nothing, so the time to the first
+step is the input pipeline's). Everything else is the product as users run it: `prepare` reads a
+JSONL file of reviews; `generate` runs the actor pool; `curate` applies the default rules with
+near-dedup on (trimming and relabelling need the tokenizer: the heaviest per-row work); `train`
+streams the curated Parquet through Ray Data tokenisation into a Ray Train + DeepSpeed worker for
+`training.max_steps` steps. Each stage runs in a fresh process joined to one Ray cluster that
+this script starts; the process's peak RSS is VmHWM from /proc (Linux), the training worker's is
+polled from /proc while it lives (so run nothing else that trains meanwhile). Results: bench/results/pipeline_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+STAGES = ("prepare", "generate", "curate", "train")
+
+
+def _config(run_dir: str, prompts: str, student: str, max_steps: int):
+    from distill.config import load_config
+
+    return load_config(str(ROOT / "configs/default.yaml"), [
+        f"run_dir={run_dir}", "data.source={kind: file, path: " + prompts + "}",
+        "data.split.test=0.0", "evaluation.extra_sets=[]",
+        "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
+        "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
+        f"student={{kind: pretrained, path: {student}}}",
+        f"training.max_steps={max_steps}", "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
+
+
+def _peak_mb(pid: str = "self") -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
+def run_stage_here(stage: str, run_dir: str, prompts: str, student: str, max_steps: int) -> dict:
+    """In this (fresh) process: one stage, as `distill STAGE` runs it."""
+    from distill.stages import run_stage
+
+    if stage == "generate":
+        import distill.teacher_workers
+        from generate_scale import _fake_worker
+
+        distill.teacher_workers.TeacherWorker = _fake_worker()  # what `run_pool` starts
+    start = time.time()
+    stats = run_stage(stage, _config(run_dir, prompts, student, max_steps))
+    return {"wall_s": round(time.time() - start, 1), "driver_peak_mb": _peak_mb(),
+            "rows": stats.get("rows")}
+
+
+class WorkerPeaks(threading.Thread):
+    """Polls /proc for Ray Train workers; keeps each one's last VmHWM (its peak so far)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peaks: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if not f.read().startswith(b"ray::RayTrainWorker"):
+                            continue
+                    self.peaks[pid] = _peak_mb(pid)
+                except (OSError, StopIteration):
+                    continue
+
+
+def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_steps: int) -> dict:
+    """A stage in a fresh process, its output read line by line: the train stage's first step
+    is timed from the process start to the recipe's `step 1/` line."""
+    cmd = [sys.executable, __file__, "--stage", stage, "--run-dir", run_dir, "--prompts", prompts,
+           "--student", student, "--max-steps", str(max_steps)]
+    watcher = WorkerPeaks()
+    watcher.start()
+    start, first_step, tail = time.time(), None, []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    result = None
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        if first_step is None and "[train] step 1/" in line:
+            first_step = round(time.time() - start, 1)
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+    proc.wait()
+    watcher.stop.set()
+    if proc.returncode or result is None:
+        sys.exit(f"{stage} failed:\n{''.join(tail)}")
+    if stage == "train":
+        result.update(first_step_s=first_step, worker_peak_mb=max(watcher.peaks.values(), default=None))
+    return result
+
+
+def write_prompts(path: str, n: int) -> None:
+    from distill.synth import synth_rows
+
+    with open(path, "w") as f:
+        for row in synth_rows("sentiment", n, 0):
+            f.write(json.dumps({"prompt": row["prompt"], "reference": row["reference"]}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--max-steps", type=int, default=20)
+    ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        print("RESULT " + json.dumps(run_stage_here(args.stage, args.run_dir, args.prompts, args.student,
+                                                    args.max_steps)), flush=True)
+        return
+    import ray
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_llama
+
+    # one cluster for every stage's process (as under `ray job submit`), ended with this process
+    ray.init(num_cpus=4, include_dashboard=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    student = str(make_tiny_llama(work / "student"))
+    results = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        run_dir, prompts = str(work / f"run-{n}"), str(work / f"prompts-{n}.jsonl")
+        write_prompts(prompts, n)
+        result = {"prompts": n}
+        for stage in STAGES:
+            result[stage] = run_stage_process(stage, run_dir, prompts, student, args.max_steps)
+            print(json.dumps({"prompts": n, stage: result[stage]}), flush=True)
+        results.append(result)
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        os.remove(prompts)
+    base = results[0]
+    ratios = {r["prompts"]: {**{s: round(r[s]["driver_peak_mb"] / base[s]["driver_peak_mb"], 3) for s in STAGES},
+                             "train_worker": round(r["train"]["worker_peak_mb"] / base["train"]["worker_peak_mb"], 3),
+                             "first_step": round(r["train"]["first_step_s"] / base["train"]["first_step_s"], 3)}
+              for r in results}
+    summary = {"date": time.strftime("%Y-%m-%d"), "command": "bench/pipeline_scale.py --sizes " + args.sizes,
+               "max_steps": args.max_steps, "sizes": results, "ratio_to_smallest": ratios}
+    print(json.dumps(summary, indent=1))
+    (ROOT / "bench/results/pipeline_scale.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
