@@ -131,6 +131,7 @@ class PartSummary:
     examples: dict[str, list[str]] = field(default_factory=dict)
     trimmed: int = 0
     relabelled: int = 0
+    unreferenced: int = 0  # responses to prompts without a reference: no answer check possible
     kept_splits: Counter = field(default_factory=Counter)
 
     def add(self, other: "PartSummary", examples_per_reason: int) -> None:
@@ -141,6 +142,7 @@ class PartSummary:
             have.extend(texts[: examples_per_reason - len(have)])
         self.trimmed += other.trimmed
         self.relabelled += other.relabelled
+        self.unreferenced += other.unreferenced
         self.kept_splits.update(other.kept_splits)
 
 
@@ -162,7 +164,7 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
     if len(dropped):
         out.join("_dropped").write_part(dropped, f"part-{part:06d}")
     summary = PartSummary(responses=len(table), reasons=Counter(r or "kept" for r in reasons),
-                          kept_splits=Counter(kept[S.SPLIT].to_pylist()))
+                          kept_splits=Counter(kept[S.SPLIT].to_pylist()), unreferenced=table[S.REFERENCE].null_count)
     for reason, text in zip(reasons, table[S.TEXT].to_pylist()):
         if reason and len(summary.examples.setdefault(reason, [])) < examples_per_reason:
             summary.examples[reason].append(text)
@@ -226,6 +228,10 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     prompts, kept_prompts = (sum(n[k] for n in counts) for k in ("prompts", "kept_prompts"))
     table = reason_table(total.reasons.elements(), total.examples, prompts, kept_prompts,
                          total.trimmed, total.relabelled)
+    if c.check_answer and total.unreferenced:
+        table["unchecked"] = total.unreferenced
+        print(f"[curate] {total.unreferenced} of {total.responses} responses answer prompts without a reference: "
+              "the answer check" + (" and relabelling were" if c.relabel_wrong else " was") + " skipped for them")
     print(format_table(table))
     rd.curated.join("_table.json").write_json(table)
     if table["kept_ratio"] < c.min_kept_ratio:

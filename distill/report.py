@@ -31,18 +31,27 @@ def _scored(task: Task, preds: list[str], refs: list[str], idx) -> dict[str, Any
 
 def set_figures(task: Task, rows: list[dict], texts: dict[str, list[str]], samples: int) -> dict[str, Any]:
     """One set's figures: every model's metrics against the references (and agreement with the
-    teacher), with intervals; each student's share of the teacher kept; the verdict sentence."""
-    refs = [r["reference"] for r in rows]
+    teacher), with intervals; each student's share of the teacher kept; the verdict sentence.
+
+    A set whose prompts have no references (a user's own prompts) is scored against the teacher's
+    answers instead (`against: teacher`): a model's metric is then its agreement with the
+    teacher, the teacher's own is how often its answer can be read at all (an unparsable answer
+    agrees with nothing), and "kept" is the student's agreement over the teacher's."""
+    referenced = all(r["reference"] is not None for r in rows)
+    if not referenced and "teacher" not in texts:
+        raise ValueError("a set without references is scored against the teacher's answers, and this run "
+                         "evaluates no teacher: set teacher.path (or add references to the prompts)")
+    refs = [r["reference"] for r in rows] if referenced else texts["teacher"]
     idx = resample_indices(len(rows), samples, seed=len(rows))
     models, items = {}, {}
     for name, preds in texts.items():
         scored = _scored(task, preds, refs, idx)
         items[name] = scored.pop("items")
         models[name] = scored
-        if "teacher" in texts and name != "teacher":
+        if referenced and "teacher" in texts and name != "teacher":
             agree = _scored(task, preds, texts["teacher"], idx)
             models[name]["agreement"], models[name]["agreement_ci"] = agree["metrics"], agree["ci"]
-    out = {"n": len(rows), "models": models, "kept": {}}
+    out = {"n": len(rows), "against": "reference" if referenced else "teacher", "models": models, "kept": {}}
     primary = task.primary
     if "teacher" in items:
         t = items["teacher"][primary]
@@ -69,7 +78,7 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
         figures[name] = set_figures(task, rows, part, cfg.evaluation.bootstrap_samples)
         offset += len(rows)
     summary: dict[str, Any] = {"primary_metric": primary, "sets": {s: len(r) for s, r in sets.items()},
-                               "kept": {}, "verdicts": []}
+                               "against": {s: f["against"] for s, f in figures.items()}, "kept": {}, "verdicts": []}
     for name, fig in figures.items():
         for model, m in fig["models"].items():
             summary.setdefault("scores", {}).setdefault(name, {})[model] = {
@@ -78,7 +87,8 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
             summary["kept"][name] = fig["kept"]["student"]
         if "difference" in fig:
             d = fig["difference"]
-            summary["verdicts"].append(separation(d["value"], d["ci"], fig["n"], name, primary))
+            metric = primary if fig["against"] == "reference" else f"{primary} (agreement with the teacher)"
+            summary["verdicts"].append(separation(d["value"], d["ci"], fig["n"], name, metric))
     teacher, student = results.get("teacher"), results.get("student")
     if teacher and student:
         summary["latency_speedup"] = round(teacher["latency_p50_s"] / student["latency_p50_s"], 2)
@@ -112,9 +122,14 @@ def _pm(value: float | None, ci: tuple[float, float] | list[float] | None, pct: 
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     primary = s["primary_metric"]
+    unreferenced = [name for name, fig in report["sets"].items() if fig.get("against") == "teacher"]
     lines = ["# Distillation report", "",
              f"Headline metric: **{primary}**, with 95% bootstrap intervals in brackets. Sets: "
-             + ", ".join(f"`{name}` ({n} prompts)" for name, n in s["sets"].items()) + ".", ""]
+             + ", ".join(f"`{name}` ({n} prompts)" for name, n in s["sets"].items()) + "."
+             + (f" {', '.join(f'`{n}`' for n in unreferenced)} ha{'ve' if len(unreferenced) > 1 else 's'} no "
+                f"references: {primary} there is agreement with the teacher's answers (the teacher's own: the "
+                "share of its answers that state one), since accuracy needs references." if unreferenced else ""),
+             ""]
     lines += [f"- {v}" for v in s["verdicts"]]
     if "latency_speedup" in s:
         size = (f", {s['parameters_ratio']:.0%} of its parameters and {s['weights_ratio']:.0%} of its weight bytes"

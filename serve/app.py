@@ -124,7 +124,18 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
         key_hash(admin_key) if admin_key else None,
         admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
         max_body_bytes=serving.max_body_bytes, shadow=serving.shadow.model_dump(), task=task,
-        record_prompts=serving.record_prompts)
+        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task))
+
+
+def task_prompt(serving: ServingConfig, task: dict[str, Any] | None) -> str | None:
+    """The system prompt a chat request without one gets (`serving.apply_task_prompt`): the task's,
+    as `prepare` put it before every prompt the student learnt from and was evaluated on."""
+    if not serving.apply_task_prompt or task is None:
+        return None
+    from distill.config import TaskConfig
+    from distill.tasks import task_from_config
+
+    return task_from_config(TaskConfig(**task)).system_prompt() or None
 
 
 def is_loopback(host: str) -> bool:

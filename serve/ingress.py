@@ -87,7 +87,7 @@ class Ingress:
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: dict[str, Any] | None = None, task: dict[str, Any] | None = None,
-                 record_prompts: bool = False):
+                 record_prompts: bool = False, system_prompt: str | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
         from ray.serve.metrics import Counter, Histogram
@@ -96,6 +96,7 @@ class Ingress:
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
         self.shadow = Shadow(shadow or {"fraction": 0.0, "to": "teacher", "max_in_flight": 1}, task, record_prompts)
+        self.system_prompt = system_prompt
         self._weights: dict[str, float] = {}
         self._weights_at = 0.0
         self._pending: set[asyncio.Task] = set()
@@ -177,13 +178,14 @@ class Ingress:
         body = await parse(request, ChatRequest if kind == "chat" else CompletionRequest, self.max_body_bytes)
         route, arm = await self._route(body, request)
         req = {"params": body.params(), "request_id": uuid.uuid4().hex}
+        headers = {"x-distill-arm": arm, "x-distill-route": route}
         if kind == "chat":
             req["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
+            req["messages"], headers["x-distill-task-prompt"] = with_task_prompt(req["messages"], self.system_prompt)
         else:
             req["prompt"] = body.prompt
         echo = body.prompt if kind == "completion" and body.echo else None
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req['request_id']}"
-        headers = {"x-distill-arm": arm, "x-distill-route": route}
         start = time.perf_counter()
         handle = self.models[arm]
         if body.stream:
@@ -309,6 +311,16 @@ class Ingress:
         """Shadowed prompts with both answers (`serving.record_prompts`), from position `since`."""
         self._admin(request)
         return await self.ledger.prompts.remote(since)
+
+
+def with_task_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> tuple[list[dict[str, str]], str]:
+    """The messages with the task's system prompt first when they carry none, and what was done
+    (`applied`, `request` when the request had its own system message, `off`)."""
+    if system_prompt is None:
+        return messages, "off"
+    if any(m["role"] == "system" for m in messages):
+        return messages, "request"
+    return [{"role": "system", "content": system_prompt}, *messages], "applied"
 
 
 def _key_matches(request: Request, sha256: str) -> bool:

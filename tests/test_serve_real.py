@@ -61,7 +61,7 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         assert len(binds) == 2
     shm_before = set(os.listdir("/dev/shm"))
     try:
-        url = start(build_app(models, cfg.serving), cfg.serving)
+        url = start(build_app(models, cfg.serving, task=cfg.task.model_dump()), cfg.serving)
         running = serving_processes()
         assert len(running) >= 2
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -73,6 +73,10 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
             streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
                 model=name, messages=msg, max_tokens=5, temperature=0, stream=True))
             assert streamed == out.choices[0].message.content
+        served_bare = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "student", "messages": msg, "max_tokens": 5, "temperature": 0})
+        assert served_bare.headers["x-distill-task-prompt"] == "applied"
+        assert served_bare.json()["choices"][0]["message"]["content"] == evaluated_answer(cfg, run_dir / "student", msg)
         arms = {client.chat.completions.create(model="ab", messages=msg, max_tokens=2, user=f"user-{i}").model
                 for i in range(12)}
         assert arms == {"teacher", "student"}
@@ -90,6 +94,23 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         time.sleep(1)
     assert not left, f"processes left after shutdown: {left}"
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def evaluated_answer(cfg, student, msg) -> str:
+    """The student's greedy answer as `evaluate` computes it: on the prompt as `prepare` wrote it
+    (the task's system prompt first), in an engine of its own."""
+    from distill.config import SamplingConfig
+    from distill.data import normalise
+    from distill.engine import generate_rows, make_llm
+    from distill.tasks import task_from_config
+
+    row = normalise({"messages": msg}, cfg.task.type, task_from_config(cfg.task).system_prompt())
+    llm = make_llm(str(student), cfg.student.engine)
+    try:
+        out = generate_rows(llm, [row], SamplingConfig(temperature=0.0, max_tokens=5), 0, cfg.student.engine.max_model_len)
+    finally:
+        del llm
+    return out[0]["text"]
 
 
 def check_openai_surface(client) -> None:

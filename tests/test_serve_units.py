@@ -228,3 +228,18 @@ def test_a_stream_the_client_left_mid_send_runs_its_cleanup_at_once(closing):
         return list(cleaned)  # read while the loop runs: at its end asyncio closes every generator
 
     assert asyncio.run(serve_once()) == ([True] if closing else [])
+
+
+def test_a_chat_without_a_system_message_gets_the_task_prompt_it_was_trained_with():
+    from serve.app import task_prompt
+    from serve.ingress import with_task_prompt
+
+    cfg = load_config("configs/default.yaml", [])
+    system = task_prompt(cfg.serving, cfg.task.model_dump())
+    assert system == cfg.task.system_prompt
+    user = [{"role": "user", "content": "Review: loved it. Sentiment?"}]
+    assert with_task_prompt(user, system) == ([{"role": "system", "content": system}, *user], "applied")
+    own = [{"role": "system", "content": "Be terse."}, *user]
+    assert with_task_prompt(own, system) == (own, "request")  # a request's own system message wins
+    off = load_config("configs/default.yaml", ["serving.apply_task_prompt=false"])
+    assert task_prompt(off.serving, off.task.model_dump()) is None and with_task_prompt(user, None) == (user, "off")

@@ -47,3 +47,22 @@ def test_statistic_ci_recomputes_a_corpus_metric_per_resample():
                                        ((-0.03, 0.02), "too few to separate")])
 def test_the_verdict_says_whether_the_set_separates_the_models(ci, words):
     assert words in separation(0.0, ci, 120, "shifted", "accuracy")
+
+
+def test_a_set_without_references_is_scored_against_the_teacher():
+    """A user's prompts without references: every model's metric is agreement with the teacher's
+    answers, the teacher's own is the share it states a label in, and kept is their ratio."""
+    from distill.report import set_figures
+    from distill.tasks import get_task
+
+    task = get_task("nli", labels=["positive", "negative"])
+    rows = [{"reference": None}] * 4
+    teacher = ["It is positive.", "negative", "positive", "hard to tell"]
+    student = ["positive", "negative", "negative", "positive"]
+    fig = set_figures(task, rows, {"teacher": teacher, "student": student}, samples=200)
+    assert fig["against"] == "teacher"
+    assert fig["models"]["teacher"]["metrics"]["accuracy"] == 0.75  # three readable answers of four
+    assert fig["models"]["student"]["metrics"]["accuracy"] == 0.5
+    assert fig["kept"]["student"]["value"] == pytest.approx(0.5 / 0.75)
+    with pytest.raises(ValueError, match="teacher.path"):
+        set_figures(task, rows, {"student": student}, samples=10)

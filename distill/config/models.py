@@ -477,6 +477,9 @@ class TrainingConfig(Strict):
     """Micro-batches per optimizer step."""
     epochs: int = Field(3, ge=0)
     """Passes over the curated examples (0 only with method=on_policy: on-policy steps alone)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps, however many epochs that takes (overrides `epochs`;
+    on-policy steps come after them)."""
     max_seq_len: int = Field(256, ge=8)
     """Prompt + response tokens per example (longer ones are cut)."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
@@ -646,6 +649,10 @@ class ServingConfig(Strict):
     prompts in the server's memory: off by default)."""
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none."""
+    apply_task_prompt: bool = True
+    """A chat request without a system message gets the task's system prompt, the one the student
+    was trained and evaluated with (said in the `x-distill-task-prompt` response header); off, the
+    messages reach the models as sent."""
     replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
     """Resources and scaling per model."""
 
