@@ -36,7 +36,8 @@ def _config(run_dir: str, n: int, output_tokens: int, top_k: int):
     from distill.config import load_config
 
     return load_config(str(ROOT / "configs/default.yaml"), [
-        f"run_dir={run_dir}", f"data.source.n={n}", "data.source.shifted_n=0", "data.split.test=0.0",
+        f"run_dir={run_dir}", "evaluation.teacher_check=null",
+        f"data.source.n={n}", "data.source.shifted_n=0", "data.split.test=0.0",
         f"generation.sampling.max_tokens={output_tokens}", f"generation.top_k_logprobs={top_k}",
         "teacher.pool.max=2", "evaluation.extra_sets=[]"])
 

@@ -46,7 +46,8 @@ def our_stage(n: int, max_tokens: int, top_k: int) -> tuple[float, float]:
 
     run_dir = tempfile.mkdtemp(prefix="bench-gen-")
     cfg = load_config("configs/default.yaml", [
-        f"run_dir={run_dir}", f"data.source.n={n}", "data.source.seed=123", "data.split.test=0.0",
+        f"run_dir={run_dir}", "evaluation.teacher_check=null",
+        f"data.source.n={n}", "data.source.seed=123", "data.split.test=0.0",
         "data.split.validation=0.0", f"generation.sampling.max_tokens={max_tokens}",
         f"generation.top_k_logprobs={top_k}", f"generation.batch_size={n}", "task.system_prompt=''"])
     run_stage("prepare", cfg)

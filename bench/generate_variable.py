@@ -53,7 +53,8 @@ def _config(run_dir: str, model: str, n: int, batch_size: int, in_flight: int, h
     from distill.config import load_config
 
     return load_config(str(ROOT / "configs/default.yaml"), [
-        f"run_dir={run_dir}", f"data.source.n={n}", "data.source.shifted_n=0", "data.split.test=0.0",
+        f"run_dir={run_dir}", "evaluation.teacher_check=null",
+        f"data.source.n={n}", "data.source.shifted_n=0", "data.split.test=0.0",
         "data.split.validation=0.0", f"teacher.path={model}", "teacher.engine.max_model_len=512",
         f"generation.sampling.max_tokens={hi}", f"generation.top_k_logprobs={TOP_K}",
         f"generation.batch_size={batch_size}", f"generation.blocks_in_flight={in_flight}", "evaluation.extra_sets=[]"])

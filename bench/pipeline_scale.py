@@ -41,7 +41,7 @@ def _config(run_dir: str, prompts: str, student: str, max_steps: int):
     from distill.config import load_config
 
     return load_config(str(ROOT / "configs/default.yaml"), [
-        f"run_dir={run_dir}", "data.source={kind: file, path: " + prompts + "}",
+        f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.source={kind: file, path: " + prompts + "}",
         "data.split.test=0.0", "evaluation.extra_sets=[]",
         "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
         "curation.dedup_near=true", "curation.min_kept_ratio=0.0",

@@ -8,6 +8,7 @@ this, with the model's own chat template and the assistant turn opened.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,3 +18,29 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int
     if hasattr(ids, "input_ids") or isinstance(ids, dict):  # transformers may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """What the teacher sees before a prompt and the student never does (context distillation):
+    its own system prompt in place of the task's, and worked examples as earlier user/assistant
+    turns. The teacher answers better with them; the student learns those answers on the task's
+    bare prompt, which is also what it is evaluated and served on."""
+
+    system_prompt: str | None = None
+    few_shot: tuple[tuple[str, str], ...] = ()  # (prompt, answer) pairs
+
+    def __bool__(self) -> bool:
+        return self.system_prompt is not None or bool(self.few_shot)
+
+    def apply(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The teacher's messages for a prompt's `messages` (which are left as they are)."""
+        if not self:
+            return list(messages)
+        system = [m for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if self.system_prompt is not None:
+            system = [{"role": "system", "content": self.system_prompt}]
+        shots = [m for prompt, answer in self.few_shot
+                 for m in ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})]
+        return [*system, *shots, *turns]

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from distill import schema as S
 from distill.config import CurationConfig, RunConfig, TaskConfig
 from distill.curate_keys import PartKeys, exact_drops, near_drops, part_keys, selection_drops
-from distill.curate_rules import (CurationGateError, format_table, reason_table, relabel_wrong_answer, row_reason,
-                                  trim_after_answer)
+from distill.curate_rules import (CurationGateError, format_table, majority_votes, reason_table, relabel_wrong_answer,
+                                  row_reason, trim_after_answer)
 from distill.rundir import RunDir
 from distill.storage import Location
 
@@ -63,8 +63,9 @@ class RowRules:
             self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from distill.teacher_workers import rows_to_table
+        return self.table(*self.rows_and_reasons(batch))
 
+    def rows_and_reasons(self, batch: pa.Table) -> tuple[list[dict[str, Any]], list[str | None]]:
         rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens)
                 for r in batch.to_pylist()]
         reasons = [row_reason(r, self.task, self.cfg) for r in rows]
@@ -73,6 +74,16 @@ class RowRules:
                 fixed = reason == "wrong_answer" and relabel_wrong_answer(rows[i], self.task, self.encode or _no_tokens)
                 if fixed:
                     rows[i], reasons[i] = fixed, None
+        return rows, reasons
+
+    def votes(self, rows: list[dict[str, Any]], reasons: list[str | None]):
+        """`curation.select: majority` over a part (parts hold every sample of their prompts)."""
+        return majority_votes(rows, reasons, self.task, self.cfg.min_agreement, self.cfg.relabel_to == "majority",
+                              self.encode or _no_tokens)
+
+    def table(self, rows: list[dict[str, Any]], reasons: list[str | None]) -> pa.Table:
+        from distill.teacher_workers import rows_to_table
+
         return rows_to_table(rows, self.schema).append_column(S.DROP_REASON, pa.array(reasons, pa.string()))
 
 
@@ -94,15 +105,19 @@ def _rules(task: TaskConfig, curation: CurationConfig, tokenizer: str | None, sc
 
 
 def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: RunConfig,
-                tokenizer: str | None) -> PartKeys:
-    """Round 1 for one teacher part: the per-row rules, the staged part, its compact keys."""
-    table = pq.read_table(path, filesystem=src.fs)
-    ruled = _rules(cfg.task, cfg.curation, tokenizer, table.schema)(table)
-    staging.write_part(ruled, f"part-{part:06d}")
+                tokenizer: str | None) -> tuple[PartKeys, Counter]:
+    """Round 1 for one teacher part: the per-row rules (and majority votes), the staged part, its
+    compact keys and its prompts' agreement counts."""
     c = cfg.curation
-    rows = ruled.select([S.ID, S.SAMPLE, S.MESSAGES, S.TEXT, S.OUTPUT_TOKENS]).to_pylist()
-    return part_keys(rows, (r is None for r in ruled[S.DROP_REASON].to_pylist()), part,
-                     c.near_threshold if c.dedup_near else None)
+    table = pq.read_table(path, filesystem=src.fs)
+    rules = _rules(cfg.task, c, tokenizer, table.schema)
+    rows, reasons = rules.rows_and_reasons(table)
+    agreement = Counter()
+    if c.select == "majority":
+        rows, reasons, agreement = rules.votes(rows, reasons)
+    staging.write_part(rules.table(rows, reasons), f"part-{part:06d}")
+    keys = part_keys(rows, (r is None for r in reasons), part, c.near_threshold if c.dedup_near else None)
+    return keys, agreement
 
 
 def _concat(*arrays: np.ndarray) -> np.ndarray:
@@ -164,7 +179,8 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
     if len(dropped):
         out.join("_dropped").write_part(dropped, f"part-{part:06d}")
     summary = PartSummary(responses=len(table), reasons=Counter(r or "kept" for r in reasons),
-                          kept_splits=Counter(kept[S.SPLIT].to_pylist()), unreferenced=table[S.REFERENCE].null_count)
+                          kept_splits=Counter(kept[S.SPLIT].to_pylist()),
+                          unreferenced=table[S.REFERENCE].null_count)
     for reason, text in zip(reasons, table[S.TEXT].to_pylist()):
         if reason and len(summary.examples.setdefault(reason, [])) < examples_per_reason:
             summary.examples[reason].append(text)
@@ -174,6 +190,12 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def _share(fraction: str) -> float:
+    """"4/5" -> 0.8 (agreement keys sort by share)."""
+    top, total = fraction.split("/")
+    return int(top) / int(total)
 
 
 def _wait_all(refs: list, label: str) -> None:
@@ -203,8 +225,11 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
     tokenizer = teacher_tokenizer(cfg)
-    keys = [task(_stage_part).remote(rd.teacher, path, i, staging, cfg, tokenizer) for i, path in enumerate(parts)]
+    staged = [task(_stage_part).options(num_returns=2).remote(rd.teacher, path, i, staging, cfg, tokenizer)
+              for i, path in enumerate(parts)]
+    keys = [k for k, _ in staged]
     _wait_all(keys, "per-row rules")
+    agreement = sum(ray.get([a for _, a in staged]), Counter())
 
     buckets = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     reduce = task(_concat)
@@ -228,6 +253,8 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     prompts, kept_prompts = (sum(n[k] for n in counts) for k in ("prompts", "kept_prompts"))
     table = reason_table(total.reasons.elements(), total.examples, prompts, kept_prompts,
                          total.trimmed, total.relabelled)
+    if agreement:  # how many prompts' samples agreed how much (select=majority)
+        table["agreement"] = dict(sorted(agreement.items(), key=lambda kv: -_share(kv[0])))
     if c.check_answer and total.unreferenced:
         table["unchecked"] = total.unreferenced
         print(f"[curate] {total.unreferenced} of {total.responses} responses answer prompts without a reference: "

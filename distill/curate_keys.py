@@ -155,7 +155,7 @@ def selection_drops(parts: list[PartKeys], excluded: np.ndarray, rule: str, buck
     prompt, ordinal, second = prompt[mine], ordinal[mine], second[mine]
     counts = {"prompts": len(np.unique(prompts[_in_bucket(prompts, bucket, buckets)])),
               "kept_prompts": len(np.unique(prompt))}
-    if rule == "all_correct":
+    if rule in ("all_correct", "majority"):  # majority votes were taken per part, before dedup
         return np.zeros(0, np.int64), counts
     order = np.lexsort((ordinal, second, prompt))
     p = prompt[order]

@@ -16,7 +16,7 @@ from distill.config import CurationConfig
 from distill.tasks import Task
 
 REASONS = ("error", "empty", "truncated", "too_short", "too_long", "refusal", "repetition",
-           "wrong_answer", "duplicate", "near_duplicate", "not_selected")
+           "wrong_answer", "uncertain", "minority", "duplicate", "near_duplicate", "not_selected")
 
 REFUSAL_RE = re.compile(
     r"\b(i'?m sorry|i am sorry|i cannot|i can'?t (help|assist|answer)|as an ai\b|i am unable|"
@@ -113,6 +113,43 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     return _with_topk_cut(out, row, same)
 
 
+def majority_votes(rows: list[dict[str, Any]], reasons: list[str | None], task: Task, min_agreement: float,
+                   relabel: bool, encode) -> tuple[list[dict[str, Any]], list[str | None], Counter]:
+    """Self-consistency without labels (`curation.select: majority`): per prompt, the answers
+    stated by its samples that passed the per-row rules are votes (an answer the task cannot
+    read counts against every label). The most common answer wins when it has a share of at
+    least `min_agreement` and no tie; the prompt's other samples are `minority` (or, with
+    `relabel`, rewritten to the winning label like `relabel_wrong_answer` does with a reference),
+    and a prompt without a winner is `uncertain`. Returns the rows, the reasons and how many
+    prompts had each agreement ("4/5": four of five votes for the winner).
+    Votes are counted within `rows`, which must hold every sample of their prompts."""
+    rows, reasons, agreement = list(rows), list(reasons), Counter()
+    by_prompt: dict[str, list[int]] = {}
+    for i, (row, reason) in enumerate(zip(rows, reasons)):
+        if reason is None:
+            by_prompt.setdefault(row[S.ID], []).append(i)
+    for members in by_prompt.values():
+        answers = [task.extract(rows[i].get(S.TEXT) or "") for i in members]
+        counts = Counter(a for a in answers if a is not None).most_common()
+        top = counts[0][1] if counts else 0
+        winner = counts[0][0] if counts and (len(counts) == 1 or counts[1][1] < top) else None
+        agreement[f"{top}/{len(members)}"] += 1
+        if winner is None or top / len(members) < min_agreement:
+            for i in members:
+                reasons[i] = "uncertain"
+            continue
+        for i, answer in zip(members, answers):
+            if answer == winner:
+                continue
+            fixed = relabel and answer is not None and relabel_wrong_answer({**rows[i], S.REFERENCE: winner}, task,
+                                                                            encode)
+            if fixed:
+                rows[i] = {**fixed, S.REFERENCE: rows[i].get(S.REFERENCE)}
+            else:
+                reasons[i] = "minority"
+    return rows, reasons, agreement
+
+
 def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
                  prompts: int, kept_prompts: int, trimmed: int = 0, relabelled: int = 0) -> dict[str, Any]:
     """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""
@@ -136,9 +173,12 @@ def format_table(table: dict[str, Any]) -> str:
     if table.get("kept_trimmed"):
         lines.append(f"{'  of which trimmed after the answer':<16} {table['kept_trimmed']}")
     if table.get("kept_relabelled"):
-        lines.append(f"{'  of which relabelled to the reference':<16} {table['kept_relabelled']}")
+        lines.append(f"{'  of which relabelled (to the reference or the majority)':<16} {table['kept_relabelled']}")
     lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
     lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
+    if table.get("agreement"):
+        lines.append("samples agreeing with their prompt's winning answer: "
+                     + ", ".join(f"{share} in {n} prompts" for share, n in table["agreement"].items()))
     for reason, examples in table["examples"].items():
         for ex in examples[:2]:
             lines.append(f"  e.g. {reason}: {ex[:100]!r}")

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill import schema as S
+from distill.chat import TeacherContext
 from distill.config import RunConfig
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
@@ -260,6 +261,23 @@ def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
         raise BadRow(f"evaluation.extra_sets {name} ({path}): {len(missing)} rows have no `reference` "
                      f"(e.g. id {missing[0]!r}); an evaluation set is scored against its references")
     return [{**r, S.SPLIT: name} for r in rows]
+
+
+def teacher_context(teacher) -> TeacherContext:
+    """The teacher's context (`teacher.system_prompt`, `teacher.few_shot`, inline or a JSONL file of
+    {prompt, answer} rows, each checked and named by file:line)."""
+    shots = getattr(teacher, "few_shot", [])
+    if isinstance(shots, str):
+        pairs = []
+        for where, raw in read_raw(locate(shots), "teacher.few_shot"):
+            if isinstance(raw, BadRow) or not all(isinstance(raw.get(k), str) and raw[k].strip()
+                                                  for k in ("prompt", "answer")):
+                raise BadRow(f"teacher.few_shot {where}: each row needs non-empty string `prompt` and `answer`"
+                             + (f" ({raw})" if isinstance(raw, BadRow) else ""))
+            pairs.append((raw["prompt"], raw["answer"]))
+    else:
+        pairs = [(s.prompt, s.answer) for s in shots]
+    return TeacherContext(getattr(teacher, "system_prompt", None), tuple(pairs))
 
 
 def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:

@@ -92,10 +92,12 @@ class Limiter:
 
 
 def request_body(cfg: dict[str, Any], row: dict[str, Any], sampling: dict[str, Any], top_k: int,
-                 token_ids: bool) -> dict[str, Any]:
+                 token_ids: bool, context=None) -> dict[str, Any]:
+    """The chat request for a prompt row (with the teacher's `context` around the prompt)."""
     from distill.engine import request_seed
 
-    body = {"model": cfg["model"], "messages": list(row[S.MESSAGES]), "temperature": sampling["temperature"],
+    messages = context.apply(row[S.MESSAGES]) if context else list(row[S.MESSAGES])
+    body = {"model": cfg["model"], "messages": messages, "temperature": sampling["temperature"],
             "top_p": sampling["top_p"], "max_tokens": sampling["max_tokens"], "n": sampling["n"]}
     if sampling["temperature"] > 0:
         body["seed"] = request_seed(row[S.ID], sampling["seed"])
@@ -156,9 +158,10 @@ class EndpointWorker:
     writes teacher-schema parts of whole prompts, returns a summary row per part."""
 
     def __init__(self, teacher: dict, sampling: dict, top_k: int, token_ids: bool, logprob_dtype: str,
-                 out_uri: str, prompts_per_part: int, limiter):
+                 out_uri: str, prompts_per_part: int, limiter, context=None):
         import httpx
 
+        self.context = context  # a chat.TeacherContext, around each prompt
         self.cfg, self.sampling, self.top_k, self.token_ids = teacher, sampling, top_k, token_ids
         self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part, self.limiter = out_uri, prompts_per_part, limiter
@@ -175,7 +178,7 @@ class EndpointWorker:
     async def _one(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         import httpx
 
-        body = request_body(self.cfg, row, self.sampling, self.top_k, self.token_ids)
+        body = request_body(self.cfg, row, self.sampling, self.top_k, self.token_ids, self.context)
         estimate = sum(len(m["content"]) // 4 for m in body["messages"]) + self.sampling["max_tokens"] * self.sampling["n"]
         error = "no attempt"
         for attempt in range(self.cfg["max_retries"] + 1):
@@ -236,6 +239,7 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     import ray
     import ray.data
 
+    from distill.data import teacher_context
     from distill.prompt_blocks import blocks_dataset
     from distill.ray_utils import connect
     from distill.teacher import follow_parts
@@ -253,14 +257,15 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
         fn_constructor_kwargs=dict(teacher=t.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
                                    token_ids=endpoint_token_ids(cfg), logprob_dtype=gen.logprob_dtype,
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
-                                   limiter=limiter))
+                                   limiter=limiter, context=teacher_context(t)))
     follow_parts(ds, count * sampling.n, f" from {t.base_url}")
     counts = ray.get(limiter.stats.remote())
     ray.kill(limiter)
     return counts
 
 
-def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: dict[str, Any], latency_requests: int) -> dict[str, Any]:
+def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: dict[str, Any], latency_requests: int,
+                     context=None) -> dict[str, Any]:
     """Evaluation of an endpoint teacher: its answers to every evaluation prompt (through the
     job's limits and retries), then latency one request at a time; the same figures as
     `evaluate.EvalWorker.run`, with size and memory unknown."""
@@ -271,7 +276,8 @@ def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: dict[str, Any], 
     limiter = ray.remote(Limiter).options(num_cpus=0).remote(t.max_concurrency, t.requests_per_minute,
                                                               t.tokens_per_minute)
     sampling = {**sampling, "n": 1}
-    worker = EndpointWorker(t.model_dump(), sampling, 0, False, cfg.generation.logprob_dtype, "", 1, limiter)
+    worker = EndpointWorker(t.model_dump(), sampling, 0, False, cfg.generation.logprob_dtype, "", 1, limiter,
+                            context)
 
     async def measure():  # one event loop for the whole measurement: the client's connections live in it
         start = time.time()

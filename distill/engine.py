@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from distill import schema as S
-from distill.chat import prompt_token_ids
+from distill.chat import TeacherContext, prompt_token_ids
 from distill.config import EngineConfig, SamplingConfig
 from distill.hardware import cuda_available, fast_dtype
 
@@ -156,18 +156,20 @@ def error_rows(row: dict[str, Any], error: str, n: int) -> list[dict[str, Any]]:
 
 
 def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
-                     max_model_len: int, params_for=None):
+                     max_model_len: int, params_for=None, context: TeacherContext | None = None):
     """Prompt rows -> (errors, TokensPrompts, SamplingParams): `errors[i]` holds row i's error
     rows, or None when row i became a request (requests keep the rows' order).
 
     Prompts are tokenised here with the model's chat template so an over-long prompt becomes
     an error row instead of failing the whole batch. `params_for(row)`, when it returns params,
-    overrides the config's for that request (the benchmarks give each prompt its own length)."""
+    overrides the config's for that request (the benchmarks give each prompt its own length).
+    A teacher `context` is put around each prompt here, for the engine only: the rows (and so
+    the stored outputs) keep the task's own messages."""
     from vllm.inputs import TokensPrompt
 
     errors, prompts, params = [], [], []
     for row in rows:
-        ids = prompt_token_ids(tokenizer, row[S.MESSAGES])
+        ids = prompt_token_ids(tokenizer, context.apply(row[S.MESSAGES]) if context else row[S.MESSAGES])
         if len(ids) >= max_model_len:
             errors.append(error_rows(row, f"prompt has {len(ids)} tokens; max_model_len is {max_model_len}",
                                      sampling.n))
@@ -203,9 +205,10 @@ def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int) -
 
 
 def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
-                  max_model_len: int, params_for=None) -> list[dict[str, Any]]:
+                  max_model_len: int, params_for=None, context: TeacherContext | None = None) -> list[dict[str, Any]]:
     """Generate for prompt rows (schema.PROMPT_SCHEMA dicts) with a `vllm.LLM`; n output rows per
     prompt (an error row per sample for a prompt too long for the engine)."""
-    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, max_model_len, params_for)
+    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, max_model_len, params_for,
+                                               context)
     results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
     return output_rows(rows, errors, results, top_k)

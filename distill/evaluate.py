@@ -46,7 +46,9 @@ class EvalWorker:
         self.llm = make_llm(self.path, self.engine)
         self.load_s = time.time() - start
 
-    def run(self, rows: list[dict], sampling: dict, latency_requests: int) -> dict[str, Any]:
+    def run(self, rows: list[dict], sampling: dict, latency_requests: int, context=None) -> dict[str, Any]:
+        """Answers to every row (one batch), then latency and time to first token on the first
+        `latency_requests` rows one at a time; `context`: the teacher's, around each prompt."""
         import numpy as np
 
         from distill.engine import generate_rows
@@ -54,17 +56,17 @@ class EvalWorker:
 
         sp = SamplingConfig(**sampling)
         start = time.time()
-        out = generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len)
+        out = generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len, context=context)
         batch_s = time.time() - start
         tokens = sum(r[S.OUTPUT_TOKENS] for r in out)
         latencies, ttft = [], []
         first = sp.model_copy(update={"max_tokens": 1})
         for row in rows[:latency_requests]:
             t0 = time.time()
-            generate_rows(self.llm, [row], sp, 0, self.engine.max_model_len)
+            generate_rows(self.llm, [row], sp, 0, self.engine.max_model_len, context=context)
             latencies.append(time.time() - t0)
             t0 = time.time()
-            generate_rows(self.llm, [row], first, 0, self.engine.max_model_len)
+            generate_rows(self.llm, [row], first, 0, self.engine.max_model_len, context=context)
             ttft.append(time.time() - t0)
         return {
             "texts": [r[S.TEXT] for r in out],
@@ -79,6 +81,14 @@ class EvalWorker:
             "peak_memory_mb": round(_peak_memory_mb(), 1),
             "load_s": round(self.load_s, 2),
         }
+
+
+    def answers(self, rows: list[dict], sampling: dict, context=None) -> list[str]:
+        """One answer per row, in a batch (the teacher check)."""
+        from distill.engine import generate_rows
+
+        sp = SamplingConfig(**{**sampling, "n": 1})
+        return [r[S.TEXT] for r in generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len, context=context)]
 
 
 def _peak_memory_mb() -> float:
@@ -99,6 +109,7 @@ def _weights_mb(path: str) -> float:
 
 
 def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
+    from distill.data import teacher_context
     from distill.models import resolve_model, student_base
 
     models = {}
@@ -106,6 +117,8 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
         models["teacher"] = resolve_model(cfg.teacher.path)
     elif cfg.teacher.kind == "endpoint":
         models["teacher"] = cfg.teacher.base_url  # evaluated through the endpoint itself
+    if "teacher" in models and teacher_context(cfg.teacher):
+        models["teacher_bare"] = models["teacher"]  # the same model on the task's own prompt
     models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
         models["baseline"] = student_base(cfg, rd)
@@ -133,25 +146,45 @@ def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
-def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict]) -> dict[str, Any]:
+def _eval_actor(cfg: RunConfig, name: str, path: str):
+    """An EvalWorker actor for a model (teacher* or a student), with its engine's settings."""
     import ray
 
     from distill.engine import engine_env
 
-    engine = cfg.student.engine if name != "teacher" else cfg.teacher.engine
+    teacher = name.startswith("teacher")
+    engine = cfg.teacher_engine() if teacher else cfg.student.engine
     pool = getattr(cfg.teacher, "pool", None)
-    gpus = (pool.num_gpus if pool else 0) if name == "teacher" else (1 if cfg.training.use_gpu else 0)
-    actor = ray.remote(EvalWorker).options(
+    gpus = (pool.num_gpus if pool else 0) if teacher else (1 if cfg.training.use_gpu else 0)
+    return ray.remote(EvalWorker).options(
         num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": engine_env(engine)}
     ).remote(path, engine.model_dump())
+
+
+def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict], context) -> dict[str, Any]:
+    import ray
+
+    actor = _eval_actor(cfg, name, path)
     try:
         return ray.get(actor.run.remote(rows, cfg.evaluation.sampling.model_dump(),
-                                        cfg.evaluation.latency_requests))
+                                        cfg.evaluation.latency_requests, context))
+    finally:
+        ray.kill(actor)
+
+
+def answers_of(cfg: RunConfig, name: str, path: str, rows: list[dict], sampling: SamplingConfig, context) -> list[str]:
+    """A model's answers to `rows` in its own actor (which is gone when this returns)."""
+    import ray
+
+    actor = _eval_actor(cfg, name, path)
+    try:
+        return ray.get(actor.answers.remote(rows, sampling.model_dump(), context))
     finally:
         ray.kill(actor)
 
 
 def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    from distill.data import teacher_context
     from distill.ray_utils import connect
     from distill.report import build_report, write_report
     from distill.tasks import task_from_config
@@ -160,15 +193,18 @@ def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     rows = [r for set_rows in sets.values() for r in set_rows]
     connect(cfg.ray)
     results: dict[str, dict[str, Any]] = {}
+    context = teacher_context(cfg.teacher)  # the teacher as it generated; `teacher_bare` without it
     for name, path in models_to_compare(cfg, rd).items():
+        with_context = context if name == "teacher" and context else None
         print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
               f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
-        if name == "teacher" and cfg.teacher.kind == "endpoint" and cfg.teacher.path is None:
+        if name.startswith("teacher") and cfg.teacher.kind == "endpoint" and cfg.teacher.path is None:
             from distill.endpoint import measure_endpoint
 
-            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling.model_dump(), cfg.evaluation.latency_requests)
+            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling.model_dump(), cfg.evaluation.latency_requests,
+                                        with_context)
         else:
-            measured = _measure(cfg, name, path, rows)
+            measured = _measure(cfg, name, path, rows, with_context)
         results[name] = {**measured, "path": path}
     texts = {name: m.pop("texts") for name, m in results.items()}
     table = {S.ID: [r[S.ID] for r in rows], S.SPLIT: [r[S.SPLIT] for r in rows],

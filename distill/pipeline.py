@@ -32,12 +32,20 @@ def summary_text(s: dict[str, Any], rd: RunDir) -> str:
     lines = [f"student: {rd.student.uri}", f"report:  {rd.eval.uri}/report.md"]
     for name, scores in s.get("scores", {}).items():
         cells = ", ".join(f"{model} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" for model, v in scores.items())
-        kept = s.get("kept", {}).get(name)
-        lines.append(f"{name} {primary}: {cells}"
-                     + (f"; student keeps {100 * kept['value']:.1f}% [{100 * kept['ci'][0]:.1f}, "
-                        f"{100 * kept['ci'][1]:.1f}] of the teacher" if kept and kept["value"] is not None else ""))
+        kept, bare = s.get("kept", {}).get(name), s.get("kept_bare", {}).get(name)
+        against = " (agreement with the teacher: no references)" if s.get("against", {}).get(name) == "teacher" else ""
+        lines.append(f"{name} {primary}{against}: {cells}" + _keeps(kept, "of the teacher")
+                     + _keeps(bare, "of the bare teacher"))
     lines += s.get("verdicts", [])
     if "latency_speedup" in s:
-        lines.append(f"speed: {s['latency_speedup']}x lower p50 latency, {s['throughput_ratio']}x throughput"
+        x = s["latency_speedup"]
+        speed = f"the student answers {x}x faster" if x >= 1 else f"the student answers {1 / x:.2f}x slower"
+        lines.append(f"speed: {speed} (p50 latency), {s['throughput_ratio']}x the teacher's throughput"
                      + (f", {s['parameters_ratio']:.0%} of the teacher's parameters" if s.get("parameters_ratio") else ""))
     return "\n".join(lines)
+
+
+def _keeps(kept: dict[str, Any] | None, what: str) -> str:
+    if not kept or kept["value"] is None:
+        return ""
+    return f"; student keeps {100 * kept['value']:.1f}% [{100 * kept['ci'][0]:.1f}, {100 * kept['ci'][1]:.1f}] {what}"

@@ -53,15 +53,18 @@ def set_figures(task: Task, rows: list[dict], texts: dict[str, list[str]], sampl
             models[name]["agreement"], models[name]["agreement_ci"] = agree["metrics"], agree["ci"]
     out = {"n": len(rows), "against": "reference" if referenced else "teacher", "models": models, "kept": {}}
     primary = task.primary
+    for teacher, kept in (("teacher", "kept"), ("teacher_bare", "kept_bare")):
+        if teacher not in items:
+            continue
+        t = items[teacher][primary]
+        t_mean = sum(t) / len(t)
+        for name in items:
+            if not name.startswith("teacher"):
+                s = items[name][primary]
+                value = (sum(s) / len(s)) / t_mean if t_mean else None
+                out.setdefault(kept, {})[name] = {"value": value, "ci": ratio_ci(s, t, idx)}
     if "teacher" in items:
         t = items["teacher"][primary]
-        for name in items:
-            if name == "teacher":
-                continue
-            s = items[name][primary]
-            t_mean = sum(t) / len(t)
-            value = (sum(s) / len(s)) / t_mean if t_mean else None
-            out["kept"][name] = {"value": value, "ci": ratio_ci(s, t, idx)}
         if "student" in items:
             s = items["student"][primary]
             diff = (sum(s) - sum(t)) / len(t)
@@ -85,6 +88,8 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
                 "value": m["metrics"][primary], "ci": m["ci"][primary]}
         if "student" in fig["kept"]:
             summary["kept"][name] = fig["kept"]["student"]
+        if "student" in fig.get("kept_bare", {}):
+            summary.setdefault("kept_bare", {})[name] = fig["kept_bare"]["student"]
         if "difference" in fig:
             d = fig["difference"]
             metric = primary if fig["against"] == "reference" else f"{primary} (agreement with the teacher)"
@@ -137,11 +142,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"The student answers {s['latency_speedup']}x faster (p50 latency), with "
                       f"{s['throughput_ratio']}x the teacher's batch throughput{size}."]
     models = list(report["models"])
-    lines += ["", f"| set | " + " | ".join(models) + " | student keeps |", "|" + "---|" * (len(models) + 2)]
+    bare = "teacher_bare" in models
+    if bare:
+        lines += ["", "`teacher` answered with its own context (system prompt, worked examples), as it generated "
+                      "the training data; `teacher_bare` is the same model on the task's prompt, as a user would call it."]
+    lines += ["", f"| set | " + " | ".join(models) + " | student keeps |" + (" of the bare teacher |" if bare else ""),
+              "|" + "---|" * (len(models) + 2 + bare)]
     for name, fig in report["sets"].items():
         cells = [_pm(fig["models"][m]["metrics"][primary], fig["models"][m]["ci"][primary]) for m in models]
         kept = fig["kept"].get("student")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pm(kept['value'], kept['ci'], True) if kept else '-'} |")
+        kept_bare = fig.get("kept_bare", {}).get("student")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pm(kept['value'], kept['ci'], True) if kept else '-'} |"
+                     + (f" {_pm(kept_bare['value'], kept_bare['ci'], True) if kept_bare else '-'} |" if bare else ""))
     lines += ["", "| model | params (M) | weights MB | p50 s | p95 s | TTFT s | tok/s | peak MB |", "|" + "---|" * 8]
     for name, m in report["models"].items():
         size = (f"{m['parameters'] / 1e6:.1f} | {m['weights_mb']:.0f}" if m["parameters"] else "- | -")
@@ -165,7 +177,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-COLORS = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:gray", "gold_control": "tab:orange"}
+COLORS = {"teacher": "tab:blue", "teacher_bare": "tab:cyan", "student": "tab:green", "baseline": "tab:gray",
+          "gold_control": "tab:orange"}
 
 
 def _png(fig) -> bytes:

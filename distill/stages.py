@@ -65,9 +65,11 @@ def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
 
 
 def _generate_inputs(cfg: RunConfig) -> dict[str, str]:
-    if cfg.teacher.kind != "precomputed":
-        return {}
-    return {"teacher.outputs": _file_hashes(cfg.teacher.outputs, "teacher.outputs")}
+    if cfg.teacher.kind == "precomputed":
+        return {"teacher.outputs": _file_hashes(cfg.teacher.outputs, "teacher.outputs")}
+    if isinstance(cfg.teacher.few_shot, str):  # the worked examples' file is part of what the teacher sees
+        return {"teacher.few_shot": _file_hashes(cfg.teacher.few_shot, "teacher.few_shot")}
+    return {}
 
 
 def _evaluate_inputs(cfg: RunConfig) -> dict[str, str]:

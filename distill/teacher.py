@@ -110,6 +110,11 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     print(f"[generate] {total} prompts: {len(done)} already generated (kept), {todo} to go"
           + (f"; {counts['orphaned']} rows of prompts no longer in train/validation moved to "
              f"{rd.teacher.uri}/_orphans" if counts["orphaned"] else ""))
+    checked = None
+    if todo and not done and cfg.teacher.kind == "vllm" and cfg.evaluation.teacher_check is not None:
+        from distill.teacher_check import check_teacher
+
+        checked = check_teacher(cfg, rd)  # stops here when the teacher would teach nothing
     start, requests = time.time(), {}
     if todo and cfg.teacher.kind == "endpoint":
         from distill.endpoint import run_endpoint_pool
@@ -130,6 +135,8 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         accelerator_s=round(elapsed * cfg.teacher.pool.max * cfg.teacher.pool.num_gpus, 1)
         if cfg.teacher.kind == "vllm" else 0.0,
     )
+    if checked:
+        stats["teacher_check"] = checked
     if cfg.teacher.kind == "endpoint":  # what this run asked of the endpoint, and what the data cost
         price = cfg.teacher.price
         prompt_tokens = sums["prompt_tokens"] / n  # n samples share one prompt
@@ -237,6 +244,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     import ray.data
 
     from distill import teacher_workers
+    from distill.data import teacher_context
     from distill.engine import engine_env
     from distill.ray_utils import connect
 
@@ -255,7 +263,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
         fn_constructor_kwargs=dict(
             model=teacher.path, engine=teacher.engine.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
-            blocks_in_flight=in_flight,
+            blocks_in_flight=in_flight, context=teacher_context(teacher),
         ),
     )
     follow_parts(ds, count * sampling.n)

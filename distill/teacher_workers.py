@@ -87,8 +87,9 @@ class TeacherWorker:
     Writes its own output parts and returns a summary row per part."""
 
     def __init__(self, model: str, engine: dict, sampling: dict, top_k: int, logprob_dtype: str,
-                 out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1):
+                 out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1, context=None):
         self.blocks_in_flight = blocks_in_flight
+        self.context = context  # a chat.TeacherContext: around each prompt, for the engine only
         self.engine = EngineConfig(**engine)
         self.sampling = SamplingConfig(**sampling)
         self.top_k = top_k
@@ -114,7 +115,7 @@ class TeacherWorker:
         from distill.engine import generate_rows
 
         rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine.max_model_len,
-                             self.request_params)
+                             self.request_params, self.context)
         return self.write(rows)
 
 
@@ -156,7 +157,7 @@ class AsyncTeacherWorker(TeacherWorker):
         async with self._slots:  # Ray Data may hand over more batches than that at once
             errors, prompts, params = await asyncio.to_thread(
                 prepare_requests, self.llm.get_tokenizer(), rows, self.sampling, self.top_k,
-                self.engine.max_model_len, self.request_params)
+                self.engine.max_model_len, self.request_params, self.context)
             results = await asyncio.gather(*(self._final(p, sp) for p, sp in zip(prompts, params)))
         # packing and writing off the event loop, which feeds the engine the other blocks
         return await asyncio.to_thread(lambda: self.write(output_rows(rows, errors, results, self.top_k)))

@@ -201,8 +201,8 @@ def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
     t = cfg.training
     # prompt + rollout must fit both engines; a prompt that fills max_seq_len leaves nothing to learn
     limit = min(cfg.student.engine.max_model_len, cfg.teacher.engine.max_model_len) - t.on_policy.max_new_tokens
-    return ray.data.read_parquet(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs,
-                                 columns=[S.ID, S.SPLIT, S.MESSAGES]).map_batches(
+    return ray.data.read_parquet(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs).select_columns(
+        [S.ID, S.SPLIT, S.MESSAGES]).map_batches(
         policy_prompts, batch_format="pyarrow", batch_size=None,
         fn_kwargs=dict(student_path=student_path, max_prompt_tokens=min(limit, t.max_seq_len - 1)))
 

@@ -66,7 +66,7 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
         if name == "teacher":
             if cfg.teacher.path is None:
                 raise ValueError("serving.models has 'teacher' but teacher.path is not set")
-            paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher.engine
+            paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher_engine()
         elif name == "student":
             if not is_done("train", cfg, rd):
                 raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "

@@ -203,7 +203,7 @@ def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_
     off = RowRules(task, CurationConfig(), tok_path, S.TEACHER_SCHEMA)(table)
     assert off.to_pylist()[0][S.DROP_REASON] == "wrong_answer"
     shown = format_table(reason_table([None], {}, prompts=1, kept_prompts=1, relabelled=1))
-    assert "relabelled to the reference" in shown
+    assert "relabelled (to the reference or the majority)" in shown
 
 
 # --- the whole-set rules as the stage runs them: compact keys, parts and hash buckets
@@ -270,3 +270,41 @@ def test_shortest_correct_uses_characters_for_text_only_rows():
     rows = [row(text="It is clearly positive.", **{S.SAMPLE: 0, S.OUTPUT_TOKENS: None}),
             row(text="positive", **{S.SAMPLE: 1, S.OUTPUT_TOKENS: None})]
     assert apply_global_rules(rows, CurationConfig(select="shortest_correct")) == ["not_selected", None]
+
+
+# --- self-consistency without labels: majority votes over a prompt's samples
+def _samples(texts, prompt="a", reference=None):
+    return [row(text=t, reference=reference, **{S.ID: prompt, S.SAMPLE: i}) for i, t in enumerate(texts)]
+
+
+def test_the_majority_answer_is_kept_and_the_minority_dropped_or_relabelled():
+    from distill.curate_rules import majority_votes
+
+    rows = _samples(["It is positive.", "positive", "The review is negative.", "positive!"]) + \
+        _samples(["negative", "positive"], prompt="tie") + _samples(["hmm", "unclear", "negative"], prompt="weak")
+    reasons = [None] * len(rows)
+    reasons[3] = "truncated"  # a sample that failed a per-row rule does not vote
+    _, out, agreement = majority_votes(rows, reasons, TASK, 0.5, relabel=False, encode=None)
+    assert out[:4] == [None, None, "minority", "truncated"]
+    assert out[4:6] == ["uncertain"] * 2  # a tie has no winner
+    assert out[6:] == ["uncertain"] * 3  # one readable vote of three is under min_agreement
+    assert agreement == {"2/3": 1, "1/2": 1, "1/3": 1}
+    fixed, out, _ = majority_votes(rows, reasons, TASK, 0.5, relabel=True, encode=lambda text: [len(text)])
+    assert out[2] is None and fixed[2][S.TEXT] == "The review is positive."
+    assert fixed[2][S.FINISH_REASON] == "relabelled" and fixed[2][S.REFERENCE] is None  # no gold label invented
+
+
+def test_majority_is_refused_where_there_are_no_answers_to_count():
+    from distill.config import load_config
+
+    with pytest.raises(Exception, match="relabel_to=majority"):
+        CurationConfig(relabel_to="majority")
+    with pytest.raises(Exception, match="no extractor"):
+        load_config(None, ["task.type=qa", "curation.select=majority"])
+
+
+def test_after_the_votes_every_distinct_winning_sample_is_kept():
+    """The votes count every copy; dedup then keeps one of each identical (prompt, answer)."""
+    cfg = CurationConfig(select="majority", check_answer=False)
+    rows = _samples(["positive", "positive", "It is positive."])
+    assert apply_global_rules(rows, cfg) == [None, "duplicate", None]

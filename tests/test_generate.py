@@ -179,3 +179,36 @@ def test_a_second_command_on_the_run_directory_refuses(tmp_path, tiny_model, ray
         run_stage("generate", cfg)
     first.join(timeout=300)
     assert not lock.exists() and (tmp_path / "run" / "teacher" / "_SUCCESS.json").exists()
+
+
+def test_the_teachers_context_reaches_the_engine_and_never_the_rows(generated_run, tiny_model, tmp_path):
+    """Context distillation: the teacher reads its own system prompt and worked examples (its
+    prompts get longer, its answers change), while every stored row keeps the task's prompt, the
+    one the student trains on; and the examples' file is part of the stage's key."""
+    from conftest import copy_run, with_overrides
+
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text(json.dumps({"prompt": "Review: it broke on day one.", "answer": "negative"}) + "\n")
+    cfg = with_overrides(copy_run(generated_run[0], tmp_path / "run", tiny_model),
+                         "teacher.system_prompt=Label the review's sentiment.", f"teacher.few_shot={shots}")
+    run_stage("generate", cfg)
+    bare = {r["id"]: r for r in _teacher_rows(generated_run[0])}
+    rows = _teacher_rows(tmp_path / "run")
+    prompts = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "prompts").to_pylist()}
+    assert sorted(r["id"] for r in rows) == sorted(bare)
+    from transformers import AutoTokenizer
+
+    from distill.chat import prompt_token_ids
+    from distill.data import teacher_context
+
+    tok, context = AutoTokenizer.from_pretrained(tiny_model), teacher_context(cfg.teacher)
+    for r in rows:
+        assert r["messages"] == prompts[r["id"]]["messages"] == bare[r["id"]]["messages"]
+        if r["id"] != "too-long":  # the engine read the prompt inside the context, token for token
+            assert r["prompt_tokens"] == len(prompt_token_ids(tok, context.apply(r["messages"])))
+            assert r["prompt_tokens"] > bare[r["id"]]["prompt_tokens"]
+    shots.write_text(json.dumps({"prompt": "Review: superb.", "answer": "positive"}) + "\n")
+    from distill.stages import current_record
+    from distill.rundir import RunDir
+
+    assert current_record("generate", cfg, RunDir(cfg))["key"] != RunDir(cfg).key_record("teacher")["key"]

@@ -91,7 +91,8 @@ def test_the_scorer_reads_the_teachers_distribution_and_a_sync_changes_the_sampl
     from distill.config import RunConfig
     from distill.on_policy_actors import start_actors
 
-    engine = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}
+    # float32 engines, as the reference forward: on a CPU with native bf16 `auto` would pick bf16
+    engine = {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20, "dtype": "float32"}
     cfg = RunConfig.model_validate({"teacher": {"path": tiny_model, "engine": engine},
                                     "student": {"kind": "pretrained", "path": tiny_model, "engine": engine}})
     sampler, scorer = start_actors(cfg, tiny_model)

@@ -66,3 +66,29 @@ def test_a_set_without_references_is_scored_against_the_teacher():
     assert fig["kept"]["student"]["value"] == pytest.approx(0.5 / 0.75)
     with pytest.raises(ValueError, match="teacher.path"):
         set_figures(task, rows, {"student": student}, samples=10)
+
+
+def test_with_a_teacher_context_the_student_is_measured_against_both_teachers():
+    from distill.report import set_figures
+    from distill.tasks import get_task
+
+    task = get_task("nli", labels=["positive", "negative"])
+    rows = [{"reference": r} for r in ("positive", "negative", "positive", "negative")]
+    texts = {"teacher": ["positive", "negative", "positive", "positive"],  # with its context: 3 of 4
+             "teacher_bare": ["positive", "positive", "positive", "positive"],  # bare: 2 of 4
+             "student": ["positive", "negative", "negative", "positive"]}  # 2 of 4
+    fig = set_figures(task, rows, texts, samples=200)
+    assert fig["kept"]["student"]["value"] == pytest.approx(2 / 3)
+    assert fig["kept_bare"]["student"]["value"] == pytest.approx(1.0)
+    assert "teacher_bare" not in fig["kept"] and "agreement" in fig["models"]["teacher_bare"]
+
+
+@pytest.mark.parametrize("speedup, words", [(2.84, "the student answers 2.84x faster"),
+                                            (0.47, "the student answers 2.13x slower")])
+def test_the_summary_says_faster_or_slower_the_right_way_round(tmp_path, speedup, words):
+    from distill.config import load_config
+    from distill.pipeline import summary_text
+    from distill.rundir import RunDir
+
+    s = {"primary_metric": "accuracy", "latency_speedup": speedup, "throughput_ratio": 1.0, "scores": {}}
+    assert words in summary_text(s, RunDir(load_config(None, [f"run_dir={tmp_path}"])))

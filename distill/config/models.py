@@ -95,7 +95,25 @@ class ActorPool(Strict):
         return _ordered(self, "min", "max")
 
 
-class VllmTeacher(ModelSpec):
+class FewShotExample(Strict):
+    prompt: str = Field(min_length=1)
+    """A prompt worded as the task's prompts are."""
+    answer: str = Field(min_length=1)
+    """The answer the teacher should give it, in the form its answers should take."""
+
+
+class TeacherContext(Strict):
+    """What only the teacher sees (context distillation): the student learns the teacher's answers
+    on the task's own prompt, and is evaluated and served on it."""
+
+    system_prompt: str | None = None
+    """The teacher's system prompt in place of the task's when it generates (null: the task's)."""
+    few_shot: list[FewShotExample] | str = Field(default_factory=list)
+    """Worked examples shown to the teacher before every prompt, as earlier user/assistant turns:
+    a list of {prompt, answer}, or a JSONL file of such rows (local, s3://, gs://)."""
+
+
+class VllmTeacher(ModelSpec, TeacherContext):
     """The teacher runs in vLLM actors during `generate`."""
 
     kind: Literal["vllm"] = "vllm"
@@ -125,7 +143,7 @@ class Price(Strict):
     """Price per million generated tokens."""
 
 
-class EndpointTeacher(Strict):
+class EndpointTeacher(TeacherContext):
     """The teacher behind any OpenAI-compatible endpoint (a provider's API, `vllm serve`, our own
     `distill serve`): `generate` sends it the prompts with rate and concurrency limits that hold
     for the whole job, retries, and resume."""
@@ -379,12 +397,27 @@ class CurationConfig(Strict):
     """Drop MinHash near-duplicates of prompt+response pairs."""
     near_threshold: float = Field(0.9, gt=0.0, le=1.0)
     """Jaccard similarity at which two pairs are near-duplicates."""
-    select: Literal["first_correct", "shortest_correct", "all_correct"] = "first_correct"
-    """With n samples per prompt: which passing responses to keep."""
+    select: Literal["first_correct", "shortest_correct", "all_correct", "majority"] = "first_correct"
+    """With n samples per prompt: which passing responses to keep. `majority` (self-consistency,
+    no labels needed; nli and math): those stating the answer most samples state, see
+    `min_agreement` and `relabel_to`."""
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+    """With select=majority: a prompt whose winning answer has a smaller share of its samples'
+    votes (or ties) is dropped as `uncertain`."""
+    relabel_to: Literal["majority"] | None = None
+    """With select=majority: rewrite a minority answer's label to the majority's (the label-free
+    twin of relabel_wrong) instead of dropping it as `minority`."""
     min_kept_ratio: float = Field(0.2, ge=0.0, le=1.0)
     """The stage fails, with its table, when fewer prompts than this keep a response."""
     examples_per_reason: int = Field(3, ge=0)
     """Examples per drop reason in the table."""
+
+    @model_validator(mode="after")
+    def _relabel_to_needs_majority(self) -> "CurationConfig":
+        if self.relabel_to == "majority" and self.select != "majority":
+            raise ValueError("curation.relabel_to=majority rewrites answers against the samples' majority: "
+                             "set curation.select=majority, or drop curation.relabel_to")
+        return self
 
     @model_validator(mode="after")
     def _relabel_needs_the_answer_check(self) -> "CurationConfig":
@@ -547,6 +580,18 @@ class EvalSet(Strict):
     """JSONL or Parquet with prompts (or messages) and `reference`; local, s3:// or gs://."""
 
 
+class TeacherCheckConfig(Strict):
+    """Before `generate`: teacher (as it will generate) against the student before distillation on a
+    few labelled prompts; the stage stops when the teacher is not ahead by `min_margin`."""
+
+    prompts: int = Field(100, ge=1)
+    """Labelled prompts to check on: the first ones of the validation split that have a reference."""
+    min_margin: float = Field(0.05, ge=-1.0, le=1.0)
+    """How far ahead of the student the teacher must be, in the task's primary metric."""
+    set: str | None = None
+    """A JSONL or Parquet file of prompts with references to check on instead of the validation split."""
+
+
 class EvaluationConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     """How every model answers the evaluation prompts."""
@@ -566,6 +611,8 @@ class EvaluationConfig(Strict):
     """For the cost table."""
     limit: int | None = Field(None, ge=1)
     """Evaluate only the first N prompts of each set."""
+    teacher_check: TeacherCheckConfig | None = TeacherCheckConfig()
+    """Check the teacher against the untrained student before generating (null: skip)."""
 
     @field_validator("extra_sets")
     @classmethod
@@ -706,3 +753,24 @@ class RunConfig(Strict):
     """`distill data synth --by-teacher`: the teacher writes new prompts."""
     ray: RayConfig = RayConfig()
     """Which Ray cluster."""
+
+    def teacher_engine(self) -> EngineConfig:
+        """The engine settings for running the teacher model locally: its own for a vLLM teacher;
+        for a precomputed or endpoint teacher's local copy (`teacher.path`), the student's."""
+        return getattr(self.teacher, "engine", None) or self.student.engine
+
+    @model_validator(mode="after")
+    def _on_policy_scores_without_a_teacher_context(self) -> "RunConfig":
+        context = getattr(self.teacher, "system_prompt", None) is not None or getattr(self.teacher, "few_shot", None)
+        if self.training.method == "on_policy" and context:
+            raise ValueError("training.method=on_policy: the teacher scores the student's rollouts on the student's "
+                             "prompt, so a teacher context (teacher.system_prompt, teacher.few_shot) would not be "
+                             "seen there; drop the context or use training.method=logit")
+        return self
+
+    @model_validator(mode="after")
+    def _majority_needs_answers_to_count(self) -> "RunConfig":
+        if self.curation.select == "majority" and self.task.type not in ("nli", "math"):
+            raise ValueError(f"curation.select=majority counts the answers the samples state, which task.type="
+                             f"{self.task.type} has no extractor for (nli and math do); use another curation.select")
+        return self
