@@ -73,8 +73,11 @@ class FakeLLM:
         return out
 
 
-def _fake_worker():
+def _fake_worker(llm=None):
+    """A TeacherWorker whose engine is `llm` (a FakeLLM class; FakeLLM itself by default)."""
     from distill.teacher_workers import TeacherWorker
+
+    engine = llm or FakeLLM
 
     class FakeTeacherWorker(TeacherWorker):
         def make_engine(self, model):
@@ -82,7 +85,7 @@ def _fake_worker():
 
             from distill.models import resolve_model
 
-            return FakeLLM(AutoTokenizer.from_pretrained(resolve_model(model)))
+            return engine(AutoTokenizer.from_pretrained(resolve_model(model)))
 
     return FakeTeacherWorker
 

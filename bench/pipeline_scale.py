@@ -38,14 +38,21 @@ STAGES = ("prepare", "generate", "curate", "train")
 
 
 def _config(run_dir: str, prompts: str, student: str, max_steps: int):
-    from distill.config import load_config
+    """The embedded default's config, reading `prompts` and training `student` (a tiny model)."""
+    import yaml
 
-    return load_config(str(ROOT / "configs/default.yaml"), [
-        f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.source={kind: file, path: " + prompts + "}",
-        "data.split.test=0.0", "evaluation.extra_sets=[]",
+    from distill.config import RunConfig, load_config
+
+    raw = yaml.safe_load((ROOT / "configs/default.yaml").read_text())
+    raw["data"]["source"] = {"kind": "file", "path": prompts}
+    raw["student"] = {"kind": "pretrained", "path": student}
+    base = RunConfig.model_validate(raw)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(base.model_dump(mode="json"), f)
+    return load_config(f.name, [
+        f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.split.test=0.0", "evaluation.extra_sets=[]",
         "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
         "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
-        f"student={{kind: pretrained, path: {student}}}",
         f"training.max_steps={max_steps}", "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
 
 
@@ -61,9 +68,18 @@ def run_stage_here(stage: str, run_dir: str, prompts: str, student: str, max_ste
 
     if stage == "generate":
         import distill.teacher_workers
-        from generate_scale import _fake_worker
+        from generate_scale import FakeLLM, _fake_worker
 
-        distill.teacher_workers.TeacherWorker = _fake_worker()  # what `run_pool` starts
+        class AnsweringLLM(FakeLLM):
+            """Answers that end where a teacher's would (finish `stop`), so curation keeps them."""
+
+            def generate(self, prompts, params, use_tqdm=False):
+                out = super().generate(prompts, params, use_tqdm)
+                for request in out:
+                    request.outputs[0].finish_reason = "stop"
+                return out
+
+        distill.teacher_workers.TeacherWorker = _fake_worker(AnsweringLLM)  # what `run_pool` starts
     start = time.time()
     stats = run_stage(stage, _config(run_dir, prompts, student, max_steps))
     return {"wall_s": round(time.time() - start, 1), "driver_peak_mb": _peak_mb(),
@@ -71,12 +87,14 @@ def run_stage_here(stage: str, run_dir: str, prompts: str, student: str, max_ste
 
 
 class WorkerPeaks(threading.Thread):
-    """Polls /proc for Ray Train workers; keeps each one's last VmHWM (its peak so far)."""
+    """Polls /proc for Ray Train workers of this script's cluster (children of its raylet); keeps
+    each one's last VmHWM (its peak so far)."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.peaks: dict[str, float] = {}
         self.stop = threading.Event()
+        self.raylet = _raylet_pid()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -85,9 +103,21 @@ class WorkerPeaks(threading.Thread):
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         if not f.read().startswith(b"ray::RayTrainWorker"):
                             continue
+                    with open(f"/proc/{pid}/stat") as f:
+                        if self.raylet and f.read().rsplit(")", 1)[1].split()[1] != self.raylet:
+                            continue
                     self.peaks[pid] = _peak_mb(pid)
                 except (OSError, StopIteration):
                     continue
+
+
+def _raylet_pid() -> str | None:
+    """The raylet of the cluster this process started (its workers are the raylet's children)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs = node.all_processes.get("raylet") if node else None
+    return str(procs[0].process.pid) if procs else None
 
 
 def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_steps: int) -> dict:
@@ -105,8 +135,8 @@ def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_
         tail = (tail + [line])[-40:]
         if first_step is None and "[train] step 1/" in line:
             first_step = round(time.time() - start, 1)
-        if line.startswith("RESULT "):
-            result = json.loads(line[7:])
+        if "RESULT " in line:  # Ray's progress bars may share the line
+            result = json.loads(line[line.index("RESULT ") + 7:])
     proc.wait()
     watcher.stop.set()
     if proc.returncode or result is None:
@@ -135,7 +165,7 @@ def main() -> None:
     ap.add_argument("--student", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
-        print("RESULT " + json.dumps(run_stage_here(args.stage, args.run_dir, args.prompts, args.student,
+        print("\nRESULT " + json.dumps(run_stage_here(args.stage, args.run_dir, args.prompts, args.student,
                                                     args.max_steps)), flush=True)
         return
     import ray

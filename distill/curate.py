@@ -6,13 +6,15 @@ The rows stay on the cluster. Three rounds of Ray tasks, the driver holding only
 counts:
 1. a task per teacher part applies the per-row rules (`curate_rules.row_reason`: errors, empty,
    truncated, length, refusals, repetition, wrong answers against the gold reference; trimming
-   after the answer, relabelling) and writes the part, with each row's reason, to
-   `curated/_staging/`; it returns the part's compact keys (`curate_keys.PartKeys`);
+   after the answer, relabelling; majority votes) and writes the part, with each row's reason,
+   and its compact keys (`curate_keys.PartKeys`) to `curated/_staging/`;
 2. the whole-set rules (exact and MinHash near-duplicates, samples per prompt) run as
-   reductions over hash buckets of those keys, a task per bucket;
+   reductions over hash buckets of those keys, a task per bucket reading every part's keys;
 3. a task per part drops what the reductions dropped and writes the kept rows to `curated/`
    and the dropped ones (id, sample, reason, text) to `curated/_dropped/`, returning counts and
-   a few examples per reason, which the driver adds up into the table.
+   a few examples per reason, which a last task adds up into the table.
+The keys travel as files, not as task results: a result is owned, and small ones are held, by
+the process that submitted the task, which would make the driver grow with the data.
 A gate stops the run, with the table, when fewer than `curation.min_kept_ratio` of the prompts
 keep a response: training on what is left would not be worth its cost. The table is written to
 `curated/_table.json` (underscored, so Parquet readers of the folder skip it).
@@ -105,9 +107,9 @@ def _rules(task: TaskConfig, curation: CurationConfig, tokenizer: str | None, sc
 
 
 def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: RunConfig,
-                tokenizer: str | None) -> tuple[PartKeys, Counter]:
-    """Round 1 for one teacher part: the per-row rules (and majority votes), the staged part, its
-    compact keys and its prompts' agreement counts."""
+                tokenizer: str | None) -> Counter:
+    """Round 1 for one teacher part: the per-row rules (and majority votes), the staged part and
+    its compact keys written; returns its prompts' agreement counts."""
     c = cfg.curation
     table = pq.read_table(path, filesystem=src.fs)
     rules = _rules(cfg.task, c, tokenizer, table.schema)
@@ -117,24 +119,55 @@ def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: Run
         rows, reasons, agreement = rules.votes(rows, reasons)
     staging.write_part(rules.table(rows, reasons), f"part-{part:06d}")
     keys = part_keys(rows, (r is None for r in reasons), part, c.near_threshold if c.dedup_near else None)
-    return keys, agreement
+    _write_keys(staging, part, keys)
+    return agreement
+
+
+def _keys_path(staging: Location, part: int) -> str:
+    return f"{staging.path}/keys-{part:06d}.npz"
+
+
+def _write_keys(staging: Location, part: int, keys: PartKeys) -> None:
+    import io
+    from dataclasses import asdict
+
+    buf = io.BytesIO()
+    np.savez(buf, **asdict(keys))
+    with staging.fs.open_output_stream(_keys_path(staging, part)) as f:
+        f.write(buf.getvalue())
+
+
+def _read_keys(staging: Location, parts: int) -> list[PartKeys]:
+    """Every part's compact keys (what a reduction reads: about 30 bytes a row, 8 more per band)."""
+    import io
+
+    out = []
+    for part in range(parts):
+        with staging.fs.open_input_file(_keys_path(staging, part)) as f:
+            arrays = np.load(io.BytesIO(f.read()))
+            out.append(PartKeys(**{name: arrays[name] for name in arrays.files}))
+    return out
 
 
 def _concat(*arrays: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([np.zeros(0, np.int64), *arrays]))
 
 
-# round 2: Ray resolves only top-level references, so the parts' keys come as *parts
-def _exact(bucket: int, buckets: int, *parts: PartKeys) -> np.ndarray:
-    return exact_drops(list(parts), bucket, buckets)
+def _sum_counters(*counters: Counter) -> Counter:
+    return sum(counters, Counter())
 
 
-def _near(excluded: np.ndarray, bucket: int, buckets: int, *parts: PartKeys) -> np.ndarray:
-    return near_drops(list(parts), excluded, bucket, buckets)
+# round 2: a reduction per hash bucket, each reading every part's keys from the staging folder
+def _exact(staging: Location, parts: int, bucket: int, buckets: int) -> np.ndarray:
+    return exact_drops(_read_keys(staging, parts), bucket, buckets)
 
 
-def _select(excluded: np.ndarray, rule: str, bucket: int, buckets: int, *parts: PartKeys):
-    return selection_drops(list(parts), excluded, rule, bucket, buckets)
+def _near(staging: Location, parts: int, excluded: np.ndarray, bucket: int, buckets: int) -> np.ndarray:
+    return near_drops(_read_keys(staging, parts), excluded, bucket, buckets)
+
+
+def _select(staging: Location, parts: int, excluded: np.ndarray, rule: str, bucket: int, buckets: int):
+    return selection_drops(_read_keys(staging, parts), excluded, rule, bucket, buckets)
 
 
 @dataclass
@@ -147,6 +180,7 @@ class PartSummary:
     trimmed: int = 0
     relabelled: int = 0
     unreferenced: int = 0  # responses to prompts without a reference: no answer check possible
+    text_only: int = 0  # kept rows without the teacher's top-k (training needs to know)
     kept_splits: Counter = field(default_factory=Counter)
 
     def add(self, other: "PartSummary", examples_per_reason: int) -> None:
@@ -158,7 +192,16 @@ class PartSummary:
         self.trimmed += other.trimmed
         self.relabelled += other.relabelled
         self.unreferenced += other.unreferenced
+        self.text_only += other.text_only
         self.kept_splits.update(other.kept_splits)
+
+
+def _total(examples_per_reason: int, *summaries: PartSummary) -> PartSummary:
+    """Round 3's summaries added up, in part order (on the cluster: the driver gets one)."""
+    total = PartSummary()
+    for summary in summaries:
+        total.add(summary, examples_per_reason)
+    return total
 
 
 def _finish_part(staging: Location, part: int, out: Location, examples_per_reason: int,
@@ -180,7 +223,8 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
         out.join("_dropped").write_part(dropped, f"part-{part:06d}")
     summary = PartSummary(responses=len(table), reasons=Counter(r or "kept" for r in reasons),
                           kept_splits=Counter(kept[S.SPLIT].to_pylist()),
-                          unreferenced=table[S.REFERENCE].null_count)
+                          unreferenced=table[S.REFERENCE].null_count,
+                          text_only=int(pc.sum(pc.equal(kept[S.TOPK], 0)).as_py() or 0))
     for reason, text in zip(reasons, table[S.TEXT].to_pylist()):
         if reason and len(summary.examples.setdefault(reason, [])) < examples_per_reason:
             summary.examples[reason].append(text)
@@ -225,29 +269,26 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
     tokenizer = teacher_tokenizer(cfg)
-    staged = [task(_stage_part).options(num_returns=2).remote(rd.teacher, path, i, staging, cfg, tokenizer)
-              for i, path in enumerate(parts)]
-    keys = [k for k, _ in staged]
-    _wait_all(keys, "per-row rules")
-    agreement = sum(ray.get([a for _, a in staged]), Counter())
+    staging.mkdir()
+    staged = [task(_stage_part).remote(rd.teacher, path, i, staging, cfg, tokenizer) for i, path in enumerate(parts)]
+    _wait_all(staged, "per-row rules")
+    agreement = ray.get(task(_sum_counters).remote(*staged))
 
-    buckets = max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
+    n, buckets = len(parts), max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     reduce = task(_concat)
-    exact = reduce.remote(*[task(_exact).remote(b, buckets, *keys) for b in range(buckets)]) \
+    exact = reduce.remote(*[task(_exact).remote(staging, n, b, buckets) for b in range(buckets)]) \
         if c.dedup_exact else reduce.remote()
-    near = reduce.remote(*[task(_near).remote(exact, b, buckets, *keys) for b in range(buckets)]) \
+    near = reduce.remote(*[task(_near).remote(staging, n, exact, b, buckets) for b in range(buckets)]) \
         if c.dedup_near else reduce.remote()
     excluded = reduce.remote(exact, near)
-    chosen = [task(_select).options(num_returns=2).remote(excluded, c.select, b, buckets, *keys)
+    chosen = [task(_select).options(num_returns=2).remote(staging, n, excluded, c.select, b, buckets)
               for b in range(buckets)]
     selected = reduce.remote(*[drops for drops, _ in chosen])
     counts = ray.get([n for _, n in chosen])
     finished = [task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, exact, near, selected)
                 for i in range(len(parts))]
     _wait_all(finished, "kept rows written")
-    total = PartSummary()
-    for summary in ray.get(finished):
-        total.add(summary, c.examples_per_reason)
+    total = ray.get(task(_total).remote(c.examples_per_reason, *finished))
     staging.remove()
 
     prompts, kept_prompts = (sum(n[k] for n in counts) for k in ("prompts", "kept_prompts"))
@@ -273,5 +314,5 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         )
     print(f"[curate] kept {table['kept']} of {total.responses} responses ({total.trimmed} trimmed after "
           f"their answer) -> {rd.curated.uri}")
-    return {"rows": table["kept"], "table": table,
+    return {"rows": table["kept"], "table": table, "text_only": total.text_only,
             "kept_splits": {s: total.kept_splits.get(s, 0) for s in S.TRAINED_SPLITS}}

@@ -53,13 +53,17 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     if reference is None or cfg.generation.top_k_logprobs == 0:
         raise TokenizerMismatch("training.method=logit needs stored teacher top-k (generation.top_k_logprobs > 0, "
                                 f"and a vllm teacher or an endpoint teacher with teacher.tokenizer); {fallback}")
-    curated = pads.dataset(rd.curated.list_files(".parquet"), filesystem=rd.curated.fs, format="parquet")
-    text_only = curated.count_rows(filter=pads.field(S.TOPK) == 0)
+    recorded = curate_stats(rd)
+    if recorded is not None:
+        text_only, rows = recorded["text_only"], recorded["rows"]
+    else:  # curated by a version that did not record it: counted from the files
+        curated = pads.dataset(rd.curated.list_files(".parquet"), filesystem=rd.curated.fs, format="parquet")
+        text_only, rows = curated.count_rows(filter=pads.field(S.TOPK) == 0), curated.count_rows()
     teacher_tok = AutoTokenizer.from_pretrained(resolve_model(reference))
     student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
     if same_tokenizer(teacher_tok, student_tok) and not text_only:
         return "logit"
-    message = (f"{text_only} of {curated.count_rows()} curated rows are text-only (the teacher returned no token ids "
+    message = (f"{text_only} of {rows} curated rows are text-only (the teacher returned no token ids "
                "and top-k), so logit-level KD cannot use them; " if text_only else
                "the student's tokenizer differs from the teacher's, so the teacher's top-k logprobs do not "
                "apply (logit-level KD); ") + fallback
@@ -80,6 +84,13 @@ class TrainingData:
 
     datasets: dict[str, Any]
     rows: dict[str, int]
+
+
+def curate_stats(rd: RunDir) -> dict[str, Any] | None:
+    """What `curate` recorded about its output (rows per split, text-only rows): read instead of
+    the curated files, so the time to the first training step does not grow with the data."""
+    stats = (rd.marker("curated") or {}).get("stats", {})
+    return stats if {"kept_splits", "text_only", "rows"} <= set(stats) else None
 
 
 def split_counts(loc, splits: tuple[str, ...], need_reference: bool = False) -> dict[str, int]:
@@ -108,7 +119,8 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     from distill.train_data import tokenize_split
 
     source = rd.prompts if gold else rd.curated
-    rows = split_counts(source, S.TRAINED_SPLITS, need_reference=gold)
+    recorded = None if gold else curate_stats(rd)
+    rows = recorded["kept_splits"] if recorded else split_counts(source, S.TRAINED_SPLITS, need_reference=gold)
     if not rows["train"]:
         raise ValueError("no gold references in the train split" if gold else
                          "no curated training examples: check the curation table")
@@ -178,6 +190,8 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         check_model(cfg.student.path, "student.path")
     elif cfg.teacher.path is not None:
         check_model(cfg.teacher.path, "teacher.path")
+    if not rd.curated.list_files(".parquet"):
+        raise ValueError(f"no curated training examples: every response was dropped (see {rd.curated.uri}/_table.json)")
     base = student_base(cfg, rd)
     method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
