@@ -86,6 +86,18 @@ class TrainingData:
     rows: dict[str, int]
 
 
+def parquet_files(files: list[str], fs, then, **kwargs):
+    """A Ray Dataset of `then(table, **kwargs)` over Parquet files, read in order, a file per task
+    (`train_data.read_files` says why not `read_parquet`). Call after joining the cluster."""
+    import ray.data
+
+    from distill.train_data import read_files
+
+    return ray.data.range(len(files), override_num_blocks=max(1, len(files))).map_batches(
+        read_files, batch_format="pyarrow", batch_size=1,
+        fn_kwargs=dict(files=files, filesystem=fs, then=then, **kwargs))
+
+
 def curate_stats(rd: RunDir) -> dict[str, Any] | None:
     """What `curate` recorded about its output (rows per split, text-only rows): read instead of
     the curated files, so the time to the first training step does not grow with the data."""
@@ -112,7 +124,6 @@ def split_counts(loc, splits: tuple[str, ...], need_reference: bool = False) -> 
 def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, gold: bool = False) -> TrainingData:
     """The train/validation examples: the curated teacher outputs, or (gold) every prompt with its
     gold reference as the response. Call after joining the cluster."""
-    import ray.data
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model
@@ -130,11 +141,9 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     datasets = {}
     for split in S.TRAINED_SPLITS:
         if rows[split]:
-            datasets[split] = ray.data.read_parquet(files, filesystem=source.fs).map_batches(
-                tokenize_split, batch_format="pyarrow", batch_size=None,
-                fn_kwargs=dict(student_path=student_path, split=split, max_seq_len=cfg.training.max_seq_len,
-                               use_teacher_ids=same, gold=gold,
-                               top_k=cfg.generation.top_k_logprobs if method == "logit" else 0))
+            datasets[split] = parquet_files(files, source.fs, tokenize_split, student_path=student_path, split=split,
+                                            max_seq_len=cfg.training.max_seq_len, use_teacher_ids=same, gold=gold,
+                                            top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
     return TrainingData(datasets, rows)
 
 
@@ -208,17 +217,13 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
 def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
     """The train split's prompts as the student's prompt ids, tokenised in Ray Data: what on-policy
     rollouts start from (those too long to leave room for a rollout are marked, not sent)."""
-    import ray.data
-
     from distill.on_policy import policy_prompts
 
     t = cfg.training
     # prompt + rollout must fit both engines; a prompt that fills max_seq_len leaves nothing to learn
     limit = min(cfg.student.engine.max_model_len, cfg.teacher.engine.max_model_len) - t.on_policy.max_new_tokens
-    return ray.data.read_parquet(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs).select_columns(
-        [S.ID, S.SPLIT, S.MESSAGES]).map_batches(
-        policy_prompts, batch_format="pyarrow", batch_size=None,
-        fn_kwargs=dict(student_path=student_path, max_prompt_tokens=min(limit, t.max_seq_len - 1)))
+    return parquet_files(rd.prompts.list_files(".parquet"), rd.prompts.fs, policy_prompts, student_path=student_path,
+                         max_prompt_tokens=min(limit, t.max_seq_len - 1))
 
 
 def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_name: str, export,
