@@ -41,8 +41,10 @@ def app(ray_cluster):
         # asked by the metrics test alone, so its counts in the ledger and in Prometheus are its own
         "metered": HostedModel(fast, ReplicaConfig(num_cpus=0.1)),
     }
+    # the fake engines count the words they are sent: the task's system prompt stays out here (its
+    # test, with real engines, is in test_serve_real)
     serving = ServingConfig(port=free_port(), shadow={"fraction": 1.0, "to": "teacher", "max_in_flight": 8},
-                            record_prompts=True, max_body_bytes=1 << 20)
+                            record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False)
     task = {"type": "nli", "labels": ["ok", "fine"]}  # the fake teacher answers "ok ...", the student "fine ..."
     url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
     yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
@@ -75,6 +77,7 @@ def test_routes_by_model_and_names_the_arm(client):
         resp = client.chat.completions.with_raw_response.create(model=name, messages=MSG)
         out = resp.parse()
         assert out.model == name and resp.headers["x-distill-arm"] == name
+        assert resp.headers["x-distill-task-prompt"] == "off"
         assert out.choices[0].message.content.split()[0] == first_word
         assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 4
     completion = client.completions.create(model="teacher", prompt="a bb ccc", max_tokens=2)

@@ -102,3 +102,28 @@ def test_examples_line_the_teachers_top_k_up_with_the_response_as_flat_arrow_col
     assert full[0]["input_ids"][-1] == tok.eos_token_id and full[1]["input_ids"][-1] == resp[-1]
     assert len(full[0][KD_IDS]) == (len(resp) + 1) * k and all(math.isnan(v) for v in full[0][KD_LOGPROBS][-k:])
     assert full[1][KD_LOGPROBS] == pytest.approx([-0.5 - j / 100 for j in range(len(resp) * k)], abs=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_files_read_a_task_each_come_in_the_order_read_parquet_gives(tmp_path, ray_cluster):
+    """Training's data path (`train.parquet_files`) yields the rows of its files in file order, as
+    `ray.data.read_parquet` does with preserve_order: the same seed gives the same batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from distill.train import parquet_files
+
+    files = []
+    for f in range(7):
+        path = tmp_path / f"part-{f:03d}.parquet"
+        pq.write_table(pa.table({"x": list(range(f * 10, f * 10 + 3 + f))}), path)
+        files.append(str(path))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    ours = [r["x"] for b in parquet_files(files, None, lambda t, k: t.append_column("y", pa.array([k] * len(t))), k=1)
+            .iter_batches(batch_size=4, batch_format="pandas") for r in b.to_dict("records")]
+    theirs = [r["x"] for b in ray.data.read_parquet(files).iter_batches(batch_size=4, batch_format="pandas")
+              for r in b.to_dict("records")]
+    assert ours == theirs == [x for f in range(7) for x in range(f * 10, f * 10 + 3 + f)]
