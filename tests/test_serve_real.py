@@ -98,19 +98,15 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
 
 def evaluated_answer(cfg, student, msg) -> str:
     """The student's greedy answer as `evaluate` computes it: on the prompt as `prepare` wrote it
-    (the task's system prompt first), in an engine of its own."""
+    (the task's system prompt first), in an evaluation actor (an engine in this process would
+    meet vLLM's kernel registration walking modules such as moto's Flask proxies)."""
     from distill.config import SamplingConfig
     from distill.data import normalise
-    from distill.engine import generate_rows, make_llm
+    from distill.evaluate import answers_of
     from distill.tasks import task_from_config
 
     row = normalise({"messages": msg}, cfg.task.type, task_from_config(cfg.task).system_prompt())
-    llm = make_llm(str(student), cfg.student.engine)
-    try:
-        out = generate_rows(llm, [row], SamplingConfig(temperature=0.0, max_tokens=5), 0, cfg.student.engine.max_model_len)
-    finally:
-        del llm
-    return out[0]["text"]
+    return answers_of(cfg, "student", str(student), [row], SamplingConfig(temperature=0.0, max_tokens=5), None)[0]
 
 
 def check_openai_surface(client) -> None:
