@@ -47,13 +47,14 @@ def _config(run_dir: str, prompts: str, student: str, max_steps: int):
     raw["data"]["source"] = {"kind": "file", "path": prompts}
     raw["student"] = {"kind": "pretrained", "path": student}
     base = RunConfig.model_validate(raw)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(base.model_dump(mode="json"), f)
-    return load_config(f.name, [
-        f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.split.test=0.0", "evaluation.extra_sets=[]",
-        "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
-        "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
-        f"training.max_steps={max_steps}", "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
+        f.flush()
+        return load_config(f.name, [
+            f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.split.test=0.0", "evaluation.extra_sets=[]",
+            "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
+            "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
+            f"training.max_steps={max_steps}", "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
 
 
 def _peak_mb(pid: str = "self") -> float:

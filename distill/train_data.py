@@ -119,10 +119,9 @@ def read_files(batch: pa.Table, files: list[str], filesystem, then, **kwargs) ->
     """Ray Data UDF over a `range` of file indices: read those Parquet files and pass them to `then`.
 
     Why not `ray.data.read_parquet(files)`: with `preserve_order` (the same seed, the same
-    batches) its first batch came after a time that grew with the number of files (Ray 2.60,
-    measured on copies of one curated part: 33 s for 40 files, 127 s for 400, 369 s for 2,000),
-    so the first training step waited for the whole set; indices read a file per task and the
-    first batch comes as soon as its files are read."""
+    batches) its first batch came after a time that grew with the number of files, so the first
+    training step waited for the whole set (bench/README.md, "The data path at scale"); indices
+    read a file per task and the first batch comes as soon as its files are read."""
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(files[i], filesystem=filesystem) for i in batch["id"].to_pylist()]
@@ -158,13 +157,9 @@ def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -
 
     The whole buffer is sorted (ties broken by token ids), so batch-mates are near-copies of one
     template and the same every epoch; only their order depends on the seed. The usual
-    alternative, random windows of 8 batches sorted by length (transformers'
-    LengthGroupedSampler: random batch-mates, 1.5% padding here instead of 0.3%), was measured on
-    the embedded default of then (KD temperature 1) over 3 training seeds (2026-11-29, that
-    variant in place of this function under `bench/compare_methods.py --only mix --seeds 0,1,2`; bench/results/seeds.json)
-    and trained worse students on average on every set:
-    shifted 0.568 (0.495-0.630) against 0.652 (0.630-0.690) for this sort, test 0.775 against
-    0.933, hand-written 0.611 against 0.702; so the sort stays.
+    alternative, random windows of batches sorted by length (transformers' LengthGroupedSampler:
+    random batch-mates), trained worse students on every set over three training seeds, so the
+    sort stays (bench/README.md, "Distillation methods").
     """
     order = sorted(range(len(examples)), key=lambda i: (examples[i][LENGTH], examples[i][INPUT_IDS]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

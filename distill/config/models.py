@@ -62,8 +62,7 @@ class EngineConfig(Strict):
     block_size: int | None = Field(None, ge=1)
     """KV cache block in tokens; null = 32 on the CPU, vLLM's own default on GPUs. Prompts reuse a
     shared prefix (the system prompt) only in whole blocks: vLLM's CPU default of 128 never
-    reuses the embedded default's 40-token one; 32 makes its evaluation batch 1.54x faster
-    (bench/kv_block_size.py)."""
+    reuses the embedded default's 40-token one (bench/kv_block_size.py)."""
     cpu_threads_bind: str | None = "all"
     """CPU engines: OpenMP thread binding. all = every core of the node; 0-3 etc. pins (two engines
     on one node need disjoint ranges); null = vLLM's default (one core)."""
