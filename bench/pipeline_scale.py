@@ -12,7 +12,7 @@ step is the input pipeline's). Everything else is the product as users run it: `
 JSONL file of reviews; `generate` runs the actor pool; `curate` applies the default rules with
 near-dedup on (trimming and relabelling need the tokenizer: the heaviest per-row work); `train`
 streams the curated Parquet through Ray Data tokenisation into a Ray Train + DeepSpeed worker for
-`training.max_steps` steps. Each stage runs in a fresh process joined to one Ray cluster that
+`training.max_steps` steps (validating on 1,000 rows). Each stage runs in a fresh process joined to one Ray cluster that
 this script starts; the process's peak RSS is VmHWM from /proc (Linux), the training worker's is
 polled from /proc while it lives (so run nothing else that trains meanwhile). Results: bench/results/pipeline_scale.json.
 """
@@ -54,7 +54,8 @@ def _config(run_dir: str, prompts: str, student: str, max_steps: int):
             f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.split.test=0.0", "evaluation.extra_sets=[]",
             "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
             "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
-            f"training.max_steps={max_steps}", "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
+            f"training.max_steps={max_steps}", "training.max_validation_rows=1000",
+            "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
 
 
 def _peak_mb(pid: str = "self") -> float:

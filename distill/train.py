@@ -144,6 +144,10 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
             datasets[split] = parquet_files(files, source.fs, tokenize_split, student_path=student_path, split=split,
                                             max_seq_len=cfg.training.max_seq_len, use_teacher_ids=same, gold=gold,
                                             top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
+    cap = cfg.training.max_validation_rows
+    if cap and rows["validation"] > cap:
+        datasets["validation"] = datasets["validation"].limit(cap)
+        rows = {**rows, "validation": cap}
     return TrainingData(datasets, rows)
 
 

@@ -152,10 +152,14 @@ def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run
 
 
 def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_model, tmp_path, ray_cluster):
-    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16})
+    # max_steps=7 ends the run inside its second epoch (4 steps per epoch)
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16}, max_steps=7)
     stats = run_stage("train", cfg)
-    losses = [h["loss"] for h in _history(tmp_path / "run") if "loss" in h]
+    history = _history(tmp_path / "run")
+    losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0], losses
+    assert [h["step"] for h in history if "loss" in h][-1] == 7 == stats["steps"]
+    assert len([h for h in history if "val_loss" in h]) == 2
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
@@ -165,6 +169,19 @@ def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_mode
     changed = [n for n, w in exported.state_dict().items() if not w.equal(base.state_dict()[n])]
     assert changed and all(any(m in n for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for n in changed)
     assert stats["method"] == "sequence"
+
+
+def test_the_validation_set_is_capped_at_max_validation_rows(generated_run, tiny_model, tmp_path, ray_cluster):
+    from distill.rundir import RunDir
+    from distill.train import training_data
+
+    cfg = _run(generated_run, tiny_model, tmp_path)
+    whole = training_data(cfg, RunDir(cfg), tiny_model, "sequence")
+    assert whole.rows["validation"] > 2 and whole.datasets["validation"].count() == whole.rows["validation"]
+    capped = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_validation_rows": 2})})
+    data = training_data(capped, RunDir(capped), tiny_model, "sequence")
+    assert data.rows["validation"] == 2 == data.datasets["validation"].count()
+    assert data.datasets["train"].count() == whole.datasets["train"].count()
 
 
 def test_deepspeed_is_kept_from_building_its_inference_only_shm_op():

@@ -512,6 +512,9 @@ class TrainingConfig(Strict):
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps, however many epochs that takes (overrides `epochs`;
     on-policy steps come after them)."""
+    max_validation_rows: int | None = Field(None, ge=1)
+    """Compute the validation loss on the first this-many validation examples (all when unset):
+    at millions of rows a full pass each epoch costs more than the epoch's steps."""
     max_seq_len: int = Field(256, ge=8)
     """Prompt + response tokens per example (longer ones are cut)."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
