@@ -6,6 +6,7 @@
     distill data synth --task sentiment --n 600 --seed 0 --out data/sentiment.jsonl
     distill data synth --by-teacher -c C --out data/written.jsonl    # the teacher writes prompts
     distill data from-serve --url http://127.0.0.1:8000 --out data/round2.jsonl   # the flywheel
+    distill tune --config C --candidates T [--write F]     # choose the teacher's prompt on validation
     distill config --config C [key=value ...]              # print the resolved config
     distill config --explain [SECTION]                     # every field, default, description
     distill serve runs/default [key=value ...]             # teacher + student + `ab` over HTTP
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML run config (default: built-in defaults)")
     p.add_argument("--force", nargs="?", const=True, default=False, metavar="STAGES",
                    help="redo these stages (comma-separated, e.g. train,evaluate; alone: all)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p = sub.add_parser("tune", help="choose the teacher's prompt, context and sampling on the validation split")
+    p.add_argument("--config", "-c", help="YAML run config (its prompts must be prepared)")
+    p.add_argument("--candidates", required=True, help="YAML file of named candidates (e.g. configs/tune-sentiment.yaml)")
+    p.add_argument("--limit", type=int, help="use the first N validation prompts")
+    p.add_argument("--write", metavar="FILE", help="write the config with the chosen candidate applied")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p = sub.add_parser("config", help="validate and print the resolved config")
     p.add_argument("--config", "-c")
@@ -135,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"does not fit: {problem}", file=sys.stderr)
             print(f"{args.config} {'does not fit' if problems else 'fits'} {args.cluster}")
             return 1 if problems else 0
+        if args.command == "tune":
+            from distill.rundir import RunDir
+            from distill.tune import tune
+
+            tune(cfg, RunDir(cfg), args.candidates, args.limit, args.write)
+            return 0
         if args.command == "config":
             if args.explain is not None:
                 from distill.config.explain import explain

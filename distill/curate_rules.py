@@ -113,6 +113,14 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     return _with_topk_cut(out, row, same)
 
 
+def majority(answers: list[str | None]) -> tuple[str | None, int]:
+    """The answer most of `answers` state and how many state it; None when there is a tie for the
+    most (None, an answer the task cannot read, votes for nothing)."""
+    counts = Counter(a for a in answers if a is not None).most_common()
+    top = counts[0][1] if counts else 0
+    return (counts[0][0] if counts and (len(counts) == 1 or counts[1][1] < top) else None), top
+
+
 def majority_votes(rows: list[dict[str, Any]], reasons: list[str | None], task: Task, min_agreement: float,
                    relabel: bool, encode) -> tuple[list[dict[str, Any]], list[str | None], Counter]:
     """Self-consistency without labels (`curation.select: majority`): per prompt, the answers
@@ -130,9 +138,7 @@ def majority_votes(rows: list[dict[str, Any]], reasons: list[str | None], task: 
             by_prompt.setdefault(row[S.ID], []).append(i)
     for members in by_prompt.values():
         answers = [task.extract(rows[i].get(S.TEXT) or "") for i in members]
-        counts = Counter(a for a in answers if a is not None).most_common()
-        top = counts[0][1] if counts else 0
-        winner = counts[0][0] if counts and (len(counts) == 1 or counts[1][1] < top) else None
+        winner, top = majority(answers)
         agreement[f"{top}/{len(members)}"] += 1
         if winner is None or top / len(members) < min_agreement:
             for i in members:

@@ -83,12 +83,14 @@ class EvalWorker:
         }
 
 
-    def answers(self, rows: list[dict], sampling: dict, context=None) -> list[str]:
-        """One answer per row, in a batch (the teacher check)."""
+    def answers(self, rows: list[dict], sampling: SamplingConfig, context=None) -> list[list[str]]:
+        """Each row's `sampling.n` answers, in one batch (the teacher check, `distill tune`)."""
         from distill.engine import generate_rows
 
-        sp = SamplingConfig(**{**sampling, "n": 1})
-        return [r[S.TEXT] for r in generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len, context=context)]
+        grouped: dict[str, list[str]] = {r[S.ID]: [] for r in rows}
+        for out in generate_rows(self.llm, rows, sampling, 0, self.engine.max_model_len, context=context):
+            grouped[out[S.ID]].append(out[S.TEXT] or "")
+        return list(grouped.values())
 
 
 def _peak_memory_mb() -> float:
@@ -146,7 +148,7 @@ def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
-def _eval_actor(cfg: RunConfig, name: str, path: str):
+def eval_actor(cfg: RunConfig, name: str, path: str):
     """An EvalWorker actor for a model (teacher* or a student), with its engine's settings."""
     import ray
 
@@ -164,7 +166,7 @@ def _eval_actor(cfg: RunConfig, name: str, path: str):
 def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict], context) -> dict[str, Any]:
     import ray
 
-    actor = _eval_actor(cfg, name, path)
+    actor = eval_actor(cfg, name, path)
     try:
         return ray.get(actor.run.remote(rows, cfg.evaluation.sampling.model_dump(),
                                         cfg.evaluation.latency_requests, context))
@@ -176,9 +178,10 @@ def answers_of(cfg: RunConfig, name: str, path: str, rows: list[dict], sampling:
     """A model's answers to `rows` in its own actor (which is gone when this returns)."""
     import ray
 
-    actor = _eval_actor(cfg, name, path)
+    actor = eval_actor(cfg, name, path)
     try:
-        return ray.get(actor.answers.remote(rows, sampling.model_dump(), context))
+        return [texts[0] for texts in ray.get(actor.answers.remote(rows, sampling.model_copy(update={"n": 1}),
+                                                                   context))]
     finally:
         ray.kill(actor)
 

@@ -100,6 +100,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
+    """`cfg` with `{dotted.key: value}` applied and validated (a ConfigError names `source`)."""
+    tree: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = str(key).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(_merge(cfg.model_dump(mode="json"), tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
