@@ -22,7 +22,6 @@ keep a response: training on what is left would not be worth its cost. The table
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,24 +241,15 @@ def _share(fraction: str) -> float:
     return int(top) / int(total)
 
 
-def _wait_all(refs: list, label: str) -> None:
-    """Block until every task is done (nothing fetched), printing progress at most every 10 s."""
-    import ray
-
-    pending, done, last = list(refs), 0, time.time()
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=10, fetch_local=False)
-        done += len(ready)
-        if pending and time.time() - last >= 10:
-            print(f"[curate] {label}: {done}/{len(refs)} parts", flush=True)
-            last = time.time()
+def _progress(label: str):
+    return lambda done, total: print(f"[curate] {label}: {done}/{total} parts", flush=True)
 
 
 def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     import ray
 
     from distill.models import teacher_tokenizer
-    from distill.ray_utils import connect
+    from distill.ray_utils import connect, submit_bounded, task_window
 
     connect(cfg.ray)
     c = cfg.curation
@@ -270,8 +260,8 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     task = ray.remote(num_cpus=1)
     tokenizer = teacher_tokenizer(cfg)
     staging.mkdir()
-    staged = [task(_stage_part).remote(rd.teacher, path, i, staging, cfg, tokenizer) for i, path in enumerate(parts)]
-    _wait_all(staged, "per-row rules")
+    staged = submit_bounded(lambda i: task(_stage_part).remote(rd.teacher, parts[i], i, staging, cfg, tokenizer),
+                            range(len(parts)), task_window(), _progress("per-row rules"))
     agreement = ray.get(task(_sum_counters).remote(*staged))
 
     n, buckets = len(parts), max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
@@ -285,9 +275,9 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
               for b in range(buckets)]
     selected = reduce.remote(*[drops for drops, _ in chosen])
     counts = ray.get([n for _, n in chosen])
-    finished = [task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, exact, near, selected)
-                for i in range(len(parts))]
-    _wait_all(finished, "kept rows written")
+    finished = submit_bounded(
+        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, exact, near, selected),
+        range(len(parts)), task_window(), _progress("kept rows written"))
     total = ray.get(task(_total).remote(c.examples_per_reason, *finished))
     staging.remove()
 

@@ -35,8 +35,11 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
     actor's runtime_env): OpenMP reads its thread count once, and vLLM's CPU attention fails when
     that count and the bound cores disagree. Ray would otherwise set OMP_NUM_THREADS to the
     actor's num_cpus (1) and leave the other cores idle. "all" means this machine's cores (the
-    laptop case; on a cluster give explicit ranges per node type)."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    laptop case; on a cluster give explicit ranges per node type). vLLM logs errors only unless
+    DISTILL_VERBOSE=1 (its CPU backend warns once per request on some paths)."""
+    from distill.ray_utils import verbose
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **({} if verbose() else {"VLLM_LOGGING_LEVEL": "ERROR"})}
     bind = cfg.cpu_threads_bind
     if bind and resolve_device(cfg) == "cpu":
         if bind == "all":

@@ -130,14 +130,16 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
 
 
 def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
-    """Name -> prompt rows: `test`, `shifted` (when prepared) and the user's extra sets."""
+    """Name -> prompt rows: `test`, `shifted` (when prepared), `validation` (when asked for) and
+    the user's extra sets."""
     from distill.data import read_eval_set
 
     import pyarrow.dataset as pads
 
+    splits = [*S.EVAL_SPLITS, *(["validation"] if cfg.evaluation.validation else [])]
     prompts = pads.dataset(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs, format="parquet",
-                           schema=S.PROMPT_SCHEMA).to_table(filter=pads.field(S.SPLIT).isin(list(S.EVAL_SPLITS)))
-    sets = {name: prompts.filter(pc.equal(prompts[S.SPLIT], name)).to_pylist() for name in S.EVAL_SPLITS}
+                           schema=S.PROMPT_SCHEMA).to_table(filter=pads.field(S.SPLIT).isin(splits))
+    sets = {name: prompts.filter(pc.equal(prompts[S.SPLIT], name)).to_pylist() for name in splits}
     sets = {name: rows for name, rows in sets.items() if rows}
     for extra in cfg.evaluation.extra_sets:
         sets[extra.name] = read_eval_set(extra.path, extra.name, cfg)

@@ -4,25 +4,84 @@ Under `ray job submit` (or with RAY_ADDRESS / `ray.address` set) the stage joins
 otherwise it joins a cluster started on this machine with `ray start`, and only when there is
 none it starts a local one. A local cluster declares more logical CPUs than cores (at least 4)
 because Ray hangs, rather than fails, when a read task waits behind actors holding every CPU.
+
+Ray's own output is kept out of a stage's log unless `DISTILL_VERBOSE=1`: Ray Data's progress
+bars when stdout is not a terminal (a CI log or `ray job logs` gets a block per dataset every few
+seconds; the stages print their own progress lines), and, on a local cluster started without
+the dashboard, Ray Train's placement-group cleaner, which asks the dashboard's state API every
+few seconds and warns each time it is not there.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from distill.config import RayConfig
+
+VERBOSE_ENV = "DISTILL_VERBOSE"
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_worker_logs() -> None:
+    """Ray's `worker_process_setup_hook` for the jobs distill starts: runs in each worker process."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def connect(cfg: RayConfig) -> None:
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
+    ray.data.DataContext.get_current().enable_progress_bars = verbose() or sys.stdout.isatty()
+    hook = None if verbose() else {"worker_process_setup_hook": "distill.ray_utils.quiet_worker_logs"}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:  # a submitted job keeps the runtime env it was submitted with
         ray.init(address=address, log_to_driver=True)
         return
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", log_to_driver=True, runtime_env=hook)
     except ConnectionError:
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=hook)
+
+
+def submit_bounded(submit, items, limit: int, progress=None) -> list:
+    """`submit(item)` for every item, with at most `limit` tasks unfinished at a time; returns
+    the refs in the items' order once all are done (nothing fetched). A raylet holding thousands
+    of queued tasks spends its CPU rescheduling them, not running them (bench/README.md, "The
+    data path at scale"); a bounded window keeps every worker busy without that.
+    `progress(done, total)` is called at most every 10 s."""
+    import time
+
+    import ray
+
+    items = list(items)
+    refs, pending, last = [], [], time.time()
+    for item in items:
+        if len(pending) >= limit:
+            _, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+        ref = submit(item)
+        refs.append(ref)
+        pending.append(ref)
+        if progress and time.time() - last >= 10:
+            progress(len(refs) - len(pending), len(items))
+            last = time.time()
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=10, fetch_local=False)
+        if pending and progress:
+            progress(len(refs) - len(pending), len(items))
+    return refs
+
+
+def task_window() -> int:
+    """How many tasks `submit_bounded` keeps in flight: twice the cluster's CPUs (at least 4)."""
+    import ray
+
+    return max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))

@@ -44,3 +44,38 @@ def test_curated_set_keeps_ids_and_training_columns(generated_run, tiny_model, t
     assert manifest["stages"]["curate"]["table"]["kept"] == len(curated)
     # a rerun is a no-op
     assert run_stage("curate", cfg)["finished_at"] == stats["finished_at"]
+
+
+def test_tasks_are_submitted_a_window_at_a_time_and_come_back_in_order(ray_cluster):
+    import ray
+
+    from distill.ray_utils import submit_bounded
+
+    @ray.remote(num_cpus=0)
+    class Gauge:  # how many tasks run at once, at most
+        def __init__(self):
+            self.now = self.most = 0
+
+        def enter(self):
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+        def leave(self):
+            self.now -= 1
+
+        def peak(self):
+            return self.most
+
+    @ray.remote(num_cpus=0)
+    def square(x, gauge):
+        import time
+
+        ray.get(gauge.enter.remote())
+        time.sleep(0.05)
+        ray.get(gauge.leave.remote())
+        return x * x
+
+    gauge = Gauge.remote()
+    refs = submit_bounded(lambda x: square.remote(x, gauge), range(12), limit=3)
+    assert ray.get(refs) == [x * x for x in range(12)]
+    assert 1 <= ray.get(gauge.peak.remote()) <= 3

@@ -29,7 +29,7 @@ def test_precomputed_outputs_for_prompts_without_references_run_end_to_end(tmp_p
     base = tiny_config(tmp_path / "run", tiny_model, generation={"rows_per_file": 5},
                        training={"method": "sequence", "epochs": 1, "batch_size": 4, "precision": "fp32",
                                  "zero_stage": 0},
-                       evaluation={"latency_requests": 2, "sampling": {"max_tokens": 4}})
+                       evaluation={"latency_requests": 2, "sampling": {"max_tokens": 4}, "validation": True})
     raw = base.model_dump(mode="json")
     raw["data"]["source"] = {"kind": "file", "path": str(prompts_file)}
     raw["teacher"] = {"kind": "precomputed", "outputs": str(outputs), "path": tiny_model}
@@ -64,6 +64,8 @@ def test_precomputed_outputs_for_prompts_without_references_run_end_to_end(tmp_p
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "student", "baseline"}
     assert report["summary"]["sets"]["test"] == len(tests) and report["summary"]["against"]["test"] == "teacher"
+    validation = pc.sum(pc.equal(prompts["split"], "validation")).as_py()
+    assert report["summary"]["sets"]["validation"] == validation > 0  # the set choices are made on
     teacher_fig = report["sets"]["test"]["models"]["teacher"]["metrics"]
     assert teacher_fig["accuracy"] == teacher_fig["parsed"]  # the teacher agrees with its readable answers
     assert "no references" in (tmp_path / "run" / "eval" / "report.md").read_text()

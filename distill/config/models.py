@@ -599,6 +599,9 @@ class EvaluationConfig(Strict):
     """How every model answers the evaluation prompts."""
     include_baseline: bool = True
     """Also evaluate the student before distillation."""
+    validation: bool = False
+    """Also report the validation split, the set to make choices on (compare variants there; the
+    test split and extra sets only report)."""
     extra_sets: list[EvalSet] = Field(default_factory=list)
     """Your own evaluation sets, each evaluated like the test split (besides `test` and, for the
     built-in data, `shifted`)."""
@@ -620,9 +623,9 @@ class EvaluationConfig(Strict):
     @classmethod
     def _unique_names(cls, sets: list[EvalSet]) -> list[EvalSet]:
         names = [s.name for s in sets]
-        reserved = {"test", "shifted"} & set(names)
+        reserved = {"test", "shifted", "validation"} & set(names)
         if reserved or len(set(names)) != len(names):
-            raise ValueError(f"extra set names must be unique and not 'test' or 'shifted', got {names}")
+            raise ValueError(f"extra set names must be unique and not 'test', 'shifted' or 'validation', got {names}")
         return sets
 
 
