@@ -67,9 +67,14 @@ def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
 def _generate_inputs(cfg: RunConfig) -> dict[str, str]:
     if cfg.teacher.kind == "precomputed":
         return {"teacher.outputs": _file_hashes(cfg.teacher.outputs, "teacher.outputs")}
+    inputs = {}
     if isinstance(cfg.teacher.few_shot, str):  # the worked examples' file is part of what the teacher sees
-        return {"teacher.few_shot": _file_hashes(cfg.teacher.few_shot, "teacher.few_shot")}
-    return {}
+        inputs["teacher.few_shot"] = _file_hashes(cfg.teacher.few_shot, "teacher.few_shot")
+    if cfg.teacher.kind == "endpoint":  # whether rows carry token ids is decided from the student too
+        from distill.endpoint import endpoint_token_ids
+
+        inputs["token_ids"] = str(endpoint_token_ids(cfg))
+    return inputs
 
 
 def _evaluate_inputs(cfg: RunConfig) -> dict[str, str]:

@@ -144,7 +144,17 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
                      cost=round(prompt_tokens / 1e6 * price.input_per_1m + out_tokens / 1e6 * price.output_per_1m, 4))
     print(f"[generate] {stats['rows']} responses ({stats['errors']} errors), {out_tokens} tokens, "
           f"{stats['bytes_per_output_token']} stored bytes/token -> {rd.teacher.uri}")
+    if stats.get("text_only"):
+        print(f"[generate] {stats['text_only']} responses are text only (no token ids or top-k): "
+              + _why_text_only(cfg) + "; training can only run sequence-level KD on them")
     return stats
+
+
+def _why_text_only(cfg: RunConfig) -> str:
+    if cfg.teacher.tokenizer is None:
+        return "teacher.tokenizer is not set, so the endpoint's tokens cannot be mapped to ids"
+    return (f"the endpoint's tokenizer ({cfg.teacher.tokenizer}) is not the student's, or the server does not "
+            "return token ids (vLLM's server does with return_tokens_as_token_ids)")
 
 
 def _trained_prompts(rd: RunDir):

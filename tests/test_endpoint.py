@@ -56,6 +56,22 @@ def test_rows_carry_token_ids_and_top_k_only_when_every_token_is_an_id():
     assert (row["token_ids"], row["topk"], row["output_tokens"], row["finish_reason"]) == ([], 0, 3, "length")
 
 
+def test_whether_rows_carry_token_ids_is_part_of_the_generate_key(tiny_model, tmp_path):
+    from conftest import tiny_config, with_overrides
+    from distill.config import RunConfig
+    from distill.rundir import RunDir
+    from distill.stages import current_record, run_stage
+
+    raw = tiny_config(tmp_path / "run", tiny_model).model_dump(mode="json")
+    raw["teacher"] = {"kind": "endpoint", "base_url": "http://127.0.0.1:9/v1", "model": "t"}
+    cfg = RunConfig.model_validate(raw)
+    run_stage("prepare", cfg)
+    named = with_overrides(cfg, f"teacher.tokenizer={tiny_model}")  # the student's: rows get token ids
+    text_only, with_ids = (current_record("generate", c, RunDir(c)) for c in (cfg, named))
+    assert text_only["inputs"]["token_ids"] == "False" and with_ids["inputs"]["token_ids"] == "True"
+    assert text_only["key"] != with_ids["key"]
+
+
 def test_backoff_honours_retry_after_and_jitters_otherwise():
     assert backoff_s(0, "2") == 2.0 and backoff_s(3, "1000") == 60.0
     waits = [backoff_s(3, None) for _ in range(200)]
@@ -164,7 +180,7 @@ def teacher_server(ray_cluster, tiny_model):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_an_endpoint_teacher_through_faults_a_kill_and_the_rest_of_the_pipeline(teacher_server, tiny_model, tmp_path,
-                                                                                  ray_cluster):
+                                                                                  ray_cluster, capsys):
     import ray
     import yaml
 
@@ -229,6 +245,7 @@ def test_an_endpoint_teacher_through_faults_a_kill_and_the_rest_of_the_pipeline(
     worst = max(sum(1 for u in times if t <= u < t + 3.0) for t in times)
     assert worst <= 4 * 3 + 4 + 1, worst
     assert stats["endpoint_requests"]["retries"] > 0 and stats["cost"] > 0 and stats["text_only"] == len(rows)
+    assert f"{len(rows)} responses are text only" in capsys.readouterr().out  # and why: no teacher.tokenizer
     manifest = (tmp_path / "run" / "manifest.json").read_text() + (tmp_path / "run" / "config.yaml").read_text()
     assert "sk-test-not-a-real-key" not in manifest  # the key is never written
 
