@@ -176,7 +176,7 @@ def main() -> None:
     from conftest import make_tiny_llama
 
     # one cluster for every stage's process (as under `ray job submit`), ended with this process
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)  # its own, whatever else runs here
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     student = str(make_tiny_llama(work / "student"))

@@ -22,12 +22,16 @@ import os
 import sys
 
 from distill.config import ConfigError, dump_config, load_config
+from distill.errors import DistillError, UserError
+from distill.ray_utils import VERBOSE_ENV, verbose
 
 STAGE_COMMANDS = ("prepare", "generate", "curate", "train", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="LLM distillation on Ray")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show Ray's and vLLM's own output and every traceback (or DISTILL_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGE_COMMANDS:
         p = sub.add_parser(name, help=f"run the {name} stage")
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p = sub.add_parser("tune", help="choose the teacher's prompt, context and sampling on the validation split")
     p.add_argument("--config", "-c", help="YAML run config (its prompts must be prepared)")
-    p.add_argument("--candidates", required=True, help="YAML file of named candidates (e.g. configs/tune-sentiment.yaml)")
+    p.add_argument("--candidates", required=True, help="YAML file of named candidates (e.g. configs/tune/sentiment.yaml)")
     p.add_argument("--limit", type=int, help="use the first N validation prompts")
     p.add_argument("--write", metavar="FILE", help="write the config with the chosen candidate applied")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # Ray's and vLLM's own output, and tracebacks (ray_utils)
     try:
         if args.command == "data" and args.data_command == "from-serve":
             from serve.flywheel import export_prompts
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
             address = args.address or os.environ.get("RAY_ADDRESS")
             if not address:
-                raise ValueError("--address is required (the dashboard URL, e.g. http://HEAD:8265) "
+                raise UserError("--address is required (the dashboard URL, e.g. http://HEAD:8265) "
                                  "or set RAY_ADDRESS")
             load_config(job_args.config, job_args.overrides)  # a bad config fails here, not on the cluster
             return submit(address, job_args.stage, job_args.config, job_args.overrides, args.runtime_env,
@@ -173,24 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except USER_ERRORS as e:
-        # user-facing failures (bad data, a gate, an unfinished upstream stage, a busy run
-        # directory, missing files): one message, no traceback
+    except DistillError as e:
+        # failures a person can act on (bad data, a gate, an unfinished upstream stage, a busy run
+        # directory, a missing file): one line; anything else is a bug and keeps its traceback
+        if verbose():
+            raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from distill.curate_rules import CurationGateError
-    from distill.evaluate import DistillationGateError
-    from distill.rundir import RunDirBusy
-    from distill.stages import StageNotReady
-
-    return (ValueError, FileNotFoundError, ConnectionError, CurationGateError, DistillationGateError,
-            RunDirBusy, StageNotReady)
-
-
-USER_ERRORS = _user_errors()
 
 
 if __name__ == "__main__":

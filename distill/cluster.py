@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from distill.config import RunConfig
+from distill.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def node_types(path: str | Path) -> list[NodeType]:
         cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
         out += [_kuberay_group(g) for g in cluster.get("workerGroupSpecs") or []]
     if not out:
-        raise ValueError(f"{path}: no worker node types (available_node_types or workerGroupSpecs)")
+        raise UserError(f"{path}: no worker node types (available_node_types or workerGroupSpecs)")
     return out
 
 

@@ -36,6 +36,7 @@ from distill.config import CurationConfig, RunConfig, TaskConfig
 from distill.curate_keys import PartKeys, exact_drops, near_drops, part_keys, selection_drops
 from distill.curate_rules import (CurationGateError, format_table, majority_votes, reason_table, relabel_wrong_answer,
                                   row_reason, trim_after_answer)
+from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location
 
@@ -89,7 +90,7 @@ class RowRules:
 
 
 def _no_tokens(ids):
-    raise ValueError("trimming token ids needs the teacher's tokenizer")
+    raise UserError("trimming token ids needs the teacher's tokenizer")
 
 
 _RULES: dict[tuple, RowRules] = {}  # per worker process: the tokenizer is loaded once
@@ -255,7 +256,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     c = cfg.curation
     parts = rd.teacher.list_files(".parquet")
     if not parts:
-        raise FileNotFoundError(f"no Parquet files under {rd.teacher.uri}: run distill generate first")
+        raise MissingInput(f"no Parquet files under {rd.teacher.uri}: run distill generate first")
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
     tokenizer = teacher_tokenizer(cfg)

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from distill import schema as S
 from distill.config import CurationConfig
+from distill.errors import DistillError
 from distill.tasks import Task
 
 REASONS = ("error", "empty", "truncated", "too_short", "too_long", "refusal", "repetition",
@@ -191,5 +192,5 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class CurationGateError(RuntimeError):
+class CurationGateError(DistillError, RuntimeError):
     """Too few prompts kept a response: training on what is left would not be worth it."""

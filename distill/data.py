@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from distill import schema as S
 from distill.chat import TeacherContext
 from distill.config import RunConfig
+from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
 from distill.synth import synth_rows
@@ -39,19 +40,19 @@ from distill.tasks import task_from_config
 _ROLES = {"system", "user", "assistant"}
 
 
-class BadRow(ValueError):
+class BadRow(UserError):
     pass
 
 
 def _input_files(loc: Location, field: str) -> list[str]:
     info = loc.fs.get_file_info(loc.path)
     if info.type.name == "NotFound":
-        raise FileNotFoundError(f"{field}: {loc.uri} does not exist")
+        raise MissingInput(f"{field}: {loc.uri} does not exist")
     if info.type.name == "File":
         return [loc.path]
     files = [p for p in loc.list_files() if p.endswith((".jsonl", ".json", ".parquet"))]
     if not files:
-        raise FileNotFoundError(f"{field}: no .jsonl or .parquet files under {loc.uri}")
+        raise MissingInput(f"{field}: no .jsonl or .parquet files under {loc.uri}")
     return files
 
 
@@ -294,7 +295,7 @@ def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         rd.prompts.write_part(pa.Table.from_pylist(part, schema=S.PROMPT_SCHEMA), f"part-{parts:05d}")
     rows = sum(counts.values())
     if not rows:
-        raise ValueError(f"no usable rows in {cfg.data.source} ({skipped.count} skipped)")
+        raise UserError(f"no usable rows in {cfg.data.source} ({skipped.count} skipped)")
     splits = {s: counts[s] for s in (*S.SPLITS, S.SHIFTED)}
     for line in skipped.examples:
         print(f"[prepare] skipped {line}")

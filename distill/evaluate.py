@@ -26,10 +26,11 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.config import EngineConfig, RunConfig, SamplingConfig
+from distill.errors import DistillError, UserError
 from distill.rundir import RunDir
 
 
-class DistillationGateError(RuntimeError):
+class DistillationGateError(DistillError, RuntimeError):
     """The distilled student keeps less of the teacher's quality than `evaluation.min_kept_ratio`."""
 
 
@@ -146,7 +147,7 @@ def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     if cfg.evaluation.limit:
         sets = {name: rows[: cfg.evaluation.limit] for name, rows in sets.items()}
     if "test" not in sets:
-        raise ValueError("the test split is empty: raise data.split.test")
+        raise UserError("the test split is empty: raise data.split.test")
     return sets
 
 

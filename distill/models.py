@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distill.errors import MissingInput, UserError
+
 if TYPE_CHECKING:
     from distill.config import RunConfig
     from distill.rundir import RunDir
@@ -34,7 +36,7 @@ def resolve_model(ref: str) -> str:
     """A path or hub id that transformers and vLLM can load, for any accepted model reference."""
     if ref.startswith("builtin:"):
         if ref not in BUILTIN:
-            raise ValueError(f"unknown built-in model {ref!r}; available: {sorted(BUILTIN)}")
+            raise UserError(f"unknown built-in model {ref!r}; available: {sorted(BUILTIN)}")
         return str(_convert_builtin(ref))
     if "://" in ref and not ref.startswith("file://"):  # a model folder on object storage
         from distill.storage import download_dir
@@ -43,10 +45,10 @@ def resolve_model(ref: str) -> str:
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ValueError(f"{ref} is not a Hugging Face model folder (no config.json)")
+            raise UserError(f"{ref} is not a Hugging Face model folder (no config.json)")
         return str(path.resolve())
     if ref.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder {ref} does not exist")
+        raise MissingInput(f"model folder {ref} does not exist")
     return ref  # a hub id: loadable on machines that reach a hub
 
 
@@ -59,14 +61,14 @@ def check_model(ref: str, field: str) -> None:
             from distill.storage import locate
 
             if not locate(ref).join("config.json").exists():
-                raise FileNotFoundError(f"no config.json under {ref}")
+                raise MissingInput(f"no config.json under {ref}")
             return
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(resolve_model(ref))
     except (OSError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{field}: cannot load the model {ref!r} ({reason}); give a Hugging Face folder, "
+        raise MissingInput(f"{field}: cannot load the model {ref!r} ({reason}); give a Hugging Face folder, "
                                 "a hub id this machine can reach, or builtin:smollm2-135m-instruct") from None
 
 
@@ -135,7 +137,7 @@ def derive_student(teacher: str, layers: list[int], out: str | Path) -> Path:
     blocks = model.model.layers
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad or len(set(layers)) != len(layers):
-        raise ValueError(
+        raise UserError(
             f"student.layers: {layers} must be distinct indices in [0, {len(blocks) - 1}] "
             f"(the teacher has {len(blocks)} layers)"
         )
@@ -174,7 +176,7 @@ def student_base(cfg: RunConfig, rd: RunDir) -> str:
         return resolve_model(cfg.student.path)
     teacher = cfg.teacher.path
     if teacher is None:
-        raise ValueError("student.kind=derived needs teacher.path (the model to take layers from)")
+        raise UserError("student.kind=derived needs teacher.path (the model to take layers from)")
     # named by what it is made from: other layers or another teacher make another student
     name = "student-init-" + hashlib.sha256(f"{teacher}:{cfg.student.layers}".encode()).hexdigest()[:8]
     if rd.root.is_local:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.errors import UserError
 from distill.losses import IGNORE
 from distill.train_data import INPUT_IDS, KD_IDS, KD_LOGPROBS, LABELS, LENGTH
 
@@ -53,7 +54,7 @@ def draw_prompts(n_prompts: int, per_step: int, step: int, seed: int) -> list[in
     """Indices of the prompts step `step` samples from (without replacement within a step;
     seeded by step, so a resumed run draws the same prompts)."""
     if n_prompts <= 0:
-        raise ValueError("on-policy distillation needs training prompts: the train split is empty")
+        raise UserError("on-policy distillation needs training prompts: the train split is empty")
     rng = random.Random(f"prompts:{seed}:{step}")
     return rng.sample(range(n_prompts), min(per_step, n_prompts))
 
@@ -65,7 +66,7 @@ def rollout_positions_topk(ids: np.ndarray, logprobs: np.ndarray, prompt_len: in
     ids = np.asarray(ids).reshape(-1, top_k)
     logprobs = np.asarray(logprobs, np.float32).reshape(-1, top_k)
     if len(ids) != prompt_len + rollout_len:
-        raise ValueError(f"the teacher scored {len(ids)} positions, expected prompt {prompt_len} + rollout {rollout_len}")
+        raise UserError(f"the teacher scored {len(ids)} positions, expected prompt {prompt_len} + rollout {rollout_len}")
     return ids[prompt_len:], logprobs[prompt_len:]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from distill.config import EngineConfig, RunConfig
+from distill.errors import UserError
 
 
 def _reload(worker, weights: list[tuple[str, Any]]) -> int:
@@ -94,7 +95,7 @@ def start_actors(cfg: RunConfig, student_path: str):
     from distill.engine import engine_env
 
     if cfg.teacher.kind != "vllm":
-        raise ValueError("training.method=on_policy scores rollouts with the teacher's vLLM engine: "
+        raise UserError("training.method=on_policy scores rollouts with the teacher's vLLM engine: "
                          f"teacher.kind={cfg.teacher.kind!r} is not supported yet; use teacher.kind=vllm")
     gpu = 1 if cfg.training.use_gpu else 0
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from distill.errors import UserError
 from distill.on_policy import draw_prompts, rollout_example, rollout_positions_topk, trainable_weights, uses_stored_outputs
 from distill.storage import locate
 from distill.train_data import collate
@@ -46,7 +47,7 @@ class OnPolicyPhase:
             recipe._log(f"on-policy: {len(rows) - len(fits)} of {len(rows)} train prompts of this worker are too long "
                         f"for max_model_len - on_policy.max_new_tokens or training.max_seq_len ({t.max_seq_len}): skipped")
         if not fits:
-            raise ValueError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
+            raise UserError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
                              "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
         self.prompt_ids = [r["id"] for r in fits]
         self.prompts = [list(r["prompt_ids"]) for r in fits]
@@ -110,7 +111,7 @@ class OnPolicyPhase:
             if example is not None:
                 examples.append(example)
         if not examples:
-            raise ValueError(f"every drawn prompt fills training.max_seq_len ({recipe.cfg.training.max_seq_len}) "
+            raise UserError(f"every drawn prompt fills training.max_seq_len ({recipe.cfg.training.max_seq_len}) "
                              "before the rollout starts: raise training.max_seq_len")
         self.counts["rollout_tokens"] += sum(len(r) for r in rollouts)
         self.counts["scored_tokens"] += sum(len(p) + len(r) for p, r in zip(prompts, rollouts))

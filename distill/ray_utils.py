@@ -19,6 +19,7 @@ import os
 import sys
 
 from distill.config import RayConfig
+from distill.errors import Unreachable
 
 VERBOSE_ENV = "DISTILL_VERBOSE"
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
@@ -44,7 +45,11 @@ def connect(cfg: RayConfig) -> None:
     hook = None if verbose() else {"worker_process_setup_hook": "distill.ray_utils.quiet_worker_logs"}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job keeps the runtime env it was submitted with
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            raise Unreachable(f"no Ray cluster answers at {address} (ray.address or RAY_ADDRESS): {e}. Start it "
+                              "(`ray start --head` from this environment) or unset the address to run locally") from None
         return
     try:
         ray.init(address="auto", log_to_driver=True, runtime_env=hook)

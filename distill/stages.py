@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from distill.config import RunConfig
+from distill.errors import DistillError, MissingInput, UserError
 from distill.rundir import RunDir
 
 # ----------------------------------------------------------------------------- declarations
@@ -53,7 +54,7 @@ def _file_hashes(uri: str, field: str) -> str:
     try:
         return tree_digest(locate(uri))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{field}: {uri} does not exist") from None
+        raise MissingInput(f"{field}: {uri} does not exist") from None
 
 
 def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
@@ -189,7 +190,7 @@ def _fields_key(stage: Stage, cfg: RunConfig) -> dict[str, Any]:
             if _under(p, stage.defines) and not _under(p, stage.knobs) and v != d}
 
 
-class StageNotReady(RuntimeError):
+class StageNotReady(DistillError, RuntimeError):
     """An upstream stage has not finished under the current config."""
 
 
@@ -257,7 +258,7 @@ def force_list(force: bool | str | list[str] | None, stages: tuple[str, ...]) ->
     names = force.split(",") if isinstance(force, str) else list(force)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"--force: unknown stage {unknown}; stages are {', '.join(ORDER)}")
+        raise UserError(f"--force: unknown stage {unknown}; stages are {', '.join(ORDER)}")
     return set(names)
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distill.errors import MissingInput
 from distill.schema import PARQUET_OPTIONS
 
 
@@ -97,7 +98,7 @@ class Location:
         """All `*.parquet` parts of this folder as one table (empty folder: no rows)."""
         parts = self.list_files(".parquet")
         if not parts:
-            raise FileNotFoundError(f"no Parquet files under {self.uri}")
+            raise MissingInput(f"no Parquet files under {self.uri}")
         tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in parts]
         return pa.concat_tables(tables, promote_options="default")
 
@@ -126,7 +127,7 @@ def tree_digest(loc: Location) -> str:
 
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{loc.uri} does not exist")
+        raise MissingInput(f"{loc.uri} does not exist")
     files = [info] if info.type == pafs.FileType.File else sorted(
         (i for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
          if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_"))), key=lambda i: i.path)
@@ -165,7 +166,7 @@ def download_dir(uri: str, cache_root: str) -> str:
 
     src = locate(uri)
     if not src.exists():
-        raise FileNotFoundError(f"{uri} does not exist")
+        raise MissingInput(f"{uri} does not exist")
     # keyed by the listing too: a retrained model at the same URI is fetched again
     files = src.fs.get_file_info(pafs.FileSelector(src.path, recursive=True))
     listing = sorted((f.path, f.size, f.mtime_ns) for f in files if f.type == pafs.FileType.File)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.errors import UserError
+
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 
 
@@ -30,7 +32,7 @@ def runtime_env(path: str | None, working_dir: str | None) -> dict[str, Any]:
     if path:
         env = read_yaml(path, "--runtime-env") or {}
         if not isinstance(env, dict):
-            raise ValueError(f"--runtime-env: {path} must be a YAML mapping (working_dir, pip, env_vars, ...)")
+            raise UserError(f"--runtime-env: {path} must be a YAML mapping (working_dir, pip, env_vars, ...)")
     if working_dir:
         env["working_dir"] = working_dir
     return env

@@ -34,6 +34,7 @@ import pyarrow as pa
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
 from distill.curate_rules import REFUSAL_RE
+from distill.errors import UserError
 from distill.rundir import RunDir
 
 REASONS = ("error", "empty", "refusal", "inconsistent", "duplicate", "near_duplicate", "test_leak")
@@ -48,7 +49,7 @@ def _few_shot(cfg: RunConfig) -> list[dict[str, Any]]:
     rows = []
     for where, raw in read_raw(locate(cfg.synthesis.few_shot_from), "synthesis.few_shot_from"):
         if isinstance(raw, Exception):
-            raise ValueError(f"synthesis.few_shot_from {where}: {raw}")
+            raise UserError(f"synthesis.few_shot_from {where}: {raw}")
         row = normalise(raw, cfg.task.type, "")
         rows.append({"text": row[S.MESSAGES][-1]["content"], "label": row[S.REFERENCE]})
     return rows
@@ -159,14 +160,14 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
     from distill.tasks import task_from_config
 
     if cfg.teacher.kind != "vllm":
-        raise ValueError("distill data synth --by-teacher needs a vllm teacher (teacher.kind=vllm)")
+        raise UserError("distill data synth --by-teacher needs a vllm teacher (teacher.kind=vllm)")
     if n is not None:
         cfg = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"n": n})})
     task = task_from_config(cfg.task)
     labels = cfg.synthesis.labels or getattr(task, "labels", None) if cfg.task.type == "nli" else None
     examples = _few_shot(cfg)
     if labels is None and not examples:
-        raise ValueError(f"task.type={cfg.task.type} has no labels to write for: set synthesis.few_shot_from "
+        raise UserError(f"task.type={cfg.task.type} has no labels to write for: set synthesis.few_shot_from "
                          "to a file of your own prompts to write new ones like them")
     rd = RunDir(cfg)
     with rd.lock("distill data synth --by-teacher"):

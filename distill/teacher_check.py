@@ -21,10 +21,11 @@ from typing import Any
 
 from distill import schema as S
 from distill.config import RunConfig
+from distill.errors import DistillError
 from distill.rundir import RunDir
 
 
-class TeacherCheckError(RuntimeError):
+class TeacherCheckError(DistillError, RuntimeError):
     """The teacher is not better than the student it would teach, by the configured margin."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from distill import schema as S
 from distill.config import RunConfig
+from distill.errors import UserError
 from distill.hardware import fast_dtype
 from distill.rundir import RunDir
 from distill.storage import locate
@@ -133,7 +134,7 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     recorded = None if gold else curate_stats(rd)
     rows = recorded["kept_splits"] if recorded else split_counts(source, S.TRAINED_SPLITS, need_reference=gold)
     if not rows["train"]:
-        raise ValueError("no gold references in the train split" if gold else
+        raise UserError("no gold references in the train split" if gold else
                          "no curated training examples: check the curation table")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
     same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
@@ -204,7 +205,7 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     elif cfg.teacher.path is not None:
         check_model(cfg.teacher.path, "teacher.path")
     if not rd.curated.list_files(".parquet"):
-        raise ValueError(f"no curated training examples: every response was dropped (see {rd.curated.uri}/_table.json)")
+        raise UserError(f"no curated training examples: every response was dropped (see {rd.curated.uri}/_table.json)")
     base = student_base(cfg, rd)
     method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
@@ -262,7 +263,7 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
         from distill.on_policy_actors import start_actors
 
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
-            raise ValueError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
+            raise UserError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
                              "file the trainer writes); use sync_via=object_store")
         datasets["prompts"] = _policy_prompts(cfg, rd, base)
         loop_config["sampler"], loop_config["scorer"] = start_actors(cfg, base)

@@ -25,13 +25,14 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.chat import prompt_token_ids
+from distill.errors import UserError
 from distill.losses import IGNORE
 
 INPUT_IDS, LABELS, KD_IDS, KD_LOGPROBS, LENGTH = "input_ids", "labels", "kd_ids", "kd_logprobs", "length"
 ENDED = ("stop", "trimmed", "relabelled")  # responses that end where the teacher stopped: the student learns EOS
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError):
     pass
 
 

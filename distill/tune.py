@@ -1,6 +1,6 @@
 """tune: choose how the teacher is asked (prompt, context, sampling) on the validation split only.
 
-    distill tune -c configs/default.yaml --candidates configs/tune-sentiment.yaml
+    distill tune -c configs/default.yaml --candidates configs/tune/sentiment.yaml
     distill tune -c C --candidates T --write configs/mine.yaml     # the config with the choice in it
 
 A candidates file names sets of overrides of the keys that shape what the teacher answers:
@@ -25,6 +25,7 @@ from typing import Any
 from distill import schema as S
 from distill.config import ConfigError, RunConfig, dump_config
 from distill.config.loading import apply_overrides, read_yaml
+from distill.errors import UserError
 from distill.rundir import RunDir
 
 TUNABLE = ("task.system_prompt", "teacher.system_prompt", "teacher.few_shot", "generation.sampling")
@@ -66,11 +67,11 @@ def validation_rows(rd: RunDir, limit: int | None) -> list[dict[str, Any]]:
 
     files = rd.prompts.list_files(".parquet")
     if not files:
-        raise ValueError(f"no prompts in {rd.prompts.uri}: run `distill prepare` first")
+        raise UserError(f"no prompts in {rd.prompts.uri}: run `distill prepare` first")
     scan = pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA)
     rows = scan.to_table(filter=pads.field(S.SPLIT) == "validation").to_pylist()[:limit]
     if not rows:
-        raise ValueError("the validation split is empty: raise data.split.validation (choices are made there)")
+        raise UserError("the validation split is empty: raise data.split.validation (choices are made there)")
     return rows
 
 
@@ -117,7 +118,7 @@ def tune(cfg: RunConfig, rd: RunDir, candidates_path: str, limit: int | None = N
     if references is None:
         single = [c.name for c in candidates if c.cfg.generation.sampling.n < 2]
         if single:
-            raise ValueError(f"the validation prompts have no references, so candidates are scored by the "
+            raise UserError(f"the validation prompts have no references, so candidates are scored by the "
                              f"teacher's self-agreement, which needs generation.sampling.n > 1; {single} sample once")
     task = task_from_config(cfg.task)
     metric = task.primary if references is not None else "self_agreement"

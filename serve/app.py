@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import EngineConfig, ReplicaConfig, RunConfig, ServingConfig, load_config
+from distill.errors import MissingInput, UserError
 
 APP_NAME = "distill"
 
@@ -65,11 +66,11 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
     for name in cfg.serving.models:
         if name == "teacher":
             if cfg.teacher.path is None:
-                raise ValueError("serving.models has 'teacher' but teacher.path is not set")
+                raise UserError("serving.models has 'teacher' but teacher.path is not set")
             paths[name], engines[name] = resolve_model(cfg.teacher.path), cfg.teacher_engine()
         elif name == "student":
             if not is_done("train", cfg, rd):
-                raise FileNotFoundError(f"no trained student in {rd.student.uri}: run `distill run` "
+                raise MissingInput(f"no trained student in {rd.student.uri}: run `distill run` "
                                         f"(or `distill train`) with this config first")
             paths[name], engines[name] = rd.student.uri, cfg.student.engine
         else:
@@ -154,7 +155,7 @@ def keys_from_env(serving: ServingConfig) -> tuple[str | None, str | None]:
     api_key = os.environ.get(serving.api_key_env) or None
     admin_key = os.environ.get(serving.admin_key_env) or None
     if api_key is None and not is_loopback(serving.host) and not serving.allow_unauthenticated:
-        raise ValueError(f"serving.host is {serving.host}, reachable from other machines, and no API key is set: "
+        raise UserError(f"serving.host is {serving.host}, reachable from other machines, and no API key is set: "
                          f"export {serving.api_key_env}=<key> (and {serving.admin_key_env} for /admin), or set "
                          "serving.allow_unauthenticated: true to run an open endpoint")
     return api_key, admin_key
@@ -171,7 +172,7 @@ def load_target(target: str, overrides: list[str]) -> RunConfig:
     path = Path(target)
     if path.is_dir():
         if not (path / "config.yaml").exists():
-            raise FileNotFoundError(f"{target} has no config.yaml: give a run directory or a config file")
+            raise MissingInput(f"{target} has no config.yaml: give a run directory or a config file")
         return load_config(path / "config.yaml", [f"run_dir={path}", *overrides])
     return load_config(target, overrides)
 

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distill.errors import Unreachable, UserError
+
 
 def export_prompts(url: str, out: str, admin_key_env: str = "DISTILL_ADMIN_KEY", teacher: str = "teacher") -> int:
     import httpx
@@ -27,9 +29,9 @@ def export_prompts(url: str, out: str, admin_key_env: str = "DISTILL_ADMIN_KEY",
     try:
         resp = httpx.get(f"{url.rstrip('/')}/admin/prompts", params={"since": 0}, headers=headers, timeout=30)
     except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
-        raise ConnectionError(f"--url {url}: no `distill serve` answers there ({type(e).__name__}: {e})") from None
+        raise Unreachable(f"--url {url}: no `distill serve` answers there ({type(e).__name__}: {e})") from None
     if resp.status_code != 200:
-        raise ValueError(f"{url}/admin/prompts answered {resp.status_code}: {resp.text[:200]}")
+        raise UserError(f"{url}/admin/prompts answered {resp.status_code}: {resp.text[:200]}")
     first: dict[str, dict[str, Any]] = {}
     for record in resp.json()["prompts"]:
         row = _row(record, teacher)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.errors import Unreachable, UserError
+
 COLUMNS = [("requests", "requests"), ("errors", "errors"), ("dropped", "dropped"),
            ("error_rate", "error rate"), ("latency_p50_s", "p50 s"), ("latency_p95_s", "p95 s"),
            ("ttft_p50_s", "TTFT p50 s"), ("tokens_per_request", "tokens/req"), ("feedback_count", "feedback n"),
@@ -31,14 +33,14 @@ def fetch_stats(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict[
     try:
         resp = httpx.get(f"{url.rstrip('/')}/admin/stats", headers=headers, timeout=timeout_s)
     except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
-        raise ConnectionError(f"--url {url}: no `distill serve` answers there ({type(e).__name__}: {e}); "
+        raise Unreachable(f"--url {url}: no `distill serve` answers there ({type(e).__name__}: {e}); "
                               "is it running, and is the port right?") from None
     if resp.status_code != 200:
         try:
             message = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = resp.text[:200]
-        raise ValueError(f"{url}/admin/stats answered {resp.status_code}: {message}")
+        raise UserError(f"{url}/admin/stats answered {resp.status_code}: {message}")
     return resp.json()
 
 

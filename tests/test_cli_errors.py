@@ -67,3 +67,25 @@ def test_precomputed_outputs_with_missing_or_mistyped_columns(tmp_path, capsys, 
     assert _run(capsys, "prepare", *common)[0] == 0
     code, err = _run(capsys, "generate", *common)
     assert code == 1 and f"teacher.outputs {outputs}:2: {fragment}" in err
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_keeps_it_with_verbose(monkeypatch, capsys):
+    import distill.stages
+    from distill.errors import UserError
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug, not bad input")
+
+    monkeypatch.setattr(distill.stages, "run_stage", bug)
+    with pytest.raises(ValueError, match="internal bug"):  # not turned into a one-line "error:"
+        main(["prepare"])
+
+    def bad_input(*args, **kwargs):
+        raise UserError("data.source.path: no such file")
+
+    monkeypatch.setattr(distill.stages, "run_stage", bad_input)
+    code, err = _run(capsys, "prepare")
+    assert code == 1 and err.strip() == "error: UserError: data.source.path: no such file"
+    monkeypatch.setenv("DISTILL_VERBOSE", "1")
+    with pytest.raises(UserError):
+        main(["prepare"])

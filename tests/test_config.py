@@ -11,6 +11,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates_and_says_how_to_run_it(path):
+    """Run configs at the top of configs/ (configs/tune/ holds `distill tune` candidates)."""
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     first = path.read_text().splitlines()[0]
@@ -83,3 +84,11 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path, content, fragment
         load_config(bad)
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_the_shipped_tune_candidates_load_against_the_default_config():
+    from distill.tune import read_candidates
+
+    root = Path(__file__).parent.parent
+    candidates = read_candidates(str(root / "configs/tune/sentiment.yaml"), load_config(root / "configs/default.yaml"))
+    assert len(candidates) >= 2 and candidates[0].cfg.task.system_prompt

@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distill.config.models import RunConfig
+from distill.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, phrased for the user: the field's dotted path, what is wrong, a fix."""
 
 

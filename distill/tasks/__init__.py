@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.conversation import ConversationTask
 from distill.tasks.math import MathTask
@@ -22,7 +23,7 @@ TASKS: dict[str, type[Task]] = {
 def get_task(name: str, labels: list[str] | None = None, chain_of_thought: bool = False,
              system_prompt: str | None = None) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task type {name!r}; choose one of {sorted(TASKS)}")
+        raise UserError(f"unknown task type {name!r}; choose one of {sorted(TASKS)}")
     kw = {"chain_of_thought": chain_of_thought, "system_prompt": system_prompt}
     return NLITask(labels=labels, **kw) if name == "nli" else TASKS[name](**kw)
 
