@@ -21,7 +21,6 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-from distill.errors import UserError
 from distill.synth import math, nli, sentiment
 
 # dataset -> (task type, row maker taking (rng, bank), bank module)
@@ -37,9 +36,9 @@ BANKS = ("main", "shifted")
 def synth_rows(name: str, n: int, seed: int = 0, bank: str = "main") -> Iterator[dict]:
     """`n` distinct rows of the named built-in set from one phrase bank (duplicates are redrawn)."""
     if name not in GENERATORS:
-        raise UserError(f"unknown built-in dataset {name!r}; choose one of {sorted(GENERATORS)}")
+        raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(GENERATORS)}")
     if bank not in BANKS:
-        raise UserError(f"unknown phrase bank {bank!r}; choose one of {BANKS}")
+        raise ValueError(f"unknown phrase bank {bank!r}; choose one of {BANKS}")
     task, make, _ = GENERATORS[name]
     # the shifted bank draws from its own stream: its rows do not change when `n` of main does
     rng = random.Random(seed if bank == "main" else f"{bank}:{seed}")
@@ -51,7 +50,7 @@ def synth_rows(name: str, n: int, seed: int = 0, bank: str = "main") -> Iterator
         attempts += 1
         if row["prompt"] in seen:
             if attempts > 50 * n:
-                raise UserError(f"the {name!r} templates ({bank}) cannot make {n} distinct prompts")
+                raise ValueError(f"the {name!r} templates ({bank}) cannot make {n} distinct prompts")
             continue
         seen.add(row["prompt"])
         yield {"id": f"{prefix}-{seed}-{len(seen) - 1:06d}", "task": task, **row}
