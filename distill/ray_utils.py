@@ -43,18 +43,20 @@ def connect(cfg: RayConfig) -> None:
         return
     ray.data.DataContext.get_current().enable_progress_bars = verbose() or sys.stdout.isatty()
     hook = None if verbose() else {"worker_process_setup_hook": "distill.ray_utils.quiet_worker_logs"}
+    level = logging.INFO if verbose() else logging.WARNING  # "Connected to Ray cluster." and the like
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job keeps the runtime env it was submitted with
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, logging_level=level)
         except ConnectionError as e:
             raise Unreachable(f"no Ray cluster answers at {address} (ray.address or RAY_ADDRESS): {e}. Start it "
                               "(`ray start --head` from this environment) or unset the address to run locally") from None
         return
     try:
-        ray.init(address="auto", log_to_driver=True, runtime_env=hook)
+        ray.init(address="auto", log_to_driver=True, runtime_env=hook, logging_level=level)
     except ConnectionError:
-        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=hook)
+        ray.init(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env=hook,
+                 logging_level=level)
 
 
 def submit_bounded(submit, items, limit: int, progress=None) -> list:
