@@ -94,7 +94,9 @@ def one_run(run_dir: Path, name: str) -> dict:
         "sets": {s: {"student": fig["models"][student]["metrics"][metric],
                      "ci": fig["models"][student]["ci"][metric],
                      "kept": fig["kept"].get(student),
-                     "teacher": fig["models"]["teacher"]["metrics"][metric]}
+                     "teacher": fig["models"]["teacher"]["metrics"][metric],
+                     **({"teacher_bare": fig["models"]["teacher_bare"]["metrics"][metric]}
+                        if "teacher_bare" in fig["models"] else {})}
                  for s, fig in report["sets"].items()},
         "train_s": stats_of(run_dir, "student"),
         "teacher_tokens": teacher_tokens(run_dir),
@@ -120,10 +122,12 @@ def table(results: dict) -> str:
     several: the mean, then the lowest and highest run) and the share of the teacher it keeps."""
     runs = {name: list(r["seeds"].values()) for name, r in results.items()}
     sets = list(next(iter(runs.values()))[0]["sets"])
-    teacher = {s: next(iter(runs.values()))[0]["sets"][s]["teacher"] for s in sets}
+    first = next(iter(runs.values()))[0]["sets"]
+    bare = all("teacher_bare" in first[s] for s in sets)  # a teacher context: keeps are of the bare teacher
+    teacher = {s: first[s]["teacher_bare" if bare else "teacher"] for s in sets}
     lines = ["| method | seeds | " + " | ".join(f"{s} (kept)" for s in sets) + " | teacher tokens |",
              "|---" * (len(sets) + 3) + "|",
-             "| teacher | | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " | |"]
+             f"| teacher{' (bare)' if bare else ''} | | " + " | ".join(f"{teacher[s]:.3f}" for s in sets) + " | |"]
     for name, rs in runs.items():
         cells = []
         for s in sets:
