@@ -54,6 +54,8 @@ def _config(run_dir: str, prompts: str, student: str, max_steps: int):
             f"run_dir={run_dir}", "evaluation.teacher_check=null", "data.split.test=0.0", "evaluation.extra_sets=[]",
             "generation.sampling.max_tokens=16", "generation.top_k_logprobs=20", "teacher.pool.max=2",
             "curation.dedup_near=true", "curation.min_kept_ratio=0.0",
+            # pinned, whatever the default: relabelling is the heaviest per-row rule; the fake teacher has no context
+            "curation.check_answer=true", "curation.relabel_wrong=true", "teacher.few_shot=[]",
             f"training.max_steps={max_steps}", "training.max_validation_rows=1000",
             "training.checkpoint_every_steps=100000", "training.log_every_steps=1"])
 
@@ -125,24 +127,24 @@ def _raylet_pid() -> str | None:
 def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_steps: int) -> dict:
     """A stage in a fresh process, its output read line by line: the train stage's first step
     is timed from the process start to the recipe's `step 1/` line."""
+    out = f"{run_dir}.{stage}.json"
     cmd = [sys.executable, __file__, "--stage", stage, "--run-dir", run_dir, "--prompts", prompts,
-           "--student", student, "--max-steps", str(max_steps)]
+           "--student", student, "--max-steps", str(max_steps), "--result", out]
     watcher = WorkerPeaks()
     watcher.start()
     start, first_step, tail = time.time(), None, []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
-    result = None
     for line in proc.stdout:
         tail = (tail + [line])[-40:]
         if first_step is None and "[train] step 1/" in line:
             first_step = round(time.time() - start, 1)
-        if "RESULT " in line:  # Ray's progress bars may share the line
-            result = json.loads(line[line.index("RESULT ") + 7:])
     proc.wait()
     watcher.stop.set()
-    if proc.returncode or result is None:
+    if proc.returncode or not os.path.exists(out):
         sys.exit(f"{stage} failed:\n{''.join(tail)}")
+    with open(out) as f:  # a file: other processes' output shares the stdout lines
+        result = json.load(f)
     if stage == "train":
         result.update(first_step_s=first_step, worker_peak_mb=max(watcher.peaks.values(), default=None))
     return result
@@ -165,10 +167,15 @@ def main() -> None:
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     ap.add_argument("--student", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="run these stages (the others must be done in --work's run directories)")
+    ap.add_argument("--work", help="a work folder of an earlier --keep run to continue in")
     args = ap.parse_args()
     if args.stage:
-        print("\nRESULT " + json.dumps(run_stage_here(args.stage, args.run_dir, args.prompts, args.student,
-                                                    args.max_steps)), flush=True)
+        result = run_stage_here(args.stage, args.run_dir, args.prompts, args.student, args.max_steps)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
         return
     import ray
 
@@ -178,29 +185,33 @@ def main() -> None:
     # one cluster for every stage's process (as under `ray job submit`), ended with this process
     ray.init(address="local", num_cpus=4, include_dashboard=False)  # its own, whatever else runs here
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    student = str(make_tiny_llama(work / "student"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    student = str(work / "student") if args.work else str(make_tiny_llama(work / "student"))
+    stages = args.stages.split(",")
     results = []
     for n in [int(s) for s in args.sizes.split(",")]:
         run_dir, prompts = str(work / f"run-{n}"), str(work / f"prompts-{n}.jsonl")
-        write_prompts(prompts, n)
+        if "prepare" in stages:
+            write_prompts(prompts, n)
         result = {"prompts": n}
-        for stage in STAGES:
+        for stage in stages:
             result[stage] = run_stage_process(stage, run_dir, prompts, student, args.max_steps)
             print(json.dumps({"prompts": n, stage: result[stage]}), flush=True)
         results.append(result)
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
-        os.remove(prompts)
+            os.remove(prompts)
     base = results[0]
-    ratios = {r["prompts"]: {**{s: round(r[s]["driver_peak_mb"] / base[s]["driver_peak_mb"], 3) for s in STAGES},
-                             "train_worker": round(r["train"]["worker_peak_mb"] / base["train"]["worker_peak_mb"], 3),
-                             "first_step": round(r["train"]["first_step_s"] / base["train"]["first_step_s"], 3)}
+    ratios = {r["prompts"]: {**{s: round(r[s]["driver_peak_mb"] / base[s]["driver_peak_mb"], 3) for s in stages},
+                             **({"train_worker": round(r["train"]["worker_peak_mb"] / base["train"]["worker_peak_mb"], 3),
+                                 "first_step": round(r["train"]["first_step_s"] / base["train"]["first_step_s"], 3)}
+                                if "train" in stages else {})}
               for r in results}
-    summary = {"date": time.strftime("%Y-%m-%d"), "command": "bench/pipeline_scale.py --sizes " + args.sizes,
+    summary = {"date": time.strftime("%Y-%m-%d"), "command": "bench/pipeline_scale.py " + " ".join(sys.argv[1:]),
                "max_steps": args.max_steps, "sizes": results, "ratio_to_smallest": ratios}
     print(json.dumps(summary, indent=1))
-    (ROOT / "bench/results/pipeline_scale.json").write_text(json.dumps(summary, indent=1) + "\n")
+    name = "pipeline_scale.json" if stages == list(STAGES) else f"pipeline_scale_{'_'.join(stages)}.json"
+    (ROOT / "bench/results" / name).write_text(json.dumps(summary, indent=1) + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
