@@ -46,6 +46,9 @@ def read_candidates(path: str, cfg: RunConfig) -> list[Candidate]:
     if not isinstance(named, dict) or not named:
         raise ConfigError(f"{path}: needs `candidates:`, a mapping of names to overrides "
                           "(e.g. `bare: {}` and `one-word: {task.system_prompt: \"Answer with one word.\"}`)")
+    if cfg.teacher.kind == "precomputed" or getattr(cfg.teacher, "path", None) is None:
+        raise ConfigError("distill tune needs a teacher model to ask (teacher.kind: vllm, or teacher.path "
+                          "for an endpoint teacher)")
     out = []
     for name, overrides in named.items():
         overrides = overrides or {}
@@ -55,9 +58,6 @@ def read_candidates(path: str, cfg: RunConfig) -> list[Candidate]:
             if not any(key == k or key.startswith(k + ".") for k in TUNABLE):
                 raise ConfigError(f"{path}: candidate {name!r} sets {key}, which does not shape the teacher's "
                                   f"answers; tune accepts {', '.join(TUNABLE)}")
-        if cfg.teacher.kind == "precomputed" or getattr(cfg.teacher, "path", None) is None:
-            raise ConfigError("distill tune needs a teacher model to ask (teacher.kind: vllm, or teacher.path "
-                              "for an endpoint teacher)")
         out.append(Candidate(str(name), overrides, apply_overrides(cfg, overrides, f"{path} candidate {name!r}")))
     return out
 
