@@ -82,10 +82,11 @@ def plain_pytorch(path: str, batches, like_recipe: bool) -> dict:
 def _recipe_worker(config: dict) -> None:
     import ray.train
 
+    from distill.recipe_inputs import RECIPE_INPUTS
     from distill.train_data import collate
     from distill.train_loop import DistillRecipe
 
-    recipe = DistillRecipe(config)
+    recipe = DistillRecipe(config[RECIPE_INPUTS])
     recipe.setup()
     batches = [collate(b, 0, 0) for b in config["batches"]]
 
@@ -107,13 +108,14 @@ def ray_deepspeed(path: str, raw_batches: list[list[dict]], overrides: list[str]
     from ray.train.torch import TorchTrainer
 
     from distill.config import load_config
+    from distill.recipe_inputs import RECIPE_INPUTS, RecipeInputs
     from distill.train import deepspeed_config
 
     cfg = load_config("configs/default.yaml", ["training.zero_stage=2", "training.workers=1", *overrides])
     out = tempfile.mktemp(suffix=".json")
-    config = {"cfg": cfg.model_dump(mode="json"), "student_path": path, "method": "sequence",
-              "ds_config": deepspeed_config(cfg, len(raw_batches)), "steps_per_epoch": len(raw_batches),
-              "has_validation": False, "batches": raw_batches, "out": out}
+    inputs = RecipeInputs(cfg=cfg, student_path=path, method="sequence", ds_config=deepspeed_config(cfg, len(raw_batches)),
+                          steps_per_epoch=len(raw_batches), export_dir=None, has_validation=False, history_uri=out)
+    config = {RECIPE_INPUTS: inputs, "batches": raw_batches, "out": out}
     examples = [e for batch in raw_batches for e in batch]  # the recipe asks for its shard at setup
     trainer = TorchTrainer(_recipe_worker, train_loop_config=config, scaling_config=ray.train.ScalingConfig(
         num_workers=1, resources_per_worker={"CPU": cfg.training.cpus_per_worker}),

@@ -23,7 +23,7 @@ import sys
 
 from distill.config import ConfigError, dump_config, load_config
 from distill.errors import DistillError, UserError
-from distill.ray_utils import VERBOSE_ENV, verbose
+from distill.ray_utils import VERBOSE_ENV, quiet_process, verbose
 
 STAGE_COMMANDS = ("prepare", "generate", "curate", "train", "evaluate")
 
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # Ray's and vLLM's own output, and tracebacks (ray_utils)
+    if not verbose():
+        quiet_process()
     try:
         if args.command == "data" and args.data_command == "from-serve":
             from serve.flywheel import export_prompts

@@ -240,9 +240,9 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     import ray.data
 
     from distill.data import teacher_context
+    from distill.progress import follow_parts
     from distill.prompt_blocks import blocks_dataset
     from distill.ray_utils import connect
-    from distill.teacher import follow_parts
 
     connect(cfg.ray)
     t, gen = cfg.teacher, cfg.generation

@@ -1,16 +1,18 @@
 """The vLLM engine behind one small interface: CPU (laptop, CI) and CUDA (cluster) differ only here.
 
-    llm = make_llm(model_path, EngineConfig())
+    llm = make_llm(model_path, EngineConfig())          # or make_async_llm: the same settings
     rows = generate_rows(llm, prompt_rows, SamplingConfig(), top_k=5, max_model_len=1024)
 
-Everything that turns config into vLLM arguments, and vLLM outputs into schema rows, lives here;
-`teacher.py`, `evaluate.py` and `serve/` call it and never touch vLLM's settings themselves.
+Everything that turns config into vLLM arguments (and the process environment an engine needs),
+and vLLM outputs into schema rows, lives here; every actor that hosts an engine and serve's model
+server build theirs with `make_llm` or `make_async_llm` and never touch vLLM's settings themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,8 @@ def _count_cores(bind: str) -> int:
 
 
 def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
+    from distill.ray_utils import verbose
+
     device = resolve_device(cfg)
     kw: dict[str, Any] = {
         "model": model,
@@ -68,6 +72,7 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
         "max_num_seqs": cfg.max_num_seqs,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "seed": 0,
+        "use_tqdm_on_load": verbose(),
         # JSON outputs (serving's response_format) without free whitespace: vLLM honours this per
         # engine, not per request, and only with the xgrammar (or guidance) backend. Measured here:
         # a random tiny model spends its whole budget on spaces inside the object otherwise.
@@ -92,12 +97,34 @@ def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
     return kw
 
 
-def make_llm(model: str, cfg: EngineConfig):
+def host_process(cfg: EngineConfig) -> None:
+    """Ready this process to host an engine, before vLLM is imported: `engine_env` where the
+    process was not started with it, and vLLM's import-time chatter off unless verbose (its
+    deprecation warnings are for its own developers)."""
+    from distill.ray_utils import quiet_process, verbose
+
     for key, value in engine_env(cfg).items():
         os.environ.setdefault(key, value)
+    if not verbose():
+        quiet_process()
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+
+
+def make_llm(model: str, cfg: EngineConfig):
+    """The synchronous engine (batch generation, scoring, evaluation)."""
+    host_process(cfg)
     from vllm import LLM
 
     return LLM(**engine_kwargs(model, cfg))
+
+
+def make_async_llm(model: str, cfg: EngineConfig):
+    """The asynchronous engine (requests from several callers at once: serving, pipelined generation)."""
+    host_process(cfg)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
 
 
 def request_seed(row_id: str, seed: int) -> int:

@@ -1,5 +1,6 @@
 """The on-policy phase of the training recipe, in every Ray Train worker (after the off-policy
-epochs of `distill.train_loop.DistillRecipe`, or instead of them with `training.epochs=0`).
+epochs of the training recipe, `distill.train_loop.DistillRecipe`, or instead of them with
+`training.epochs=0`; `distill.train_loop.run_worker` runs it).
 
 Per optimizer step: draw prompts from this worker's shard, let the sampler (the student in vLLM)
 answer them, let the scorer (the teacher in vLLM) read prompt + answer, and take the per-token
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import pyarrow as pa
 
+from distill.config import KDLossConfig
 from distill.errors import UserError
 from distill.on_policy import draw_prompts, rollout_example, rollout_positions_topk, trainable_weights, uses_stored_outputs
 from distill.storage import locate
-from distill.train_data import collate
+from distill.train_data import bucketed_batches, collate
 
 ROLLOUT_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("weights_version", pa.int64()),
                             ("prompt_id", pa.string()), ("prompt_tokens", pa.int64()),
@@ -37,21 +38,22 @@ class OnPolicyPhase:
 
         self.recipe = recipe
         self.op = recipe.cfg.training.on_policy
-        self.sampler, self.scorer = recipe.config["sampler"], recipe.config["scorer"]
+        self.places = recipe.inputs.on_policy
+        self.sampler, self.scorer = self.places.sampler, self.places.scorer
         self.top_k = recipe.cfg.generation.top_k_logprobs
         shard = ray.train.get_dataset_shard("prompts")
         rows = [r for batch in shard.iter_batches(batch_size=1024, batch_format="pandas") for r in batch.to_dict("records")]
         fits = [r for r in rows if r["fits"]]
         t = recipe.cfg.training
         if len(fits) < len(rows):
-            recipe._log(f"on-policy: {len(rows) - len(fits)} of {len(rows)} train prompts of this worker are too long "
+            recipe.log(f"on-policy: {len(rows) - len(fits)} of {len(rows)} train prompts of this worker are too long "
                         f"for max_model_len - on_policy.max_new_tokens or training.max_seq_len ({t.max_seq_len}): skipped")
         if not fits:
             raise UserError("training.method=on_policy: no train prompt fits the engines' max_model_len with "
                              "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
         self.prompt_ids = [r["id"] for r in fits]
         self.prompts = [list(r["prompt_ids"]) for r in fits]
-        self.rollouts = locate(recipe.config["rollouts_uri"])
+        self.rollouts = locate(self.places.rollouts_uri)
         self.stored, self.stored_passes = None, 0  # batches of the stored outputs, pass after pass
         self.counts = {"rollout_tokens": 0, "scored_tokens": 0, "sync_s": 0.0, "syncs": 0}
 
@@ -68,7 +70,7 @@ class OnPolicyPhase:
             if self.op.sync_via == "file":
                 from safetensors.torch import save_file
 
-                path = os.path.join(recipe.config["weights_dir"], "student.safetensors")
+                path = os.path.join(self.places.weights_dir, "student.safetensors")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file({n: t.contiguous() for n, t in weights}, path + ".tmp")
                 os.replace(path + ".tmp", path)
@@ -82,11 +84,9 @@ class OnPolicyPhase:
 
     # ------------------------------------------------------------------------- one batch
     def stored_batch(self):
-        from distill.train_loop import _batches
-
         while True:
             if self.stored is None:
-                self.stored = _batches(self.recipe.train_shard, self.recipe.cfg.training.batch_size,
+                self.stored = bucketed_batches(self.recipe.train_shard, self.recipe.cfg.training.batch_size,
                                        self.op.seed + 7919 * self.stored_passes)
                 self.stored_passes += 1
             examples = next(self.stored, None)
@@ -126,7 +126,7 @@ class OnPolicyPhase:
     def run(self) -> None:
         recipe, op, state = self.recipe, self.op, self.recipe.state
         t = recipe.cfg.training
-        kd = {"kd_weight": 1.0, "divergence": op.divergence, "beta": op.beta, "temperature": 1.0}
+        kd = KDLossConfig(kd_weight=1.0, divergence=op.divergence, beta=op.beta, temperature=1.0)
         self.sync()  # the sampler starts from this worker's current (or resumed) weights
         start, done_at_start = time.time(), state["on_policy_step"]
         for s in range(state["on_policy_step"], op.steps):
@@ -149,14 +149,14 @@ class OnPolicyPhase:
             if record is not None:
                 entry["weights_version"] = int(record["weights_version"][0].as_py())
             state["history"].append(entry)
-            recipe._maybe_fail(state["step"])
+            recipe.maybe_fail(state["step"])
             if s + 1 == op.steps or (s + 1) % t.log_every_steps == 0 or s == done_at_start:
                 elapsed = max(time.time() - start, 1e-9)
                 c = self.counts
-                recipe._log(f"on-policy step {s + 1}/{op.steps} loss {loss.item():.4f} "
+                recipe.log(f"on-policy step {s + 1}/{op.steps} loss {loss.item():.4f} "
                             f"({entry['source']}, weights v{entry.get('weights_version', '-')}) "
                             f"rollouts {c['rollout_tokens'] / elapsed:.0f} tok/s, teacher scored "
                             f"{c['scored_tokens'] / elapsed:.0f} tok/s, sync {c['sync_s'] / max(1, c['syncs']):.2f} s")
             if state["step"] % t.checkpoint_every_steps == 0 and s + 1 < op.steps:
-                recipe._checkpoint({**state, "loss": loss.item()})
+                recipe.checkpoint({**state, "loss": loss.item()})
         state["history"].append({"step": state["step"], "on_policy": {k: round(v, 3) for k, v in self.counts.items()}})

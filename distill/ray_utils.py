@@ -5,11 +5,13 @@ otherwise it joins a cluster started on this machine with `ray start`, and only 
 none it starts a local one. A local cluster declares more logical CPUs than cores (at least 4)
 because Ray hangs, rather than fails, when a read task waits behind actors holding every CPU.
 
-Ray's own output is kept out of a stage's log unless `DISTILL_VERBOSE=1`: Ray Data's progress
-bars when stdout is not a terminal (a CI log or `ray job logs` gets a block per dataset every few
-seconds; the stages print their own progress lines), and, on a local cluster started without
-the dashboard, Ray Train's placement-group cleaner, which asks the dashboard's state API every
-few seconds and warns each time it is not there.
+Ray's own output is kept out of a stage's log unless `DISTILL_VERBOSE=1` (`distill --verbose`):
+Ray Data's progress bars when stdout is not a terminal (a CI log or `ray job logs` gets a block
+per dataset every few seconds; the stages print their own progress lines) and its per-dataset
+plan lines; Ray Train's controller and checkpoint lines, its copy of every worker print, and, on
+a local cluster started without the dashboard, its placement-group cleaner, which asks the
+dashboard's state API every few seconds and warns each time it is not there; the model
+libraries' load and save progress bars. Warnings and errors of everything else still show.
 """
 
 from __future__ import annotations
@@ -22,17 +24,49 @@ from distill.config import RayConfig
 from distill.errors import Unreachable
 
 VERBOSE_ENV = "DISTILL_VERBOSE"
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# loggers whose INFO lines (and, for the first, warnings) are Ray's bookkeeping, not the stage's
+QUIET_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.data._internal.progress",  # "Progress bars disabled", once per dataset and process
+    "ray.data._internal.execution.streaming_executor",  # the plan and "finished" of every dataset
+    "ray.train.v2._internal.execution.worker_group.worker_group",
+    "ray.train.v2._internal.execution.storage",
+    "ray.train.v2._internal.execution.scaling_policy.scaling_policy",
+    "ray.train.torch.config",
+    "vllm.triton_utils.importing",  # logged at import, before vLLM's own log level applies
+)
+# inherited by the processes of a cluster this process starts; set in workers by the hook too
+QUIET_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train would print each worker line twice
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights", "Writing model shards"
+    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's NUMA-binding warning in every engine process
+}
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def quiet_worker_logs() -> None:
-    """Ray's `worker_process_setup_hook` for the jobs distill starts: runs in each worker process."""
+def quiet_process() -> None:
+    """Ray's and the model libraries' chatter off in this process (call before they are imported)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Train's report lines go to a logger named after its module's file, not its module
+    logging.getLogger(os.path.join(os.path.dirname(_ray_file()), "train/v2/_internal/execution/context.py")
+                      ).setLevel(logging.WARNING)
+
+
+def _ray_file() -> str:
+    import ray
+
+    return ray.__file__
+
+
+def quiet_worker_logs() -> None:
+    """Ray's `worker_process_setup_hook` for the jobs distill starts: runs in each worker process."""
+    quiet_process()
 
 
 def connect(cfg: RayConfig) -> None:
@@ -41,6 +75,8 @@ def connect(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    if not verbose():
+        quiet_process()
     ray.data.DataContext.get_current().enable_progress_bars = verbose() or sys.stdout.isatty()
     hook = None if verbose() else {"worker_process_setup_hook": "distill.ray_utils.quiet_worker_logs"}
     level = logging.INFO if verbose() else logging.WARNING  # "Connected to Ray cluster." and the like

@@ -147,7 +147,7 @@ def markdown(report: dict[str, Any]) -> str:
     if bare:
         lines += ["", "`teacher` answered with its own context (system prompt, worked examples), as it generated "
                       "the training data; `teacher_bare` is the same model on the task's prompt, as a user would call it."]
-    lines += ["", f"| set | " + " | ".join(models) + " | student keeps |" + (" of the bare teacher |" if bare else ""),
+    lines += ["", "| set | " + " | ".join(models) + " | student keeps |" + (" of the bare teacher |" if bare else ""),
               "|" + "---|" * (len(models) + 2 + bare)]
     for name, fig in report["sets"].items():
         cells = [_pm(fig["models"][m]["metrics"][primary], fig["models"][m]["ci"][primary]) for m in models]

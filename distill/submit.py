@@ -35,6 +35,11 @@ def runtime_env(path: str | None, working_dir: str | None) -> dict[str, Any]:
             raise UserError(f"--runtime-env: {path} must be a YAML mapping (working_dir, pip, env_vars, ...)")
     if working_dir:
         env["working_dir"] = working_dir
+    from distill.ray_utils import QUIET_ENV, verbose
+
+    if not verbose():  # the job's workers as quiet as those of a local run (distill.ray_utils)
+        env.setdefault("worker_process_setup_hook", "distill.ray_utils.quiet_worker_logs")
+        env["env_vars"] = {**QUIET_ENV, **(env.get("env_vars") or {})}
     return env
 
 

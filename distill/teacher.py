@@ -23,7 +23,6 @@ At the end the stage checks rows == prompts x n with unique (id, sample), and fa
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
+from distill.progress import follow_parts
 from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir
 from distill.storage import hash64
@@ -277,13 +277,3 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
         ),
     )
     follow_parts(ds, count * sampling.n)
-
-
-def follow_parts(ds, total: int, source: str = "") -> None:
-    """Run a dataset whose workers write parts and return `PART_SUMMARY` rows; print progress."""
-    written, start = 0, time.time()
-    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        written += pc.sum(summary["rows"]).as_py() or 0
-        rate = written / max(1e-9, time.time() - start)
-        eta = (total - written) / rate if rate else math.inf
-        print(f"[teacher] {written}/{total} responses{source}, {rate:.1f} rows/s, ETA {eta:.0f}s", flush=True)

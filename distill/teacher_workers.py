@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from typing import Any
 
 import numpy as np
@@ -127,15 +126,10 @@ class AsyncTeacherWorker(TeacherWorker):
     _ids = itertools.count()
 
     def make_engine(self, model: str):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from distill.engine import engine_env, engine_kwargs
+        from distill.engine import make_async_llm
         from distill.models import resolve_model
 
-        for key, value in engine_env(self.engine).items():
-            os.environ.setdefault(key, value)
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(resolve_model(model), self.engine)))
+        return make_async_llm(resolve_model(model), self.engine)
 
     async def _final(self, prompt, params):
         from vllm.sampling_params import RequestOutputKind

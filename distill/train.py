@@ -26,6 +26,7 @@ from distill import schema as S
 from distill.config import RunConfig
 from distill.errors import UserError
 from distill.hardware import fast_dtype
+from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
 from distill.storage import locate
 
@@ -234,8 +235,6 @@ def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
 def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_name: str, export,
          history, on_policy: bool = False) -> dict[str, Any]:
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from distill.ray_utils import connect
 
@@ -252,26 +251,44 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
     # a crash of the whole job); the name carries the stage key (a changed config starts over)
     # and the worker layout (a ZeRO checkpoint is sharded per worker)
     run_name = f"{run_name}-w{t.workers}z{t.zero_stage}"
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"), "student_path": base, "method": method,
-        "ds_config": deepspeed_config(cfg, total_steps), "steps_per_epoch": steps_per_epoch,
-        "export_dir": export.path if rd.root.is_local else export.uri,
-        "has_validation": "validation" in datasets, "history_uri": history.uri,
-        "fail_at_step": int(os.environ.get(FAIL_ENV, "0")), "fail_marker": f"{rd.checkpoints.path}/.failed-once",
-    }
+    inputs = RecipeInputs(
+        cfg=cfg, student_path=base, method=method, ds_config=deepspeed_config(cfg, total_steps),
+        steps_per_epoch=steps_per_epoch, export_dir=export.path if rd.root.is_local else export.uri,
+        has_validation="validation" in datasets, history_uri=history.uri,
+        fail_at_step=int(os.environ.get(FAIL_ENV, "0")), fail_marker=f"{rd.checkpoints.path}/.failed-once")
     if on_policy:
-        from distill.on_policy_actors import start_actors
-
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
             raise UserError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
                              "file the trainer writes); use sync_via=object_store")
         datasets["prompts"] = _policy_prompts(cfg, rd, base)
-        loop_config["sampler"], loop_config["scorer"] = start_actors(cfg, base)
-        loop_config["rollouts_uri"] = rd.root.join(f"rollouts/{run_name}").uri
-        loop_config["weights_dir"] = rd.root.join(f"rollouts/{run_name}-weights").path
-    trainer = TorchTrainer(
+        inputs = inputs.model_copy(update={"on_policy": _on_policy_inputs(cfg, rd, base, run_name)})
+    trainer = _trainer(cfg, inputs, datasets, run_name, storage)
+    print(f"[train] {method}-level KD: {data.rows['train']} examples, " + _plan(cfg, total_steps, on_policy))
+    start = time.time()
+    try:
+        trainer.fit()
+    finally:  # the engines hold memory until killed, also when training failed
+        if on_policy:
+            import ray
+
+            for actor in (inputs.on_policy.sampler, inputs.on_policy.scorer):
+                ray.kill(actor)
+    stats = _stats(history, rows=data.rows["train"], method=method, student_base=base, student=export.uri,
+                   accelerator_s=round((time.time() - start) * t.workers * (1 if t.use_gpu else 0), 1))
+    if on_policy:
+        stats["on_policy"] = rollout_budget(locate(inputs.on_policy.rollouts_uri))
+    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {export.uri}")
+    return stats
+
+
+def _trainer(cfg: RunConfig, inputs: RecipeInputs, datasets: dict[str, Any], run_name: str, storage: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.training
+    return TorchTrainer(
         _train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={RECIPE_INPUTS: inputs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -281,35 +298,36 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
         # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "prompts"] if on_policy else ["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "prompts"] if "prompts" in datasets
+                                            else ["train"]),
     )
-    print(f"[train] {method}-level KD: {data.rows['train']} examples, "
-          + (f"{t.max_steps} steps at most, " if t.max_steps else f"{t.epochs} epochs, ")
-          + (f"then {t.on_policy.steps} on-policy steps ({t.on_policy.divergence} on the student's rollouts), "
-             if on_policy else "")
-          + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
-          + (", embeddings frozen" if t.freeze_embeddings else ""))
-    start = time.time()
-    try:
-        trainer.fit()
-    finally:  # the engines hold memory until killed, also when training failed
-        if on_policy:
-            import ray
 
-            for actor in (loop_config["sampler"], loop_config["scorer"]):
-                ray.kill(actor)
+
+def _plan(cfg: RunConfig, total_steps: int, on_policy: bool) -> str:
+    """The training plan in words, for the stage's first line."""
+    t = cfg.training
+    return ((f"{t.max_steps} steps at most, " if t.max_steps else f"{t.epochs} epochs, ")
+            + (f"then {t.on_policy.steps} on-policy steps ({t.on_policy.divergence} on the student's rollouts), "
+               if on_policy else "")
+            + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
+            + (", embeddings frozen" if t.freeze_embeddings else ""))
+
+
+def _stats(history, **stats) -> dict[str, Any]:
+    """The stage's figures: `stats` and the first, final and validation losses of the history."""
     losses = [h for h in history.read_json() if "loss" in h]
     vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
-    workers = t.workers * (1 if t.use_gpu else 0)
-    stats = dict(rows=data.rows["train"], method=method, steps=losses[-1]["step"] if losses else 0,
-                 first_loss=losses[0]["loss"] if losses else None,
-                 final_loss=losses[-1]["loss"] if losses else None,
-                 val_loss=vals[-1] if vals else None, student_base=base, student=export.uri,
-                 accelerator_s=round((time.time() - start) * workers, 1))
-    if on_policy:
-        stats["on_policy"] = rollout_budget(locate(loop_config["rollouts_uri"]))
-    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {export.uri}")
-    return stats
+    return dict(stats, steps=losses[-1]["step"] if losses else 0, first_loss=losses[0]["loss"] if losses else None,
+                final_loss=losses[-1]["loss"] if losses else None, val_loss=vals[-1] if vals else None)
+
+
+def _on_policy_inputs(cfg: RunConfig, rd: RunDir, base: str, run_name: str) -> OnPolicyInputs:
+    """Start the sampler and the scorer; where the rollouts and the synced weights go."""
+    from distill.on_policy_actors import start_actors
+
+    sampler, scorer = start_actors(cfg, base)
+    return OnPolicyInputs(sampler=sampler, scorer=scorer, rollouts_uri=rd.root.join(f"rollouts/{run_name}").uri,
+                          weights_dir=rd.root.join(f"rollouts/{run_name}-weights").path)
 
 
 def rollout_budget(rollouts) -> dict[str, Any]:
@@ -330,4 +348,4 @@ def rollout_budget(rollouts) -> dict[str, Any]:
 def _train_loop(config: dict) -> None:
     from distill.train_loop import run_worker
 
-    run_worker(config)
+    run_worker(config[RECIPE_INPUTS])

@@ -169,6 +169,16 @@ def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -
         yield [examples[i] for i in b]
 
 
+BUFFER_BATCHES = 32  # micro-batches per length-bucketing buffer
+
+
+def bucketed_batches(shard, batch_size: int, seed: int) -> Iterator[list[dict]]:
+    """Micro-batches from a Ray Train dataset shard, `length_buckets` over buffers of
+    `BUFFER_BATCHES` batches (memory stays one buffer, whatever the data's size)."""
+    for i, buf in enumerate(shard.iter_batches(batch_size=batch_size * BUFFER_BATCHES, batch_format="pandas")):
+        yield from length_buckets(buf.to_dict("records"), batch_size, seed + i)
+
+
 @dataclass
 class TeacherTopK:
     """The teacher's stored top-k at every position of a batch, aligned to `Batch.labels`:

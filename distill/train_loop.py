@@ -1,12 +1,14 @@
 """The training recipe that runs in every Ray Train worker: setup, loss step, train, save.
 
-    recipe = DistillRecipe(config)      # built by `distill.train` from the run config
+    recipe = DistillRecipe(inputs)      # a `RecipeInputs`, built by `distill.train`
     recipe.setup()                      # model, tokenizer, DeepSpeed engine; resume if checkpointed
-    recipe.train()                      # epochs of loss steps, validation, checkpoints
+    recipe.train()                      # epochs over the stored batches, validation, checkpoints
+    OnPolicyPhase(recipe).run()         # with training.method=on_policy: rollouts mixed with them
     recipe.save()                       # a plain Hugging Face folder (tied weights stored once)
 
 The loss step does not care where the teacher signal comes from: a `Batch` carries the teacher's
-top-k as a `TeacherTopK` (or None for sequence-level KD) from `collate` to `distill_loss`.
+top-k as a `TeacherTopK` (or None for sequence-level KD) from `collate` to `distill_loss`, and
+both batch sources (stored outputs, on-policy rollouts) use the same step, checkpoint and log.
 """
 
 from __future__ import annotations
@@ -21,17 +23,11 @@ from typing import Any
 
 import torch
 
-from distill.config import RunConfig
+from distill.config import KDLossConfig
 from distill.losses import IGNORE, distill_loss
+from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
-from distill.train_data import Batch, collate, length_buckets
-
-BUFFER_BATCHES = 32  # micro-batches per length-bucketing buffer
-
-
-def _batches(shard, batch_size: int, seed: int):
-    for i, buf in enumerate(shard.iter_batches(batch_size=batch_size * BUFFER_BATCHES, batch_format="pandas")):
-        yield from length_buckets(buf.to_dict("records"), batch_size, seed + i)
+from distill.train_data import Batch, bucketed_batches, collate
 
 
 class ResponseLogits(torch.nn.Module):
@@ -77,11 +73,10 @@ def skip_deepspeed_shm_op() -> None:
 
 
 class DistillRecipe:
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.cfg = RunConfig.model_validate(config["cfg"])
-        self.method = config["method"]
-        self.top_k = self.cfg.generation.top_k_logprobs if self.method == "logit" else 0
+    def __init__(self, inputs: RecipeInputs):
+        self.inputs = inputs
+        self.cfg = inputs.cfg
+        self.top_k = inputs.top_k
 
     # ------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -97,7 +92,7 @@ class DistillRecipe:
         torch.manual_seed(t.seed)
         if not t.use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
             torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-        path = resolve_model(self.config["student_path"])  # fetched to this node if remote
+        path = resolve_model(self.inputs.student_path)  # fetched to this node if remote
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -118,7 +113,7 @@ class DistillRecipe:
         skip_deepspeed_shm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
-            config=self.config["ds_config"])
+            config=self.inputs.ds_config)
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": [],
                                       "on_policy_step": 0}
         checkpoint = ray.train.get_checkpoint()
@@ -126,12 +121,12 @@ class DistillRecipe:
             with checkpoint.as_directory() as d:
                 _, client = self.engine.load_checkpoint(d, tag="ds")
                 self.state.update({k: client.get(k, v) for k, v in self.state.items()})
-            self._log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
+            self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.train_shard = ray.train.get_dataset_shard("train")
-        self.val_shard = ray.train.get_dataset_shard("validation") if self.config["has_validation"] else None
+        self.val_shard = ray.train.get_dataset_shard("validation") if self.inputs.has_validation else None
 
     # ------------------------------------------------------------------------- loss step
-    def loss_step(self, batch: Batch, kd: dict | None = None) -> tuple[torch.Tensor, dict[str, float], int]:
+    def loss_step(self, batch: Batch, kd: KDLossConfig | None = None) -> tuple[torch.Tensor, dict[str, float], int]:
         """The loss of one micro-batch; `kd` overrides `training.kd` (on-policy steps use their own)."""
         device = self.engine.device
         labels = batch.labels[:, 1:].to(device)
@@ -139,16 +134,16 @@ class DistillRecipe:
         logits = self.engine(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                              positions=positions)
         labels = labels[positions].unsqueeze(0)  # [1, N], like the logits
-        kd = kd or self.cfg.training.kd.model_dump()
+        kd = kd or self.cfg.training.kd
         ids = vals = mask = None
         if batch.teacher is not None:
             teacher = batch.teacher.shifted().to(device)
             mask = teacher.defined()[positions].unsqueeze(0)
             ids = teacher.ids[positions].unsqueeze(0)
             vals = torch.nan_to_num(teacher.logprobs[positions], nan=-30.0).unsqueeze(0)  # masked: any finite value
-        loss, parts = distill_loss(logits, labels, ids, vals, kd["kd_weight"] if ids is not None else 0.0,
-                                   kd_mask=mask, divergence=kd["divergence"], beta=kd["beta"],
-                                   temperature=kd["temperature"])
+        loss, parts = distill_loss(logits, labels, ids, vals, kd.kd_weight if ids is not None else 0.0,
+                                   kd_mask=mask, divergence=kd.divergence, beta=kd.beta,
+                                   temperature=kd.temperature)
         return loss, parts, int(positions.sum())
 
     def validate(self) -> float | None:
@@ -157,7 +152,7 @@ class DistillRecipe:
         self.engine.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for examples in _batches(self.val_shard, self.cfg.training.batch_size, 0):
+            for examples in bucketed_batches(self.val_shard, self.cfg.training.batch_size, 0):
                 loss, _, n = self.loss_step(collate(examples, self.pad_id, self.top_k))
                 total, count = total + loss.item() * n, count + n
         self.engine.train()
@@ -166,13 +161,13 @@ class DistillRecipe:
     # ------------------------------------------------------------------------- train
     def train(self) -> None:
         t, state = self.cfg.training, self.state
-        per_epoch = self.config["steps_per_epoch"]
+        per_epoch = self.inputs.steps_per_epoch
         epochs = math.ceil(t.max_steps / per_epoch) if t.max_steps else t.epochs
         steps_total = t.max_steps or per_epoch * epochs
         start, tokens_at_start, step_at_start = time.time(), state["tokens"], state["step"]
         loss_value, parts = math.nan, {}
         for epoch in range(state["epoch"], epochs):
-            for i, examples in enumerate(_batches(self.train_shard, t.batch_size, t.seed + epoch * 1000)):
+            for i, examples in enumerate(bucketed_batches(self.train_shard, t.batch_size, t.seed + epoch * 1000)):
                 if epoch == state["epoch"] and i < state["batch_in_epoch"]:
                     continue  # consumed before the restart
                 if state["step"] >= steps_total:
@@ -188,42 +183,41 @@ class DistillRecipe:
                 state["step"] += 1
                 step = state["step"]
                 state["history"].append({"step": step, "epoch": epoch + 1, "loss": round(loss_value, 5), **parts})
-                self._maybe_fail(step)
+                self.maybe_fail(step)
                 if step % t.log_every_steps == 0 or step == 1:
                     elapsed = time.time() - start
                     rate = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
                     eta = (steps_total - step) * elapsed / max(1, step - step_at_start)
-                    self._log(f"step {step}/{steps_total} epoch {epoch + 1} loss {loss_value:.4f} "
+                    self.log(f"step {step}/{steps_total} epoch {epoch + 1} loss {loss_value:.4f} "
                               f"{' '.join(f'{k} {v:.4f}' for k, v in parts.items())} {rate:.0f} tok/s ETA {eta:.0f}s")
                 if step % t.checkpoint_every_steps == 0:
-                    self._checkpoint({**state, "loss": loss_value})
+                    self.checkpoint({**state, "loss": loss_value})
             state.update(epoch=epoch + 1, batch_in_epoch=0)
             val = self.validate()
             state["history"].append({"step": state["step"], "epoch": epoch + 1, "val_loss": val})
-            self._log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {val}")
+            self.log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {val}")
             if self.rank == 0:
-                locate(self.config["history_uri"]).write_json(state["history"])
+                locate(self.inputs.history_uri).write_json(state["history"])
             if epoch + 1 < epochs or t.method == "on_policy":
-                self._checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
-        if t.method == "on_policy":
-            from distill.on_policy_loop import OnPolicyPhase
+                self.checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
 
-            OnPolicyPhase(self).run()
-            val = self.validate()
-            state["history"].append({"step": state["step"], "epoch": t.epochs, "val_loss": val})
-            self._log(f"on-policy done: val_loss {val}")
-            if self.rank == 0:
-                locate(self.config["history_uri"]).write_json(state["history"])
+    def record_validation(self, label: str) -> None:
+        """Validate, append the loss to the history and write it (rank 0)."""
+        val = self.validate()
+        self.state["history"].append({"step": self.state["step"], "epoch": self.cfg.training.epochs, "val_loss": val})
+        self.log(f"{label}: val_loss {val}")
+        if self.rank == 0:
+            locate(self.inputs.history_uri).write_json(self.state["history"])
 
-    def _maybe_fail(self, step: int) -> None:
+    def maybe_fail(self, step: int) -> None:
         """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise once at that step."""
-        marker = self.config["fail_marker"]
-        if self.config["fail_at_step"] and step == self.config["fail_at_step"] and not os.path.exists(marker):
+        marker = self.inputs.fail_marker
+        if self.inputs.fail_at_step and step == self.inputs.fail_at_step and not os.path.exists(marker):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             open(marker, "w").close()
             raise RuntimeError(f"injected failure at step {step}")
 
-    def _checkpoint(self, state: dict) -> None:
+    def checkpoint(self, state: dict) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +228,7 @@ class DistillRecipe:
             ray.train.report({k: v for k, v in state.items() if k != "history"},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    def _log(self, message: str) -> None:
+    def log(self, message: str) -> None:
         if self.rank == 0:
             print(f"[train] {message}", flush=True)
 
@@ -247,7 +241,7 @@ class DistillRecipe:
         zero3 = self.cfg.training.zero_stage == 3
         # ZeRO-3 gathers the shards on rank 0 (every rank must take part); names carry the wrapper's prefix
         state = self.engine._zero3_consolidated_16bit_state_dict() if zero3 else module.state_dict()
-        export_dir = self.config["export_dir"]
+        export_dir = self.inputs.export_dir
         if self.rank != 0 or export_dir is None:
             return
         if zero3:
@@ -270,8 +264,13 @@ class DistillRecipe:
         os.replace(tmp, export_dir)
 
 
-def run_worker(config: dict[str, Any]) -> None:
-    recipe = DistillRecipe(config)
+def run_worker(inputs: RecipeInputs) -> None:
+    from distill.on_policy_loop import OnPolicyPhase
+
+    recipe = DistillRecipe(inputs)
     recipe.setup()
     recipe.train()
+    if inputs.on_policy is not None:
+        OnPolicyPhase(recipe).run()
+        recipe.record_validation("on-policy done")
     recipe.save()

@@ -48,11 +48,8 @@ class VllmEngine:
     """vLLM's AsyncLLM in the replica process; its engine core runs in a child process."""
 
     def __init__(self, model: str, engine: dict[str, Any]):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         from distill.config import EngineConfig
-        from distill.engine import engine_kwargs
+        from distill.engine import make_async_llm, resolve_device
         from distill.models import resolve_model
 
         cfg = EngineConfig(**engine)
@@ -60,10 +57,8 @@ class VllmEngine:
         self.max_model_len = cfg.max_model_len
         # vLLM 0.32's CPU sampler fails on seeded requests whose prefill is chunked
         # ("CPU Generator does not use offset"): seeds are honoured on GPUs only
-        from distill.engine import resolve_device
-
         self.seeded_sampling = resolve_device(cfg) == "cuda"
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
+        self.llm = make_async_llm(model, cfg)
         self.tokenizer = self.llm.tokenizer
 
     def prompt_ids(self, messages, prompt):

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve.body import parse
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate, error_body, validation_message
 from serve.responses import Chunks, ClosingStreamingResponse, response_body
-from serve.routing import pick_arm
+from serve.routing import is_backpressure, pick_arm
 from serve.shadow import Shadow
 
 log = logging.getLogger("ray.serve")
@@ -68,16 +68,6 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def is_backpressure(exc: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError
-
-    while exc is not None:
-        if isinstance(exc, BackPressureError):
-            return True
-        exc = exc.__cause__ or getattr(exc, "cause", None)
-    return False
 
 
 class Ingress:

@@ -4,7 +4,8 @@ A user's key is hashed to a point in [0, 1); the arms own consecutive intervals 
 weights (in a fixed, sorted order), and the arm whose interval holds the point answers. So the
 same user always meets the same arm while the weights stay put, a weight of 0 never answers, and
 over many users each arm's share tends to its weight. Changing weights moves only the users whose
-point falls in the part of the line that changed owner.
+point falls in the part of the line that changed owner. `is_backpressure` tells an arm that
+pushed back (full) from one that failed.
 """
 
 from __future__ import annotations
@@ -41,3 +42,15 @@ def pick_arm(weights: dict[str, float], user: str | None) -> str:
         if point < edge:
             return arm
     return last  # floating-point rounding at the top of the line
+
+
+def is_backpressure(exc: BaseException) -> bool:
+    """Whether a call failed because the deployment was full (Ray Serve's BackPressureError,
+    also when wrapped): the arm sheds the request instead of failing it."""
+    from ray.serve.exceptions import BackPressureError
+
+    while exc is not None:
+        if isinstance(exc, BackPressureError):
+            return True
+        exc = exc.__cause__ or getattr(exc, "cause", None)
+    return False

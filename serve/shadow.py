@@ -48,7 +48,7 @@ class Shadow:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, arm: str, req: dict[str, Any], answer: str, handle: Any, ledger: Any) -> None:
-        from serve.ingress import is_backpressure
+        from serve.routing import is_backpressure
 
         status, agreement, reference = "error", None, None
         try:

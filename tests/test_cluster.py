@@ -68,9 +68,15 @@ def test_check_cluster_command_exit_codes(capsys):
     assert "training" in capsys.readouterr().err
 
 
-def test_runtime_env_file_keeps_local_state_out_of_the_upload():
+def test_runtime_env_file_keeps_local_state_out_of_the_upload(monkeypatch):
     from distill.submit import entrypoint, runtime_env
 
+    monkeypatch.delenv("DISTILL_VERBOSE", raising=False)
     env = runtime_env(str(ROOT / "cluster/runtime_env.yaml"), ".")
     assert {".venv", "runs"} <= set(env["excludes"]) and env["working_dir"] == "."
+    # the job's workers are as quiet as a local run's; --verbose leaves Ray's output alone
+    assert env["worker_process_setup_hook"] == "distill.ray_utils.quiet_worker_logs"
+    assert env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    monkeypatch.setenv("DISTILL_VERBOSE", "1")
+    assert "worker_process_setup_hook" not in runtime_env(None, ".")
     assert entrypoint("run", "c.yaml", ["a.b=1 2"]) == "python -m distill.cli run --config c.yaml 'a.b=1 2'"

@@ -164,7 +164,6 @@ def test_on_policy_training_is_killed_resumes_and_moves_toward_the_teacher(gener
     assert stats["on_policy"]["teacher_scored_tokens"] > stats["on_policy"]["rollout_tokens"] > 0
     # the student moved toward the teacher: its divergence on the first step's rollouts (written
     # by the starting weights, version 0) fell from the base student's
-    import pyarrow.compute as pc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

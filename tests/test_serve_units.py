@@ -243,3 +243,15 @@ def test_a_chat_without_a_system_message_gets_the_task_prompt_it_was_trained_wit
     assert with_task_prompt(own, system) == (own, "request")  # a request's own system message wins
     off = load_config("configs/default.yaml", ["serving.apply_task_prompt=false"])
     assert task_prompt(off.serving, off.task.model_dump()) is None and with_task_prompt(user, None) == (user, "off")
+
+
+def test_backpressure_is_found_through_wrapped_causes():
+    from ray.serve.exceptions import BackPressureError
+
+    from serve.routing import is_backpressure
+
+    full = BackPressureError(num_queued_requests=3, max_queued_requests=2)
+    wrapped = RuntimeError("handle call failed")
+    wrapped.__cause__ = full
+    assert is_backpressure(full) and is_backpressure(wrapped)
+    assert not is_backpressure(RuntimeError("engine died"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from distill.tasks.base import Task, mean
+from distill.tasks.base import Task
 
 _NUM = r"-?\d[\d,]*(?:\.\d+)?"
 # strongest cues first; otherwise the last number in the text

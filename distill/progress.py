@@ -1,0 +1,41 @@
+"""Progress lines for long work: at most one every `EVERY_S` seconds, and the last, so that a CI
+log or `ray job logs` stays readable while a person still sees rows done, rate and ETA.
+
+    progress = Progress("teacher", total=461, unit="responses")
+    progress.update(256)        # "[teacher] 256/461 responses, 5.5/s, ETA 37s" (if 10 s have passed)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+EVERY_S = 10.0
+
+
+class Progress:
+    def __init__(self, stage: str, total: int, unit: str, every_s: float = EVERY_S, clock=time.time):
+        self.stage, self.total, self.unit, self.every_s, self.clock = stage, total, unit, every_s, clock
+        self.start = self.last = clock()
+
+    def update(self, done: int, note: str = "") -> str | None:
+        """Print (and return) a line when the work is done or `every_s` has passed since the last."""
+        now = self.clock()
+        if done < self.total and now - self.last < self.every_s:
+            return None
+        self.last = now
+        rate = done / max(1e-9, now - self.start)
+        eta = (self.total - done) / rate if rate else math.inf
+        line = f"[{self.stage}] {done}/{self.total} {self.unit}{note}, {rate:.1f}/s, ETA {eta:.0f}s"
+        print(line, flush=True)
+        return line
+
+
+def follow_parts(ds, total: int, source: str = "") -> None:
+    """Run a dataset whose workers write parts and return `PART_SUMMARY` rows; show progress."""
+    import pyarrow.compute as pc
+
+    progress, written = Progress("teacher", total, "responses"), 0
+    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        written += pc.sum(summary["rows"]).as_py() or 0
+        progress.update(written, source)
