@@ -33,6 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="show Ray's and vLLM's own output and every traceback (or DISTILL_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline_commands(sub)
+    _add_serving_commands(sub)
+    _add_cluster_commands(sub)
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_pipeline_commands(sub) -> None:
     for name in STAGE_COMMANDS:
         p = sub.add_parser(name, help=f"run the {name} stage")
         p.add_argument("--config", "-c", help="YAML run config (default: built-in defaults)")
@@ -55,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", nargs="?", const="", default=None, metavar="SECTION",
                    help="print every field (or a section's) with its default and description")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _add_serving_commands(sub) -> None:
     p = sub.add_parser("serve", help="host teacher and student behind an OpenAI-compatible A/B endpoint")
     p.add_argument("target", help="a run directory (after `distill run`) or a config file")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -62,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--out", help="folder for ab_report.json/.md/.png")
     p.add_argument("--admin-key-env", default="DISTILL_ADMIN_KEY", help="variable holding the admin key")
+
+
+def _add_cluster_commands(sub) -> None:
     p = sub.add_parser("submit", help="run a stage or the pipeline as a Ray job on a cluster")
     p.add_argument("--address", default=None, help="the cluster's dashboard URL (default: $RAY_ADDRESS)")
     p.add_argument("--runtime-env", help="YAML runtime env (e.g. cluster/runtime_env.yaml)")
@@ -72,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--cluster", required=True, help="launcher YAML or KubeRay manifest")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in dataset as JSONL")
     synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
@@ -89,7 +106,110 @@ def build_parser() -> argparse.ArgumentParser:
     fly.add_argument("--url", default="http://127.0.0.1:8000")
     fly.add_argument("--out", required=True)
     fly.add_argument("--admin-key-env", default="DISTILL_ADMIN_KEY")
-    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+# each returns the exit code
+
+
+def _data(args) -> int:
+    if args.data_command == "from-serve":
+        from serve.flywheel import export_prompts
+
+        export_prompts(args.url, args.out, args.admin_key_env)
+    elif args.by_teacher:
+        from distill.synthesis import synthesize
+
+        synthesize(load_config(args.config, args.overrides), args.out, args.n)
+    else:
+        from distill.synth import synth_rows, write_jsonl
+
+        count = write_jsonl(synth_rows(args.task, args.n or 600, args.seed, args.bank), args.out)
+        print(f"wrote {count} {args.task} rows to {args.out}")
+    return 0
+
+
+def _ab_report(args) -> int:
+    from serve.report import ab_report
+
+    ab_report(args.url, args.out, args.admin_key_env)
+    return 0
+
+
+def _serve(args) -> int:
+    from serve.app import load_target, serve_forever
+
+    serve_forever(load_target(args.target, args.overrides))
+    return 0
+
+
+def _submit(args) -> int:
+    from distill.submit import submit
+
+    job = argparse.ArgumentParser(prog="distill submit [options]")
+    job.add_argument("stage", choices=[*STAGE_COMMANDS, "run", "config"])
+    job.add_argument("--config", "-c")
+    job.add_argument("overrides", nargs="*", metavar="key=value")
+    job_args = job.parse_intermixed_args(args.job)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("--address is required (the dashboard URL, e.g. http://HEAD:8265) or set RAY_ADDRESS")
+    load_config(job_args.config, job_args.overrides)  # a bad config fails here, not on the cluster
+    return submit(address, job_args.stage, job_args.config, job_args.overrides, args.runtime_env,
+                  args.working_dir, wait=not args.no_wait)
+
+
+def _check_cluster(args) -> int:
+    from distill.cluster import check_resources, node_types
+
+    problems = check_resources(load_config(args.config, args.overrides), node_types(args.cluster))
+    for problem in problems:
+        print(f"does not fit: {problem}", file=sys.stderr)
+    print(f"{args.config} {'does not fit' if problems else 'fits'} {args.cluster}")
+    return 1 if problems else 0
+
+
+def _tune(args) -> int:
+    from distill.rundir import RunDir
+    from distill.tune import tune
+
+    cfg = load_config(args.config, args.overrides)
+    tune(cfg, RunDir(cfg), args.candidates, args.limit, args.write)
+    return 0
+
+
+def _config(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # validated also when only explaining
+    if args.explain is not None:
+        from distill.config.explain import explain
+
+        print(explain(args.explain or None), end="")
+    else:
+        print(dump_config(cfg), end="")
+    return 0
+
+
+def _run(args) -> int:
+    from distill.pipeline import run
+
+    force = args.force
+    if isinstance(force, str) and "=" in force:  # `--force key=value`: an override, not stages
+        args.overrides.insert(0, force)
+        force = True
+    run(load_config(args.config, args.overrides), force=force, cfg_path=args.config)
+    return 0
+
+
+def _stage(args) -> int:
+    from distill.stages import run_stage
+
+    run_stage(args.command, load_config(args.config, args.overrides), force=args.force, cfg_path=args.config)
+    return 0
+
+
+COMMANDS = {"data": _data, "ab-report": _ab_report, "serve": _serve, "submit": _submit,
+            "check-cluster": _check_cluster, "tune": _tune, "config": _config, "run": _run,
+            **dict.fromkeys(STAGE_COMMANDS, _stage)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,85 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose():
         quiet_process()
     try:
-        if args.command == "data" and args.data_command == "from-serve":
-            from serve.flywheel import export_prompts
-
-            export_prompts(args.url, args.out, args.admin_key_env)
-            return 0
-        if args.command == "data" and args.by_teacher:
-            from distill.synthesis import synthesize
-
-            synthesize(load_config(args.config, args.overrides), args.out, args.n)
-            return 0
-        if args.command == "data":
-            from distill.synth import synth_rows, write_jsonl
-
-            count = write_jsonl(synth_rows(args.task, args.n or 600, args.seed, args.bank), args.out)
-            print(f"wrote {count} {args.task} rows to {args.out}")
-            return 0
-        if args.command == "ab-report":
-            from serve.report import ab_report
-
-            ab_report(args.url, args.out, args.admin_key_env)
-            return 0
-        if args.command == "serve":
-            from serve.app import load_target, serve_forever
-
-            serve_forever(load_target(args.target, args.overrides))
-            return 0
-        if args.command == "submit":
-            from distill.submit import submit
-
-            job = argparse.ArgumentParser(prog="distill submit [options]")
-            job.add_argument("stage", choices=[*STAGE_COMMANDS, "run", "config"])
-            job.add_argument("--config", "-c")
-            job.add_argument("overrides", nargs="*", metavar="key=value")
-            job_args = job.parse_intermixed_args(args.job)
-
-            address = args.address or os.environ.get("RAY_ADDRESS")
-            if not address:
-                raise UserError("--address is required (the dashboard URL, e.g. http://HEAD:8265) "
-                                 "or set RAY_ADDRESS")
-            load_config(job_args.config, job_args.overrides)  # a bad config fails here, not on the cluster
-            return submit(address, job_args.stage, job_args.config, job_args.overrides, args.runtime_env,
-                          args.working_dir, wait=not args.no_wait)
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "check-cluster":
-            from distill.cluster import check_resources, node_types
-
-            problems = check_resources(cfg, node_types(args.cluster))
-            for problem in problems:
-                print(f"does not fit: {problem}", file=sys.stderr)
-            print(f"{args.config} {'does not fit' if problems else 'fits'} {args.cluster}")
-            return 1 if problems else 0
-        if args.command == "tune":
-            from distill.rundir import RunDir
-            from distill.tune import tune
-
-            tune(cfg, RunDir(cfg), args.candidates, args.limit, args.write)
-            return 0
-        if args.command == "config":
-            if args.explain is not None:
-                from distill.config.explain import explain
-
-                print(explain(args.explain or None), end="")
-            else:
-                print(dump_config(cfg), end="")
-            return 0
-        if args.command == "run":
-            from distill.pipeline import run
-
-            force = args.force
-            if isinstance(force, str) and "=" in force:  # `--force key=value`: an override, not stages
-                args.overrides.insert(0, force)
-                force = True
-                cfg = load_config(args.config, args.overrides)
-            run(cfg, force=force, cfg_path=args.config)
-            return 0
-        from distill.stages import run_stage
-
-        run_stage(args.command, cfg, force=args.force, cfg_path=args.config)
-        return 0
+        return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

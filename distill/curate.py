@@ -246,6 +246,21 @@ def _progress(label: str):
     return lambda done, total: print(f"[curate] {label}: {done}/{total} parts", flush=True)
 
 
+def _gate(table: dict[str, Any], min_kept_ratio: float, rd: RunDir) -> None:
+    """Stop (and remove the curated parts) when too few prompts kept a response."""
+    if table["kept_ratio"] >= min_kept_ratio:
+        return
+    for part in rd.curated.list_files(".parquet"):
+        rd.curated.fs.delete_file(part)
+    raise CurationGateError(
+        f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
+        f"{min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
+        "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
+        "samples with generation.sampling.n and a temperature for wrong answers), switch off "
+        "a rule, or lower curation.min_kept_ratio."
+    )
+
+
 def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     import ray
 
@@ -293,16 +308,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
               "the answer check" + (" and relabelling were" if c.relabel_wrong else " was") + " skipped for them")
     print(format_table(table))
     rd.curated.join("_table.json").write_json(table)
-    if table["kept_ratio"] < c.min_kept_ratio:
-        for part in rd.curated.list_files(".parquet"):
-            rd.curated.fs.delete_file(part)
-        raise CurationGateError(
-            f"only {table['kept_ratio']:.1%} of prompts kept a response; curation.min_kept_ratio is "
-            f"{c.min_kept_ratio:.0%}. See the table above ({rd.curated.uri}/_table.json): "
-            "fix the cause (e.g. a larger generation.sampling.max_tokens for truncation, more "
-            "samples with generation.sampling.n and a temperature for wrong answers), switch off "
-            "a rule, or lower curation.min_kept_ratio."
-        )
+    _gate(table, c.min_kept_ratio, rd)
     print(f"[curate] kept {table['kept']} of {total.responses} responses ({total.trimmed} trimmed after "
           f"their answer) -> {rd.curated.uri}")
     return {"rows": table["kept"], "table": table, "text_only": total.text_only,
