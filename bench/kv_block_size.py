@@ -41,8 +41,8 @@ def one_size(block_size: int, out: str) -> None:
     rows = [r for rows in eval_sets(cfg, RunDir(cfg)).values() for r in rows]
     engine = cfg.teacher.engine.model_copy(update={"block_size": block_size})
     os.environ.update(engine_env(engine))
-    worker = EvalWorker(cfg.teacher.path, engine.model_dump())
-    result = worker.run(rows, cfg.evaluation.sampling.model_dump(), latency_requests=4)
+    worker = EvalWorker(cfg.teacher.path, engine)
+    result = worker.run(rows, cfg.evaluation.sampling, latency_requests=4)
     Path(out).write_text(json.dumps({"block_size": block_size, "prompts": len(rows), **result}))
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from distill import schema as S
+from distill.config import EndpointTeacher, SamplingConfig
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's server with return_tokens_as_token_ids
@@ -91,16 +92,16 @@ class Limiter:
         return dict(self.counts)
 
 
-def request_body(cfg: dict[str, Any], row: dict[str, Any], sampling: dict[str, Any], top_k: int,
+def request_body(model: str, row: dict[str, Any], sampling: SamplingConfig, top_k: int,
                  token_ids: bool, context=None) -> dict[str, Any]:
     """The chat request for a prompt row (with the teacher's `context` around the prompt)."""
     from distill.engine import request_seed
 
     messages = context.apply(row[S.MESSAGES]) if context else list(row[S.MESSAGES])
-    body = {"model": cfg["model"], "messages": messages, "temperature": sampling["temperature"],
-            "top_p": sampling["top_p"], "max_tokens": sampling["max_tokens"], "n": sampling["n"]}
-    if sampling["temperature"] > 0:
-        body["seed"] = request_seed(row[S.ID], sampling["seed"])
+    body = {"model": model, "messages": messages, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "n": sampling.n}
+    if sampling.temperature > 0:
+        body["seed"] = request_seed(row[S.ID], sampling.seed)
     if top_k > 0:
         body.update(logprobs=True, top_logprobs=top_k)
         if token_ids:
@@ -157,7 +158,7 @@ class EndpointWorker:
     """Ray Data UDF: sends a block's prompts to the endpoint (bounded by the job's limiter),
     writes teacher-schema parts of whole prompts, returns a summary row per part."""
 
-    def __init__(self, teacher: dict, sampling: dict, top_k: int, token_ids: bool, logprob_dtype: str,
+    def __init__(self, teacher: EndpointTeacher, sampling: SamplingConfig, top_k: int, token_ids: bool, logprob_dtype: str,
                  out_uri: str, prompts_per_part: int, limiter, context=None):
         import httpx
 
@@ -166,22 +167,22 @@ class EndpointWorker:
         self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part, self.limiter = out_uri, prompts_per_part, limiter
         headers = {}
-        if teacher.get("api_key_env"):
-            key = os.environ.get(teacher["api_key_env"])
+        if teacher.api_key_env:
+            key = os.environ.get(teacher.api_key_env)
             if not key:
-                raise RuntimeError(f"teacher.api_key_env: {teacher['api_key_env']} is not set on this worker node")
+                raise RuntimeError(f"teacher.api_key_env: {teacher.api_key_env} is not set on this worker node")
             headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(base_url=teacher["base_url"].rstrip("/"), headers=headers,
-                                        timeout=teacher["timeout_s"],
-                                        limits=httpx.Limits(max_connections=teacher["max_concurrency"]))
+        self.client = httpx.AsyncClient(base_url=teacher.base_url.rstrip("/"), headers=headers,
+                                        timeout=teacher.timeout_s,
+                                        limits=httpx.Limits(max_connections=teacher.max_concurrency))
 
     async def _one(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         import httpx
 
-        body = request_body(self.cfg, row, self.sampling, self.top_k, self.token_ids, self.context)
-        estimate = sum(len(m["content"]) // 4 for m in body["messages"]) + self.sampling["max_tokens"] * self.sampling["n"]
+        body = request_body(self.cfg.model, row, self.sampling, self.top_k, self.token_ids, self.context)
+        estimate = sum(len(m["content"]) // 4 for m in body["messages"]) + self.sampling.max_tokens * self.sampling.n
         error = "no attempt"
-        for attempt in range(self.cfg["max_retries"] + 1):
+        for attempt in range(self.cfg.max_retries + 1):
             await self.limiter.acquire.remote(estimate)
             status, retry_after, answer = None, None, None
             try:
@@ -195,17 +196,17 @@ class EndpointWorker:
                 error = f"{type(e).__name__}: {e}"[:300]
             usage = (answer or {}).get("usage") or {}
             final = answer is not None or (status is not None and status not in RETRYABLE) \
-                or attempt == self.cfg["max_retries"]
+                or attempt == self.cfg.max_retries
             await self.limiter.release.remote(attempt, final and answer is None, usage.get("prompt_tokens", 0),
                                               usage.get("completion_tokens", 0))
             if answer is not None:
-                return choice_rows(row, answer, self.sampling["n"], self.top_k)
+                return choice_rows(row, answer, self.sampling.n, self.top_k)
             if final:
                 break
             await asyncio.sleep(backoff_s(attempt, retry_after))
         from distill.engine import error_rows
 
-        return error_rows(row, error, self.sampling["n"])
+        return error_rows(row, error, self.sampling.n)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         from distill.teacher_workers import write_parts
@@ -254,7 +255,7 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     ds = blocks_dataset(prompts, bs).map_batches(
         EndpointWorker, batch_size=bs, batch_format="pyarrow", num_cpus=0.1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        fn_constructor_kwargs=dict(teacher=t.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
+        fn_constructor_kwargs=dict(teacher=t, sampling=sampling, top_k=top_k,
                                    token_ids=endpoint_token_ids(cfg), logprob_dtype=gen.logprob_dtype,
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
                                    limiter=limiter, context=teacher_context(t)))
@@ -264,7 +265,7 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     return counts
 
 
-def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: dict[str, Any], latency_requests: int,
+def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: SamplingConfig, latency_requests: int,
                      context=None) -> dict[str, Any]:
     """Evaluation of an endpoint teacher: its answers to every evaluation prompt (through the
     job's limits and retries), then latency one request at a time; the same figures as
@@ -275,8 +276,8 @@ def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: dict[str, Any], 
     t = cfg.teacher
     limiter = ray.remote(Limiter).options(num_cpus=0).remote(t.max_concurrency, t.requests_per_minute,
                                                               t.tokens_per_minute)
-    sampling = {**sampling, "n": 1}
-    worker = EndpointWorker(t.model_dump(), sampling, 0, False, cfg.generation.logprob_dtype, "", 1, limiter,
+    sampling = sampling.model_copy(update={"n": 1})
+    worker = EndpointWorker(t, sampling, 0, False, cfg.generation.logprob_dtype, "", 1, limiter,
                             context)
 
     async def measure():  # one event loop for the whole measurement: the client's connections live in it

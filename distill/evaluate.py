@@ -37,17 +37,17 @@ class DistillationGateError(DistillError, RuntimeError):
 class EvalWorker:
     """Holds one model's engine and measures it (a Ray actor in `evaluate`)."""
 
-    def __init__(self, model: str, engine: dict):
+    def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
         from distill.models import resolve_model
 
-        self.engine = EngineConfig(**engine)
+        self.engine = engine
         self.path = resolve_model(model)  # a model on object storage is fetched to this node
         start = time.time()
         self.llm = make_llm(self.path, self.engine)
         self.load_s = time.time() - start
 
-    def run(self, rows: list[dict], sampling: dict, latency_requests: int, context=None) -> dict[str, Any]:
+    def run(self, rows: list[dict], sampling: SamplingConfig, latency_requests: int, context=None) -> dict[str, Any]:
         """Answers to every row (one batch), then latency and time to first token on the first
         `latency_requests` rows one at a time; `context`: the teacher's, around each prompt."""
         import numpy as np
@@ -55,7 +55,7 @@ class EvalWorker:
         from distill.engine import generate_rows
         from distill.models import parameter_count
 
-        sp = SamplingConfig(**sampling)
+        sp = sampling
         start = time.time()
         out = generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len, context=context)
         batch_s = time.time() - start
@@ -163,7 +163,7 @@ def eval_actor(cfg: RunConfig, name: str, path: str):
     gpus = (pool.num_gpus if pool else 0) if teacher else (1 if cfg.training.use_gpu else 0)
     return ray.remote(EvalWorker).options(
         num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": engine_env(engine)}
-    ).remote(path, engine.model_dump())
+    ).remote(path, engine)
 
 
 def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict], context) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict], context) ->
 
     actor = eval_actor(cfg, name, path)
     try:
-        return ray.get(actor.run.remote(rows, cfg.evaluation.sampling.model_dump(),
+        return ray.get(actor.run.remote(rows, cfg.evaluation.sampling,
                                         cfg.evaluation.latency_requests, context))
     finally:
         ray.kill(actor)
@@ -207,7 +207,7 @@ def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         if name.startswith("teacher") and cfg.teacher.kind == "endpoint" and cfg.teacher.path is None:
             from distill.endpoint import measure_endpoint
 
-            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling.model_dump(), cfg.evaluation.latency_requests,
+            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling, cfg.evaluation.latency_requests,
                                         with_context)
         else:
             measured = _measure(cfg, name, path, rows, with_context)

@@ -36,11 +36,11 @@ def _reload(worker, weights: list[tuple[str, Any]]) -> int:
 class StudentSampler:
     """vLLM holding the current student; every rollout carries the weight version that wrote it."""
 
-    def __init__(self, model: str, engine: dict):
+    def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
         from distill.models import resolve_model
 
-        self.engine = EngineConfig(**engine)
+        self.engine = engine
         self.llm = make_llm(resolve_model(model), self.engine)
         self.version = 0
 
@@ -68,11 +68,11 @@ class StudentSampler:
 class TeacherScorer:
     """vLLM holding the teacher, prefilling prompt + rollout to read its top-k at every position."""
 
-    def __init__(self, model: str, engine: dict):
+    def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
         from distill.models import resolve_model
 
-        self.llm = make_llm(resolve_model(model), EngineConfig(**engine))
+        self.llm = make_llm(resolve_model(model), engine)
 
     def score(self, sequences: list[list[int]], top_k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per sequence, (ids, logprobs) of shape [len * k] each: row j is the teacher's top-k for
@@ -102,6 +102,6 @@ def start_actors(cfg: RunConfig, student_path: str):
     def actor(cls, engine: EngineConfig):
         return ray.remote(cls).options(num_cpus=0, num_gpus=gpu, runtime_env={"env_vars": engine_env(engine)})
 
-    sampler = actor(StudentSampler, cfg.student.engine).remote(student_path, cfg.student.engine.model_dump())
-    scorer = actor(TeacherScorer, cfg.teacher.engine).remote(cfg.teacher.path, cfg.teacher.engine.model_dump())
+    sampler = actor(StudentSampler, cfg.student.engine).remote(student_path, cfg.student.engine)
+    scorer = actor(TeacherScorer, cfg.teacher.engine).remote(cfg.teacher.path, cfg.teacher.engine)
     return sampler, scorer

@@ -271,7 +271,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
         num_gpus=teacher.pool.num_gpus or None,
         runtime_env={"env_vars": engine_env(teacher.engine)},
         fn_constructor_kwargs=dict(
-            model=teacher.path, engine=teacher.engine.model_dump(), sampling=sampling.model_dump(), top_k=top_k,
+            model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
             blocks_in_flight=in_flight, context=teacher_context(teacher),
         ),

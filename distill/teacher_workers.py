@@ -85,12 +85,11 @@ class TeacherWorker:
     """One `vllm.LLM`; called by Ray Data with a pyarrow batch of prompt rows, a block at a time.
     Writes its own output parts and returns a summary row per part."""
 
-    def __init__(self, model: str, engine: dict, sampling: dict, top_k: int, logprob_dtype: str,
+    def __init__(self, model: str, engine: EngineConfig, sampling: SamplingConfig, top_k: int, logprob_dtype: str,
                  out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1, context=None):
         self.blocks_in_flight = blocks_in_flight
         self.context = context  # a chat.TeacherContext: around each prompt, for the engine only
-        self.engine = EngineConfig(**engine)
-        self.sampling = SamplingConfig(**sampling)
+        self.engine, self.sampling = engine, sampling
         self.top_k = top_k
         self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part = out_uri, prompts_per_part

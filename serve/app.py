@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import EngineConfig, ReplicaConfig, RunConfig, ServingConfig, load_config
+from distill.config import EngineConfig, ReplicaConfig, RunConfig, ServingConfig, TaskConfig, load_config
 from distill.errors import MissingInput, UserError
 
 APP_NAME = "distill"
@@ -83,7 +83,7 @@ def vllm_model(path: str, engine: EngineConfig, replica: ReplicaConfig) -> Hoste
     """A model served by vLLM; its process environment (threads, binding) is set at start."""
     from distill.engine import engine_env
 
-    return HostedModel({"kind": "vllm", "model": path, "engine": engine.model_dump()}, replica, engine_env(engine))
+    return HostedModel({"kind": "vllm", "model": path, "engine": engine}, replica, engine_env(engine))
 
 
 def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str
 
 
 def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: str | None = None,
-              admin_key: str | None = None, task: dict[str, Any] | None = None):
+              admin_key: str | None = None, task: TaskConfig | None = None):
     """The Serve application: a ModelServer deployment per model, the ledger, the ingress."""
     from ray import serve as ray_serve
 
@@ -124,19 +124,18 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
         handles, ledger, serving.user_header, key_hash(api_key) if api_key else None,
         key_hash(admin_key) if admin_key else None,
         admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
-        max_body_bytes=serving.max_body_bytes, shadow=serving.shadow.model_dump(), task=task,
+        max_body_bytes=serving.max_body_bytes, shadow=serving.shadow, task=task,
         record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task))
 
 
-def task_prompt(serving: ServingConfig, task: dict[str, Any] | None) -> str | None:
+def task_prompt(serving: ServingConfig, task: TaskConfig | None) -> str | None:
     """The system prompt a chat request without one gets (`serving.apply_task_prompt`): the task's,
     as `prepare` put it before every prompt the student learnt from and was evaluated on."""
     if not serving.apply_task_prompt or task is None:
         return None
-    from distill.config import TaskConfig
     from distill.tasks import task_from_config
 
-    return task_from_config(TaskConfig(**task)).system_prompt() or None
+    return task_from_config(task).system_prompt() or None
 
 
 def is_loopback(host: str) -> bool:
@@ -164,7 +163,7 @@ def keys_from_env(serving: ServingConfig) -> tuple[str | None, str | None]:
 def builder(args: dict[str, str]):
     """Application builder for `serve run serve.app:builder config=...` and KubeRay's RayService."""
     cfg = load_config(args.get("config"), [f"{k}={v}" for k, v in args.items() if k != "config"])
-    return build_app(hosted_models(cfg), cfg.serving, *keys_from_env(cfg.serving), task=cfg.task.model_dump())
+    return build_app(hosted_models(cfg), cfg.serving, *keys_from_env(cfg.serving), task=cfg.task)
 
 
 def load_target(target: str, overrides: list[str]) -> RunConfig:
@@ -196,7 +195,7 @@ def serve_forever(cfg: RunConfig) -> None:
     models = hosted_models(cfg)
     connect(cfg.ray)
     print(f"[serve] starting {', '.join(models)} (engine start takes a while on the CPU)", flush=True)
-    url = start(build_app(models, cfg.serving, api_key, admin_key, cfg.task.model_dump()), cfg.serving)
+    url = start(build_app(models, cfg.serving, api_key, admin_key, cfg.task), cfg.serving)
     auth = f' -H "Authorization: Bearer ${cfg.serving.api_key_env}"' if api_key else ""
     shadow = cfg.serving.shadow
     print(f"[serve] ready at {url}/v1  models: {', '.join(models)}, ab {cfg.serving.ab_weights}"

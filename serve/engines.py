@@ -13,6 +13,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
+from distill.config import EngineConfig
+
 
 @dataclass
 class TokenLogprob:
@@ -47,12 +49,11 @@ class Engine(Protocol):
 class VllmEngine:
     """vLLM's AsyncLLM in the replica process; its engine core runs in a child process."""
 
-    def __init__(self, model: str, engine: dict[str, Any]):
-        from distill.config import EngineConfig
+    def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_async_llm, resolve_device
         from distill.models import resolve_model
 
-        cfg = EngineConfig(**engine)
+        cfg = engine
         model = resolve_model(model)  # a model on object storage is fetched to this node
         self.max_model_len = cfg.max_model_len
         # vLLM 0.32's CPU sampler fails on seeded requests whose prefill is chunked
@@ -166,11 +167,11 @@ class FakeEngine:
 
 
 def make_engine(spec: dict[str, Any]) -> Engine:
-    """spec: {"kind": "vllm", "model": path, "engine": EngineConfig fields} or {"kind": "fake", ...}."""
+    """spec: {"kind": "vllm", "model": path, "engine": an EngineConfig} or {"kind": "fake", ...}."""
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind == "vllm":
-        return VllmEngine(spec["model"], spec.get("engine", {}))
+        return VllmEngine(spec["model"], spec.get("engine") or EngineConfig())
     if kind == "fake":
         return FakeEngine(**spec)
     raise ValueError(f"unknown engine kind {kind!r} (vllm or fake)")

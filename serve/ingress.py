@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from distill.config import ShadowConfig, TaskConfig
 from serve.body import parse
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate, error_body, validation_message
 from serve.responses import Chunks, ClosingStreamingResponse, response_body
@@ -76,7 +77,7 @@ class Ingress:
     def __init__(self, models: dict[str, Any], ledger: Any, user_header: str = "x-user-id",
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
-                 shadow: dict[str, Any] | None = None, task: dict[str, Any] | None = None,
+                 shadow: ShadowConfig | None = None, task: TaskConfig | None = None,
                  record_prompts: bool = False, system_prompt: str | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
@@ -85,7 +86,7 @@ class Ingress:
         self.models, self.ledger = models, ledger
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
-        self.shadow = Shadow(shadow or {"fraction": 0.0, "to": "teacher", "max_in_flight": 1}, task, record_prompts)
+        self.shadow = Shadow(shadow or ShadowConfig(), task, record_prompts)
         self.system_prompt = system_prompt
         self._weights: dict[str, float] = {}
         self._weights_at = 0.0

@@ -16,16 +16,17 @@ import random
 import uuid
 from typing import Any
 
+from distill.config import ShadowConfig, TaskConfig
+
 log = logging.getLogger("ray.serve")
 
 
 class Shadow:
-    def __init__(self, shadow: dict[str, Any], task: dict[str, Any] | None, record_prompts: bool):
-        from distill.config import TaskConfig
+    def __init__(self, shadow: ShadowConfig, task: TaskConfig | None, record_prompts: bool):
         from distill.tasks import task_from_config
 
-        self.fraction, self.to, self.max_in_flight = shadow["fraction"], shadow["to"], shadow["max_in_flight"]
-        self.task = task_from_config(TaskConfig(**task)) if task else None
+        self.fraction, self.to, self.max_in_flight = shadow.fraction, shadow.to, shadow.max_in_flight
+        self.task = task_from_config(task) if task else None
         self.record_prompts = record_prompts
         self.in_flight = 0
         self._tasks: set[asyncio.Task] = set()

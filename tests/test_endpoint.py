@@ -24,18 +24,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from distill.config import SamplingConfig
 from distill.endpoint import Limiter, backoff_s, choice_rows, request_body
 
 ROW = {"id": "p1", "split": "train", "task": "nli", "reference": "positive",
        "messages": [{"role": "user", "content": "Review: great. Sentiment?"}]}
-SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "n": 1, "seed": 0}
+SAMPLING = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=8, n=1, seed=0)
 
 
 def test_request_body_asks_for_logprobs_and_token_ids_when_they_can_be_used():
-    body = request_body({"model": "m"}, ROW, SAMPLING, 5, token_ids=True)
+    body = request_body("m", ROW, SAMPLING, 5, token_ids=True)
     assert body["messages"] == ROW["messages"] and body["max_tokens"] == 8 and "seed" not in body
     assert (body["logprobs"], body["top_logprobs"], body["return_tokens_as_token_ids"]) == (True, 5, True)
-    plain = request_body({"model": "m"}, ROW, {**SAMPLING, "temperature": 0.7}, 0, token_ids=False)
+    plain = request_body("m", ROW, SAMPLING.model_copy(update={"temperature": 0.7}), 0, token_ids=False)
     assert "logprobs" not in plain and isinstance(plain["seed"], int)
 
 

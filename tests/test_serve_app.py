@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from conftest import free_port
+from distill.config import TaskConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 KEY = "test-key-123"
@@ -45,7 +46,7 @@ def app(ray_cluster):
     # test, with real engines, is in test_serve_real)
     serving = ServingConfig(port=free_port(), shadow={"fraction": 1.0, "to": "teacher", "max_in_flight": 8},
                             record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False)
-    task = {"type": "nli", "labels": ["ok", "fine"]}  # the fake teacher answers "ok ...", the student "fine ..."
+    task = TaskConfig(type="nli", labels=["ok", "fine"])  # the fake teacher answers "ok ...", the student "fine ..."
     url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
     yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
     ray_serve.shutdown()

@@ -61,7 +61,7 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         assert len(binds) == 2
     shm_before = set(os.listdir("/dev/shm"))
     try:
-        url = start(build_app(models, cfg.serving, task=cfg.task.model_dump()), cfg.serving)
+        url = start(build_app(models, cfg.serving, task=cfg.task), cfg.serving)
         running = serving_processes()
         assert len(running) >= 2
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import ConfigError, EngineConfig, load_config
+from distill.config import ConfigError, EngineConfig, ShadowConfig, TaskConfig, load_config
 from serve.app import split_cpu_binds
 from serve.ledger import Ledger
 from serve.protocol import ChatRequest
@@ -185,7 +185,7 @@ def test_shadow_agreement_is_recorded_with_its_interval_and_verdict():
 def test_shadow_agreement_uses_the_task_metric():
     from serve.shadow import Shadow
 
-    shadow = Shadow({"fraction": 1.0, "to": "teacher", "max_in_flight": 2}, {"type": "nli", "labels": ["positive", "negative"]},
+    shadow = Shadow(ShadowConfig(fraction=1.0, max_in_flight=2), TaskConfig(type="nli", labels=["positive", "negative"]),
                     record_prompts=False)
     assert shadow.agreement("The review is positive.", "Positive") == 1.0
     assert shadow.agreement("It is negative.", "The sentiment is positive.") == 0.0
@@ -235,14 +235,14 @@ def test_a_chat_without_a_system_message_gets_the_task_prompt_it_was_trained_wit
     from serve.ingress import with_task_prompt
 
     cfg = load_config("configs/default.yaml", [])
-    system = task_prompt(cfg.serving, cfg.task.model_dump())
+    system = task_prompt(cfg.serving, cfg.task)
     assert system == cfg.task.system_prompt
     user = [{"role": "user", "content": "Review: loved it. Sentiment?"}]
     assert with_task_prompt(user, system) == ([{"role": "system", "content": system}, *user], "applied")
     own = [{"role": "system", "content": "Be terse."}, *user]
     assert with_task_prompt(own, system) == (own, "request")  # a request's own system message wins
     off = load_config("configs/default.yaml", ["serving.apply_task_prompt=false"])
-    assert task_prompt(off.serving, off.task.model_dump()) is None and with_task_prompt(user, None) == (user, "off")
+    assert task_prompt(off.serving, off.task) is None and with_task_prompt(user, None) == (user, "off")
 
 
 def test_backpressure_is_found_through_wrapped_causes():

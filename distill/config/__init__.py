@@ -10,12 +10,12 @@ from distill.config.loading import (ConfigError, dump_config, format_validation_
 from distill.config.models import (ActorPool, CurationConfig, DataConfig, DerivedStudent, EndpointTeacher, EngineConfig,
                                    EvalSet, EvaluationConfig, GenerationConfig, KDLossConfig, LoraConfig,
                                    PrecomputedTeacher, PretrainedStudent, RayConfig, ReplicaConfig, RunConfig,
-                                   SamplingConfig, ServingConfig, SplitConfig, SynthesisConfig, SynthSource, TaskConfig,
-                                   TrainingConfig, VllmTeacher)
+                                   SamplingConfig, ServingConfig, ShadowConfig, SplitConfig, SynthesisConfig, SynthSource,
+                                   TaskConfig, TrainingConfig, VllmTeacher)
 
 __all__ = ["ActorPool", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EndpointTeacher", "EngineConfig",
            "EvalSet", "EvaluationConfig", "GenerationConfig", "KDLossConfig", "LoraConfig",
            "PrecomputedTeacher", "PretrainedStudent", "RayConfig", "ReplicaConfig", "RunConfig",
-           "SamplingConfig", "ServingConfig", "SplitConfig", "SynthesisConfig", "SynthSource", "TaskConfig", "TrainingConfig",
+           "SamplingConfig", "ServingConfig", "ShadowConfig", "SplitConfig", "SynthesisConfig", "SynthSource", "TaskConfig", "TrainingConfig",
            "VllmTeacher", "dump_config", "format_validation_error", "load_config", "parse_overrides",
            "read_yaml"]
