@@ -80,3 +80,42 @@ def test_runtime_env_file_keeps_local_state_out_of_the_upload(monkeypatch):
     monkeypatch.setenv("DISTILL_VERBOSE", "1")
     assert "worker_process_setup_hook" not in runtime_env(None, ".")
     assert entrypoint("run", "c.yaml", ["a.b=1 2"]) == "python -m distill.cli run --config c.yaml 'a.b=1 2'"
+
+
+class FakeJobClient:
+    """Ray's JobSubmissionClient as `check_dependencies` uses it: the job runs the preflight
+    entrypoint here, with this interpreter, as the cluster's Python would."""
+
+    def __init__(self, python_path: str | None = None):
+        self.python_path, self.logs, self.code = python_path, "", None
+
+    def submit_job(self, entrypoint, runtime_env, metadata):
+        import shlex
+        import subprocess
+        import sys
+
+        argv = shlex.split(entrypoint)
+        assert argv[0] == "python" and metadata["stage"] == "preflight"
+        env = {"PYTHONPATH": self.python_path or "", "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-S" if self.python_path == "" else "-E", *argv[1:]],
+                              capture_output=True, text=True, env=env, cwd=str(ROOT))
+        self.logs, self.code = done.stdout + done.stderr, done.returncode
+        return "job-1"
+
+    def get_job_status(self, job_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(value="SUCCEEDED" if self.code == 0 else "FAILED")
+
+    def get_job_logs(self, job_id):
+        return self.logs
+
+
+def test_submit_checks_the_clusters_python_before_the_job():
+    from distill.errors import UserError
+    from distill.submit import check_dependencies
+
+    check_dependencies(FakeJobClient(), {}, "http://head:8265")  # this environment has everything
+    # a Python without the project's site-packages: the job would fail deep inside; the check names the fix
+    with pytest.raises(UserError, match=r"cannot import .*pyarrow.*ray start --head"):
+        check_dependencies(FakeJobClient(python_path=""), {}, "http://head:8265")
