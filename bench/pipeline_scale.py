@@ -132,13 +132,15 @@ def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_
            "--student", student, "--max-steps", str(max_steps), "--result", out]
     watcher = WorkerPeaks()
     watcher.start()
-    start, first_step, tail = time.time(), None, []
+    start, first_step, fit_start, tail = time.time(), None, None, []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         tail = (tail + [line])[-40:]
         if first_step is None and "[train] step 1/" in line:
             first_step = round(time.time() - start, 1)
+        if fit_start is None and line.startswith("[train] ") and "-level KD:" in line:
+            fit_start = round(time.time() - start, 1)  # the driver has planned the data: the trainer starts
     proc.wait()
     watcher.stop.set()
     if proc.returncode or not os.path.exists(out):
@@ -146,7 +148,8 @@ def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_
     with open(out) as f:  # a file: other processes' output shares the stdout lines
         result = json.load(f)
     if stage == "train":
-        result.update(first_step_s=first_step, worker_peak_mb=max(watcher.peaks.values(), default=None))
+        result.update(fit_start_s=fit_start, first_step_s=first_step,
+                      worker_peak_mb=max(watcher.peaks.values(), default=None))
     return result
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from distill import schema as S
 from distill.config import EndpointTeacher, SamplingConfig
+from distill.tokenizers import TokenizerStamp
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's server with return_tokens_as_token_ids
@@ -159,10 +160,11 @@ class EndpointWorker:
     writes teacher-schema parts of whole prompts, returns a summary row per part."""
 
     def __init__(self, teacher: EndpointTeacher, sampling: SamplingConfig, top_k: int, token_ids: bool, logprob_dtype: str,
-                 out_uri: str, prompts_per_part: int, limiter, context=None):
+                 out_uri: str, prompts_per_part: int, limiter, context=None, stamp: TokenizerStamp | None = None):
         import httpx
 
         self.context = context  # a chat.TeacherContext, around each prompt
+        self.stamp = stamp  # the tokenizer of the rows' ids (None: text only)
         self.cfg, self.sampling, self.top_k, self.token_ids = teacher, sampling, top_k, token_ids
         self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part, self.limiter = out_uri, prompts_per_part, limiter
@@ -213,7 +215,7 @@ class EndpointWorker:
 
         per_prompt = await asyncio.gather(*(self._one(r) for r in batch.to_pylist()))
         return write_parts([r for rows in per_prompt for r in rows], self.logprob_dtype, self.out_uri,
-                           self.prompts_per_part)
+                           self.prompts_per_part, self.stamp)
 
 
 def endpoint_token_ids(cfg) -> bool:
@@ -223,7 +225,7 @@ def endpoint_token_ids(cfg) -> bool:
     from transformers import AutoTokenizer
 
     from distill.models import resolve_model
-    from distill.train_data import same_tokenizer
+    from distill.tokenizers import same_tokenizer
 
     student = cfg.student.path if cfg.student.kind == "pretrained" else cfg.teacher.path
     if student is None:
@@ -252,13 +254,15 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     # enough prompts per block to keep max_concurrency requests in flight from few actors
     bs = max(gen.batch_size, t.max_concurrency)
     actors = max(1, min(4, math.ceil(count / bs)))
+    token_ids = endpoint_token_ids(cfg)
     ds = blocks_dataset(prompts, bs).map_batches(
         EndpointWorker, batch_size=bs, batch_format="pyarrow", num_cpus=0.1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         fn_constructor_kwargs=dict(teacher=t, sampling=sampling, top_k=top_k,
-                                   token_ids=endpoint_token_ids(cfg), logprob_dtype=gen.logprob_dtype,
+                                   token_ids=token_ids, logprob_dtype=gen.logprob_dtype,
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
-                                   limiter=limiter, context=teacher_context(t)))
+                                   limiter=limiter, context=teacher_context(t),
+                                   stamp=TokenizerStamp.of(t.tokenizer) if token_ids else None))
     follow_parts(ds, count * sampling.n, f" from {t.base_url}")
     counts = ray.get(limiter.stats.remote())
     ray.kill(limiter)

@@ -37,6 +37,7 @@ from distill.progress import follow_parts
 from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir
 from distill.storage import hash64
+from distill.tokenizers import TokenizerStamp
 
 def _messages_key(messages) -> str:
     return json.dumps(messages, sort_keys=True)
@@ -273,7 +274,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
         fn_constructor_kwargs=dict(
             model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
-            blocks_in_flight=in_flight, context=teacher_context(teacher),
+            blocks_in_flight=in_flight, context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
         ),
     )
     follow_parts(ds, count * sampling.n)

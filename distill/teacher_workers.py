@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from distill import schema as S
 from distill.config import EngineConfig, SamplingConfig
 from distill.storage import locate
+from distill.tokenizers import TokenizerStamp
 
 PART_SUMMARY = pa.schema([("part", pa.string()), ("rows", pa.int64()), ("output_tokens", pa.int64())])
 
@@ -75,9 +76,12 @@ def write_prompt_parts(table: pa.Table, out_uri: str, prompts_per_part: int) -> 
     return written
 
 
-def write_parts(rows: list[dict[str, Any]], logprob_dtype: str, out_uri: str, prompts_per_part: int) -> pa.Table:
-    """A worker's generated rows -> its Parquet parts; returns their `PART_SUMMARY` rows."""
-    written = write_prompt_parts(teacher_table(rows, logprob_dtype), out_uri, prompts_per_part)
+def write_parts(rows: list[dict[str, Any]], logprob_dtype: str, out_uri: str, prompts_per_part: int,
+                stamp: TokenizerStamp | None = None) -> pa.Table:
+    """A worker's generated rows -> its Parquet parts, stamped with the tokenizer of their ids
+    (`distill.tokenizers`; None: text only); returns their `PART_SUMMARY` rows."""
+    table = teacher_table(rows, logprob_dtype)
+    written = write_prompt_parts(stamp.apply(table) if stamp else table, out_uri, prompts_per_part)
     return pa.Table.from_pylist([dict(zip(PART_SUMMARY.names, w)) for w in written], schema=PART_SUMMARY)
 
 
@@ -86,10 +90,12 @@ class TeacherWorker:
     Writes its own output parts and returns a summary row per part."""
 
     def __init__(self, model: str, engine: EngineConfig, sampling: SamplingConfig, top_k: int, logprob_dtype: str,
-                 out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1, context=None):
+                 out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1, context=None,
+                 stamp: TokenizerStamp | None = None):
         self.blocks_in_flight = blocks_in_flight
         self.context = context  # a chat.TeacherContext: around each prompt, for the engine only
         self.engine, self.sampling = engine, sampling
+        self.stamp = stamp  # the tokenizer of the rows' ids, written into every part
         self.top_k = top_k
         self.logprob_dtype = logprob_dtype
         self.out_uri, self.prompts_per_part = out_uri, prompts_per_part
@@ -107,7 +113,7 @@ class TeacherWorker:
         return None
 
     def write(self, rows: list[dict[str, Any]]) -> pa.Table:
-        return write_parts(rows, self.logprob_dtype, self.out_uri, self.prompts_per_part)
+        return write_parts(rows, self.logprob_dtype, self.out_uri, self.prompts_per_part, self.stamp)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distill.engine import generate_rows

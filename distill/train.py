@@ -29,6 +29,7 @@ from distill.hardware import fast_dtype
 from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
 from distill.storage import locate
+from distill.tokenizers import TokenizerStamp, matches, read_stamp
 
 FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
 
@@ -44,15 +45,15 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model, teacher_tokenizer
-    from distill.train_data import TokenizerMismatch, same_tokenizer
+    from distill.models import resolve_model
+    from distill.tokenizers import TokenizerMismatch, matches
 
     if cfg.training.method == "sequence":
         return "sequence"
     fallback = ("the fall-back is sequence-level KD on the teacher's text: set training.method=sequence, "
                 "or training.allow_sequence_fallback=true")
-    reference = teacher_tokenizer(cfg)
-    if reference is None or cfg.generation.top_k_logprobs == 0:
+    stamp = stored_tokenizer(cfg, rd, say=True)
+    if stamp is None or cfg.generation.top_k_logprobs == 0:
         raise TokenizerMismatch("training.method=logit needs stored teacher top-k (generation.top_k_logprobs > 0, "
                                 f"and a vllm teacher or an endpoint teacher with teacher.tokenizer); {fallback}")
     recorded = curate_stats(rd)
@@ -61,14 +62,13 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     else:  # curated by a version that did not record it: counted from the files
         curated = pads.dataset(rd.curated.list_files(".parquet"), filesystem=rd.curated.fs, format="parquet")
         text_only, rows = curated.count_rows(filter=pads.field(S.TOPK) == 0), curated.count_rows()
-    teacher_tok = AutoTokenizer.from_pretrained(resolve_model(reference))
     student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    if same_tokenizer(teacher_tok, student_tok) and not text_only:
+    if matches(stamp, student_tok) and not text_only:
         return "logit"
     message = (f"{text_only} of {rows} curated rows are text-only (the teacher returned no token ids "
                "and top-k), so logit-level KD cannot use them; " if text_only else
-               "the student's tokenizer differs from the teacher's, so the teacher's top-k logprobs do not "
-               "apply (logit-level KD); ") + fallback
+               f"the student's tokenizer differs from the teacher's ({stamp.name}, fingerprint "
+               f"{stamp.fingerprint}), so the teacher's top-k logprobs do not apply (logit-level KD); ") + fallback
     if cfg.training.method == "on_policy":
         raise TokenizerMismatch(message.removesuffix(fallback) + "training.method=on_policy needs the teacher's "
                                 "tokenizer and top-k (there is no fall-back): use training.method=sequence")
@@ -138,7 +138,7 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         raise UserError("no gold references in the train split" if gold else
                          "no curated training examples: check the curation table")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    same = not gold and (method == "logit" or _same_as_teacher(cfg, tokenizer))
+    same = not gold and (method == "logit" or matches(stored_tokenizer(cfg, rd), tokenizer))
     files = source.list_files(".parquet")
     datasets = {}
     for split in S.TRAINED_SPLITS:
@@ -153,16 +153,19 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     return TrainingData(datasets, rows)
 
 
-def _same_as_teacher(cfg: RunConfig, tokenizer) -> bool:
-    from transformers import AutoTokenizer
+def stored_tokenizer(cfg: RunConfig, rd: RunDir, say: bool = False) -> TokenizerStamp | None:
+    """The tokenizer of the curated rows' ids: their stamp (`distill.tokenizers`). Parts written
+    before stamps existed are taken to be in the configured teacher's, and `say` says so."""
+    from distill.models import teacher_tokenizer
 
-    from distill.models import resolve_model, teacher_tokenizer
-    from distill.train_data import same_tokenizer
-
+    stamp = read_stamp(rd.curated)
     reference = teacher_tokenizer(cfg)
-    if reference is None:
-        return False
-    return same_tokenizer(AutoTokenizer.from_pretrained(resolve_model(reference)), tokenizer)
+    if stamp is None and reference is not None:
+        if say:
+            print(f"[train] the curated parts carry no tokenizer stamp (written before stamps): taking their "
+                  f"ids to be {reference}'s, as configured; `distill run --force generate` stamps them")
+        stamp = TokenizerStamp.of(reference)
+    return stamp
 
 
 def precision(cfg: RunConfig) -> str:

@@ -25,20 +25,10 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.chat import prompt_token_ids
-from distill.errors import UserError
 from distill.losses import IGNORE
 
 INPUT_IDS, LABELS, KD_IDS, KD_LOGPROBS, LENGTH = "input_ids", "labels", "kd_ids", "kd_logprobs", "length"
 ENDED = ("stop", "trimmed", "relabelled")  # responses that end where the teacher stopped: the student learns EOS
-
-
-class TokenizerMismatch(UserError):
-    pass
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when two tokenizers map text to the same ids (vocab and special tokens)."""
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
 EXAMPLE_SCHEMA = pa.schema([(INPUT_IDS, pa.list_(pa.int32())), (LABELS, pa.list_(pa.int32())),

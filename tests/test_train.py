@@ -136,8 +136,8 @@ def test_mismatched_tokenizers_are_refused_with_the_fallback_named(generated_run
     from transformers import AutoTokenizer
 
     from distill.rundir import RunDir
+    from distill.tokenizers import TokenizerMismatch
     from distill.train import resolve_method
-    from distill.train_data import TokenizerMismatch
 
     other = make_tiny_llama(tmp_path / "other")
     tok = AutoTokenizer.from_pretrained(other)
