@@ -39,6 +39,7 @@ from distill.curate_rules import (CurationGateError, format_table, majority_vote
 from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location
+from distill.tokenizers import TokenizerStamp, read_stamp
 
 GLOBAL_REASONS = ("duplicate", "near_duplicate", "not_selected")
 
@@ -205,8 +206,9 @@ def _total(examples_per_reason: int, *summaries: PartSummary) -> PartSummary:
 
 
 def _finish_part(staging: Location, part: int, out: Location, examples_per_reason: int,
-                 *drops: np.ndarray) -> PartSummary:
-    """Round 3 for one part: the global drops applied; kept and dropped rows written."""
+                 stamp: TokenizerStamp | None, *drops: np.ndarray) -> PartSummary:
+    """Round 3 for one part: the global drops applied; kept and dropped rows written (the kept
+    ones with the teacher parts' tokenizer stamp)."""
     table = pq.read_table(f"{staging.path}/part-{part:06d}.parquet", filesystem=staging.fs)
     reasons = table[S.DROP_REASON].to_pylist()
     lo, hi = np.int64(part) << np.int64(32), np.int64(part + 1) << np.int64(32)
@@ -216,7 +218,7 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
     kept_mask = pa.array([r is None for r in reasons])
     kept = table.drop_columns([S.DROP_REASON]).filter(kept_mask)
     if len(kept):
-        out.write_part(kept, f"part-{part:06d}")
+        out.write_part(stamp.apply(kept) if stamp else kept, f"part-{part:06d}")
     dropped = pa.table({S.ID: table[S.ID], S.SAMPLE: table[S.SAMPLE],
                         S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: table[S.TEXT]}).filter(pc.invert(kept_mask))
     if len(dropped):
@@ -275,6 +277,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
     tokenizer = teacher_tokenizer(cfg)
+    stamp = read_stamp(rd.teacher)  # the tokenizer of the rows' ids, carried to the curated parts
     staging.mkdir()
     staged = submit_bounded(lambda i: task(_stage_part).remote(rd.teacher, parts[i], i, staging, cfg, tokenizer),
                             range(len(parts)), task_window(), _progress("per-row rules"))
@@ -292,7 +295,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     selected = reduce.remote(*[drops for drops, _ in chosen])
     counts = ray.get([n for _, n in chosen])
     finished = submit_bounded(
-        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, exact, near, selected),
+        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, stamp, exact, near, selected),
         range(len(parts)), task_window(), _progress("kept rows written"))
     total = ray.get(task(_total).remote(c.examples_per_reason, *finished))
     staging.remove()

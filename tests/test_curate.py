@@ -40,6 +40,13 @@ def test_curated_set_keeps_ids_and_training_columns(generated_run, tiny_model, t
         assert r["topk_logprobs"] == src["topk_logprobs"] and r["split"] in ("train", "validation")
     dropped = pq.read_table(tmp_path / "run" / "curated" / "_dropped").to_pylist()
     assert [(d["id"], d["reason"]) for d in dropped] == [("too-long", "error")]
+    # the ids' tokenizer, stamped by generate, is still on every curated part
+    from distill.storage import locate
+    from distill.tokenizers import TokenizerStamp, read_stamp
+
+    assert read_stamp(locate(str(tmp_path / "run" / "teacher"))) == TokenizerStamp.of(tiny_model)
+    assert all(TokenizerStamp.of_table(pq.read_schema(p)) == TokenizerStamp.of(tiny_model)
+               for p in (tmp_path / "run" / "curated").glob("*.parquet"))
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["curate"]["table"]["kept"] == len(curated)
     # a rerun is a no-op
