@@ -62,8 +62,8 @@ def skip_deepspeed_shm_op() -> None:
 
     The op serves only `inference_all_reduce` (DeepSpeed inference's tensor parallelism; training
     reduces through torch.distributed), yet `deepspeed.initialize` compiles it, again in every new
-    virtual environment, which cost every fresh clone tens of seconds (bench/README.md, "Student
-    training"). DeepSpeed keeps the probe's result in one module dict so that edits to it hold."""
+    virtual environment, which costs tens of seconds (bench/README.md, "Student training").
+    DeepSpeed keeps the probe's result in one module dict so that edits to it hold."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 

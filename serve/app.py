@@ -4,8 +4,8 @@
     distill serve configs/default.yaml serving.port=8001
     serve run serve.app:builder config=configs/default.yaml     # Serve's own CLI / a RayService
 
-Why a plain deployment around vLLM's AsyncLLM and not `ray.serve.llm` (Ray 2.60, tried on a
-2-core CPU machine, 2026-11): `ray.serve.llm` hosts several models behind one route but has no
+Why a plain deployment around vLLM's AsyncLLM and not `ray.serve.llm` (as of Ray 2.60):
+`ray.serve.llm` hosts several models behind one route but has no
 weighted, sticky alias, answers an unknown model with `{"detail": ...}` instead of OpenAI's error
 shape, and left `/dev/shm/psm_*` files behind on shutdown; on the CPU it waits forever for a GPU
 unless given `accelerator_config={"kind": "cpu"}`. Our deployment is ~100 lines over the same engine
