@@ -164,7 +164,7 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
     if n is not None:
         cfg = cfg.model_copy(update={"synthesis": cfg.synthesis.model_copy(update={"n": n})})
     task = task_from_config(cfg.task)
-    labels = cfg.synthesis.labels or getattr(task, "labels", None) if cfg.task.type == "nli" else None
+    labels = cfg.synthesis.labels or getattr(task, "labels", None) if cfg.task.type in LABELLED_TASKS else None
     examples = _few_shot(cfg)
     if labels is None and not examples:
         raise UserError(f"task.type={cfg.task.type} has no labels to write for: set synthesis.few_shot_from "

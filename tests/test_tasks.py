@@ -37,7 +37,17 @@ def test_math_correctness_and_score():
     ("POSITIVE!!!", "positive"),
 ])
 def test_label_extraction_over_a_label_set(text, expected):
-    assert get_task("nli", labels=["positive", "negative"]).extract(text) == expected
+    assert get_task("classification", labels=["positive", "negative"]).extract(text) == expected
+
+
+def test_classification_needs_its_labels_and_nli_has_its_own():
+    from distill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="task.labels"):
+        load_config(None, ["task.type=classification", "task.labels=null"])
+    assert load_config(None, ["task.type=nli", "task.labels=null"]).task.labels is None
+    assert get_task("nli").labels == ["entailment", "neutral", "contradiction"]
+    assert load_config(None, []).task.labels == ["positive", "negative"]  # the built-in data's
 
 
 def test_nli_accuracy_and_macro_f1():

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-TaskType = Literal["conversation", "qa", "math", "nli", "summarization"]
+TaskType = Literal["conversation", "qa", "math", "nli", "classification", "summarization"]
+LABELLED_TASKS = ("nli", "classification")
 
 
 class Strict(BaseModel):
@@ -264,14 +265,20 @@ class DataConfig(Strict):
 
 
 class TaskConfig(Strict):
-    type: TaskType = "nli"
-    """conversation, qa, math, nli (any classification) or summarization."""
+    type: TaskType = "classification"
+    """conversation, qa, math, nli, classification (into `labels`) or summarization."""
     labels: list[str] | None = None
-    """Label set for nli/classification (default entailment, neutral, contradiction)."""
+    """Label set for classification (required) and nli (default entailment, neutral, contradiction)."""
     chain_of_thought: bool = False
     """Use the task's step-by-step system prompt."""
     system_prompt: str | None = None
     """System message put first in every prompt that has none (default: the task's)."""
+
+    @model_validator(mode="after")
+    def _labels(self) -> "TaskConfig":
+        if self.type == "classification" and not self.labels:
+            raise ValueError("task.type=classification needs its labels: set task.labels, e.g. [positive, negative]")
+        return self
 
 
 # ----------------------------------------------------------------------------- generation
@@ -737,7 +744,7 @@ class RunConfig(Strict):
     """Where every stage writes; local, s3:// or gs://."""
     data: DataConfig = DataConfig()
     """The prompts."""
-    task: TaskConfig = TaskConfig()
+    task: TaskConfig = Field(default_factory=lambda: TaskConfig(labels=["positive", "negative"]))
     """What the student learns and how it is scored."""
     teacher: Teacher = VllmTeacher()
     """The model that teaches."""
@@ -774,7 +781,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _majority_needs_answers_to_count(self) -> "RunConfig":
-        if self.curation.select == "majority" and self.task.type not in ("nli", "math"):
+        if self.curation.select == "majority" and self.task.type not in (*LABELLED_TASKS, "math"):
             raise ValueError(f"curation.select=majority counts the answers the samples state, which task.type="
-                             f"{self.task.type} has no extractor for (nli and math do); use another curation.select")
+                             f"{self.task.type} has no extractor for (classification, nli and math do); use another "
+                             "curation.select")
         return self

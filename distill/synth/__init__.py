@@ -25,7 +25,7 @@ from distill.synth import math, nli, sentiment
 
 # dataset -> (task type, row maker taking (rng, bank), bank module)
 GENERATORS: dict[str, tuple[str, Callable[[random.Random, str], dict], object]] = {
-    "sentiment": ("nli", sentiment.make, sentiment),
+    "sentiment": ("classification", sentiment.make, sentiment),
     "nli": ("nli", nli.make, nli),
     "math": ("math", math.make, math),
 }

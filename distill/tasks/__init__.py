@@ -1,7 +1,8 @@
-"""Task types (as in the Azure ML distillation workflow): conversation, qa, math, nli, summarization.
+"""Task types (as in the Azure ML distillation workflow): conversation, qa, math, nli,
+classification, summarization.
 
     from distill.tasks import get_task
-    task = get_task("nli", labels=["positive", "negative"])
+    task = get_task("classification", labels=["positive", "negative"])
     task.score(["It is positive."], ["positive"])   # {"accuracy": 1.0, ...}
 """
 
@@ -11,12 +12,12 @@ from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.conversation import ConversationTask
 from distill.tasks.math import MathTask
-from distill.tasks.nli import NLITask
+from distill.tasks.nli import ClassificationTask, NLITask
 from distill.tasks.qa import QATask
 from distill.tasks.summarization import SummarizationTask
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (ConversationTask, QATask, MathTask, NLITask, SummarizationTask)
+    t.name: t for t in (ConversationTask, QATask, MathTask, NLITask, ClassificationTask, SummarizationTask)
 }
 
 
@@ -25,7 +26,9 @@ def get_task(name: str, labels: list[str] | None = None, chain_of_thought: bool 
     if name not in TASKS:
         raise UserError(f"unknown task type {name!r}; choose one of {sorted(TASKS)}")
     kw = {"chain_of_thought": chain_of_thought, "system_prompt": system_prompt}
-    return NLITask(labels=labels, **kw) if name == "nli" else TASKS[name](**kw)
+    if issubclass(TASKS[name], NLITask):
+        return TASKS[name](labels=labels, **kw)
+    return TASKS[name](**kw)
 
 
 def task_from_config(cfg) -> Task:

@@ -15,6 +15,9 @@ DEFAULT_LABELS = ["entailment", "neutral", "contradiction"]
 
 
 class NLITask(Task):
+    """Natural-language inference: entailment, neutral or contradiction unless `task.labels` says
+    otherwise."""
+
     name = "nli"
     primary = "accuracy"
 
@@ -77,3 +80,9 @@ class NLITask(Task):
             if tp + fp + fn:
                 f1s.append(2 * tp / (2 * tp + fp + fn))
         return {"macro_f1": mean(f1s)}
+
+
+class ClassificationTask(NLITask):
+    """Any classification into `task.labels` (sentiment, topic, intent): scored as NLI is."""
+
+    name = "classification"
