@@ -48,8 +48,8 @@ def one_run(n: int, max_tokens: int) -> float:
 
     from distill.config import EngineConfig
     from distill.engine import make_llm
-    from distill.models import resolve_model
-    from distill.synth import synth_rows
+    from distill.model_files import resolve_model
+    from distill.builtin_data import synth_rows
 
     convs = [[{"role": "user", "content": r["prompt"]}] for r in synth_rows("sentiment", n, 123)]
     llm = make_llm(resolve_model("builtin:smollm2-135m-instruct"), EngineConfig())

@@ -83,7 +83,7 @@ def _fake_worker(llm=None):
         def make_engine(self, model):
             from transformers import AutoTokenizer
 
-            from distill.models import resolve_model
+            from distill.model_files import resolve_model
 
             return engine(AutoTokenizer.from_pretrained(resolve_model(model)))
 
@@ -101,7 +101,7 @@ def _peak_mb() -> float:
 def _trace_phases() -> dict[str, float]:
     """The driver's peak RSS when each of the stage's driver-side steps returns (where it grows)."""
     import distill.stages as stages
-    import distill.teacher as teacher
+    import distill.generate as teacher
 
     peaks: dict[str, float] = {}
 

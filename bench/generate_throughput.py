@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def _prompts(n: int):
-    from distill.synth import synth_rows
+    from distill.builtin_data import synth_rows
 
     return [[{"role": "user", "content": r["prompt"]}] for r in synth_rows("sentiment", n, 123)]
 
@@ -77,7 +77,7 @@ def hf_generate(model: str, convs, max_tokens: int, batch: int = 32) -> float:
 
 
 def main() -> None:
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=128)

@@ -154,7 +154,7 @@ def run_stage_process(stage: str, run_dir: str, prompts: str, student: str, max_
 
 
 def write_prompts(path: str, n: int) -> None:
-    from distill.synth import synth_rows
+    from distill.builtin_data import synth_rows
 
     with open(path, "w") as f:
         for row in synth_rows("sentiment", n, 0):

@@ -68,8 +68,8 @@ def main() -> None:
 
     from distill.chat import prompt_token_ids
     from distill.config import load_config
-    from distill.data import read_eval_set
-    from distill.models import resolve_model
+    from distill.prepare import read_eval_set
+    from distill.model_files import resolve_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/default.yaml")

@@ -190,7 +190,7 @@ def deepspeed_here(path: str, batches, overrides: list[str]) -> dict:
 def main() -> None:
     import ray
 
-    from distill.models import derive_student
+    from distill.model_files import derive_student
     from distill.train import precision
     from distill.train_data import collate
 

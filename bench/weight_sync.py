@@ -28,7 +28,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from distill.config import load_config
-    from distill.models import student_base
+    from distill.model_files import ensure_student_base
     from distill.on_policy import trainable_weights
     from distill.on_policy_actors import start_actors
     from distill.rundir import RunDir
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/weight_sync.json")
     args = ap.parse_args()
     cfg = load_config(args.config, ["run_dir=runs/bench-sync"])
-    base = student_base(cfg, RunDir(cfg))
+    base = ensure_student_base(cfg, RunDir(cfg))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.get_input_embeddings().weight.requires_grad_(False)
     weights = trainable_weights(model)

@@ -122,7 +122,7 @@ def _data(args) -> int:
 
         synthesize(load_config(args.config, args.overrides), args.out, args.n)
     else:
-        from distill.synth import synth_rows, write_jsonl
+        from distill.builtin_data import synth_rows, write_jsonl
 
         count = write_jsonl(synth_rows(args.task, args.n or 600, args.seed, args.bank), args.out)
         print(f"wrote {count} {args.task} rows to {args.out}")

@@ -59,7 +59,7 @@ class RowRules:
         if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong):
             from transformers import AutoTokenizer
 
-            from distill.models import resolve_model
+            from distill.model_files import resolve_model
 
             tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
@@ -266,7 +266,7 @@ def _gate(table: dict[str, Any], min_kept_ratio: float, rd: RunDir) -> None:
 def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     import ray
 
-    from distill.models import teacher_tokenizer
+    from distill.model_files import teacher_tokenizer
     from distill.ray_utils import connect, submit_bounded, task_window
 
     connect(cfg.ray)

@@ -224,7 +224,7 @@ def endpoint_token_ids(cfg) -> bool:
         return False
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
     from distill.tokenizers import same_tokenizer
 
     student = cfg.student.path if cfg.student.kind == "pretrained" else cfg.teacher.path
@@ -242,7 +242,7 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
     import ray
     import ray.data
 
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
     from distill.progress import follow_parts
     from distill.prompt_blocks import blocks_dataset
     from distill.ray_utils import connect

@@ -39,7 +39,7 @@ class EvalWorker:
 
     def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         self.engine = engine
         self.path = resolve_model(model)  # a model on object storage is fetched to this node
@@ -53,7 +53,7 @@ class EvalWorker:
         import numpy as np
 
         from distill.engine import generate_rows
-        from distill.models import parameter_count
+        from distill.model_files import parameter_count
 
         sp = sampling
         start = time.time()
@@ -112,8 +112,8 @@ def _weights_mb(path: str) -> float:
 
 
 def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
-    from distill.data import teacher_context
-    from distill.models import resolve_model, student_base
+    from distill.prepare import teacher_context
+    from distill.model_files import ensure_student_base, resolve_model
 
     models = {}
     if cfg.teacher.path is not None:
@@ -124,7 +124,7 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
         models["teacher_bare"] = models["teacher"]  # the same model on the task's own prompt
     models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
-        models["baseline"] = student_base(cfg, rd)
+        models["baseline"] = ensure_student_base(cfg, rd)
     if cfg.training.gold_control and rd.student_gold.join("config.json").exists():
         models["gold_control"] = rd.student_gold.uri
     return models
@@ -133,7 +133,7 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
 def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     """Name -> prompt rows: `test`, `shifted` (when prepared), `validation` (when asked for) and
     the user's extra sets."""
-    from distill.data import read_eval_set
+    from distill.prepare import read_eval_set
 
     import pyarrow.dataset as pads
 
@@ -190,7 +190,7 @@ def answers_of(cfg: RunConfig, name: str, path: str, rows: list[dict], sampling:
 
 
 def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
     from distill.ray_utils import connect
     from distill.report import build_report, write_report
     from distill.tasks import task_from_config

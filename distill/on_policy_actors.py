@@ -38,7 +38,7 @@ class StudentSampler:
 
     def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         self.engine = engine
         self.llm = make_llm(resolve_model(model), self.engine)
@@ -70,7 +70,7 @@ class TeacherScorer:
 
     def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_llm
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         self.llm = make_llm(resolve_model(model), engine)
 

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.config import RunConfig
-from distill.data import BadRow, read_raw
+from distill.prepare import BadRow, read_raw
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
 

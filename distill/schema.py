@@ -36,7 +36,7 @@ TOPK_LOGPROBS = "topk_logprobs"
 SAMPLED_LOGPROBS = "sampled_logprobs"
 
 SPLITS = ("train", "validation", "test")  # what a user's row may name
-SHIFTED = "shifted"  # the built-in data's test set of unseen wording (distill.synth)
+SHIFTED = "shifted"  # the built-in data's test set of unseen wording (distill.builtin_data)
 EVAL_SPLITS = ("test", SHIFTED)  # evaluated, never generated or trained on
 TRAINED_SPLITS = ("train", "validation")
 

@@ -60,7 +60,7 @@ def _file_hashes(uri: str, field: str) -> str:
 def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
     src = cfg.data.source
     if src.kind == "synth":  # the generator's code is its input: a changed phrase bank is new data
-        code = sorted(Path(__file__).parent.joinpath("synth").glob("*.py"))
+        code = sorted(Path(__file__).parent.joinpath("builtin_data").glob("*.py"))
         return {"synth_code": _digest([p.read_text() for p in code])}
     return {"data.source.path": _file_hashes(src.path, "data.source.path")}
 
@@ -125,11 +125,11 @@ _ENGINE_KNOBS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eag
                  "block_size", "cpu_threads_bind", "tensor_parallel_size")
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("prepare", "distill.data:prepare", (), "prompts",
+    Stage("prepare", "distill.prepare:prepare", (), "prompts",
           defines=("data", "task.type", "task.labels", "task.chain_of_thought", "task.system_prompt"),
           knobs=("data.on_bad_row",), inputs=_prepare_inputs,
           content=_table_digest("prompts", ["id", "split", "messages", "reference"])),
-    Stage("generate", "distill.teacher:generate", ("prepare",), "teacher",
+    Stage("generate", "distill.generate:generate", ("prepare",), "teacher",
           defines=("teacher", "generation"),
           knobs=("teacher.pool", "generation.batch_size", "generation.blocks_in_flight", "generation.rows_per_file",
                  *(f"teacher.engine.{k}" for k in _ENGINE_KNOBS),

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
+from distill.config.models import LABELLED_TASKS
 from distill.curate_rules import REFUSAL_RE
 from distill.errors import UserError
 from distill.rundir import RunDir
@@ -41,7 +42,7 @@ REASONS = ("error", "empty", "refusal", "inconsistent", "duplicate", "near_dupli
 
 
 def _few_shot(cfg: RunConfig) -> list[dict[str, Any]]:
-    from distill.data import normalise, read_raw
+    from distill.prepare import normalise, read_raw
     from distill.storage import locate
 
     if not cfg.synthesis.few_shot_from:
@@ -132,7 +133,7 @@ def _test_texts(cfg: RunConfig, rd: RunDir) -> list[str]:
     """The user-visible text of every evaluation prompt: the run's test sets and the extra sets."""
     import pyarrow.compute as pc
 
-    from distill.data import read_eval_set
+    from distill.prepare import read_eval_set
 
     texts = []
     if rd.prompts.list_files(".parquet"):
@@ -145,7 +146,7 @@ def _test_texts(cfg: RunConfig, rd: RunDir) -> list[str]:
 
 
 def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: SamplingConfig) -> list[dict]:
-    from distill.teacher import run_pool
+    from distill.generate import run_pool
 
     folder.remove()
     table = pa.Table.from_pylist([{k: r[k] for k in S.PROMPT_SCHEMA.names} for r in rows], schema=S.PROMPT_SCHEMA)

@@ -35,7 +35,7 @@ def check_rows(cfg: RunConfig, rd: RunDir) -> list[dict[str, Any]]:
 
     check = cfg.evaluation.teacher_check
     if check.set is not None:
-        from distill.data import read_eval_set
+        from distill.prepare import read_eval_set
 
         return read_eval_set(check.set, "teacher_check", cfg)[: check.prompts]
     scan = pads.dataset(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs, format="parquet",
@@ -47,9 +47,9 @@ def check_rows(cfg: RunConfig, rd: RunDir) -> list[dict[str, Any]]:
 def check_teacher(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     """Measure teacher and untrained student on the check prompts; raise TeacherCheckError when
     the teacher is not ahead by the margin. Returns the figures (None: no labelled prompts)."""
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
     from distill.evaluate import answers_of
-    from distill.models import resolve_model, student_base
+    from distill.model_files import ensure_student_base, resolve_model
     from distill.ray_utils import connect
     from distill.tasks import task_from_config
 
@@ -64,7 +64,7 @@ def check_teacher(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     refs = [r[S.REFERENCE] for r in rows]
     teacher = answers_of(cfg, "teacher", resolve_model(cfg.teacher.path), rows, cfg.generation.sampling,
                          teacher_context(cfg.teacher))
-    student = answers_of(cfg, "student", student_base(cfg, rd), rows, cfg.evaluation.sampling, None)
+    student = answers_of(cfg, "student", ensure_student_base(cfg, rd), rows, cfg.evaluation.sampling, None)
     scores = {name: task.score(texts, refs)[task.primary] for name, texts in (("teacher", teacher), ("student", student))}
     figures = {"prompts": len(rows), "metric": task.primary, **{k: round(v, 4) for k, v in scores.items()},
                "margin": round(scores["teacher"] - scores["student"], 4), "min_margin": check.min_margin}

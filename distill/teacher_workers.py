@@ -104,7 +104,7 @@ class TeacherWorker:
     def make_engine(self, model: str):
         """The engine this actor drives (the benchmarks put a fake one here)."""
         from distill.engine import make_llm
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         return make_llm(resolve_model(model), self.engine)
 
@@ -132,7 +132,7 @@ class AsyncTeacherWorker(TeacherWorker):
 
     def make_engine(self, model: str):
         from distill.engine import make_async_llm
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         return make_async_llm(resolve_model(model), self.engine)
 

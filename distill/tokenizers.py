@@ -38,7 +38,7 @@ class TokenizerStamp:
     def of(cls, name: str) -> "TokenizerStamp":
         from transformers import AutoTokenizer
 
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         return cls(name, fingerprint(AutoTokenizer.from_pretrained(resolve_model(name))))
 

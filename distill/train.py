@@ -45,7 +45,7 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
     from distill.tokenizers import TokenizerMismatch, matches
 
     if cfg.training.method == "sequence":
@@ -128,7 +128,7 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     gold reference as the response. Call after joining the cluster."""
     from transformers import AutoTokenizer
 
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
     from distill.train_data import tokenize_split
 
     source = rd.prompts if gold else rd.curated
@@ -156,7 +156,7 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
 def stored_tokenizer(cfg: RunConfig, rd: RunDir, say: bool = False) -> TokenizerStamp | None:
     """The tokenizer of the curated rows' ids: their stamp (`distill.tokenizers`). Parts written
     before stamps existed are taken to be in the configured teacher's, and `say` says so."""
-    from distill.models import teacher_tokenizer
+    from distill.model_files import teacher_tokenizer
 
     stamp = read_stamp(rd.curated)
     reference = teacher_tokenizer(cfg)
@@ -202,7 +202,7 @@ def deepspeed_config(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
 
 def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     """The distilled student (and, with `training.gold_control`, the no-teacher control)."""
-    from distill.models import check_model, student_base
+    from distill.model_files import check_model, ensure_student_base
 
     if cfg.student.kind == "pretrained":
         check_model(cfg.student.path, "student.path")
@@ -210,7 +210,7 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         check_model(cfg.teacher.path, "teacher.path")
     if not rd.curated.list_files(".parquet"):
         raise UserError(f"no curated training examples: every response was dropped (see {rd.curated.uri}/_table.json)")
-    base = student_base(cfg, rd)
+    base = ensure_student_base(cfg, rd)
     method = resolve_method(cfg, rd, base)
     key = rd.key_record("student")["key"]
     stats = _fit(cfg, rd, base, method, False, f"train-{key}", rd.student,

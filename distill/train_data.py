@@ -126,7 +126,7 @@ def tokenizer_for(path: str):
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         _TOKENIZERS[path] = AutoTokenizer.from_pretrained(resolve_model(path))
     return _TOKENIZERS[path]

@@ -84,7 +84,7 @@ class DistillRecipe:
         import ray.train
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         t = self.cfg.training
         self.ctx = ray.train.get_context()

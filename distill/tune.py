@@ -104,9 +104,9 @@ def tune(cfg: RunConfig, rd: RunDir, candidates_path: str, limit: int | None = N
          write: str | None = None) -> dict[str, Any]:
     import ray
 
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
     from distill.evaluate import eval_actor
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
     from distill.ray_utils import connect
     from distill.tasks import task_from_config
 

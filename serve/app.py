@@ -57,7 +57,7 @@ def split_cpu_binds(engines: dict[str, EngineConfig], cores: int | None = None) 
 
 def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
     """The run's teacher, distilled student and (optionally) baseline, as `serving.models` lists."""
-    from distill.models import resolve_model, student_base
+    from distill.model_files import ensure_student_base, resolve_model
     from distill.rundir import RunDir
     from distill.stages import is_done
 
@@ -74,7 +74,7 @@ def hosted_models(cfg: RunConfig) -> dict[str, HostedModel]:
                                         f"(or `distill train`) with this config first")
             paths[name], engines[name] = rd.student.uri, cfg.student.engine
         else:
-            paths[name], engines[name] = student_base(cfg, rd), cfg.student.engine
+            paths[name], engines[name] = ensure_student_base(cfg, rd), cfg.student.engine
     engines = split_cpu_binds(engines)
     return {name: vllm_model(paths[name], engines[name], cfg.serving.replica(name)) for name in paths}
 

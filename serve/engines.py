@@ -51,7 +51,7 @@ class VllmEngine:
 
     def __init__(self, model: str, engine: EngineConfig):
         from distill.engine import make_async_llm, resolve_device
-        from distill.models import resolve_model
+        from distill.model_files import resolve_model
 
         cfg = engine
         model = resolve_model(model)  # a model on object storage is fetched to this node

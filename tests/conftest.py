@@ -31,7 +31,7 @@ def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0,
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
     torch.manual_seed(seed)

@@ -183,7 +183,7 @@ def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_
 
     from distill.curate import RowRules
     from distill.curate_rules import format_table
-    from distill.models import resolve_model
+    from distill.model_files import resolve_model
 
     tok_path = "builtin:smollm2-135m-instruct"
     tok = AutoTokenizer.from_pretrained(resolve_model(tok_path))

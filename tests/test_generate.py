@@ -199,7 +199,7 @@ def test_the_teachers_context_reaches_the_engine_and_never_the_rows(generated_ru
     from transformers import AutoTokenizer
 
     from distill.chat import prompt_token_ids
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
 
     tok, context = AutoTokenizer.from_pretrained(tiny_model), teacher_context(cfg.teacher)
     for r in rows:

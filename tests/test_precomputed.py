@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 def test_precomputed_outputs_for_prompts_without_references_run_end_to_end(tmp_path, tiny_model, ray_cluster,
                                                                          monkeypatch):
     import distill.precomputed as precomputed
-    from distill.synth import synth_rows
+    from distill.builtin_data import synth_rows
 
     monkeypatch.setattr(precomputed, "BUCKET_BYTES", 1500)  # several join buckets from a small file
     reviews = list(synth_rows("sentiment", 40, 0))

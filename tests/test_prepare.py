@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.config import load_config
-from distill.data import BadRow, assign_split
+from distill.prepare import BadRow, assign_split
 from distill.stages import run_stage
-from distill.synth import synth_rows
+from distill.builtin_data import synth_rows
 
 
 def _write(path, rows):
@@ -114,7 +114,7 @@ def test_synth_is_deterministic_and_checkable():
 def test_seen_keys_find_repeats_within_and_across_batches():
     import numpy as np
 
-    from distill.data import SeenKeys
+    from distill.prepare import SeenKeys
 
     seen, rng = SeenKeys(), np.random.default_rng(0)
     reference: set[int] = set()
@@ -131,7 +131,7 @@ def test_seen_keys_find_repeats_within_and_across_batches():
 def test_a_large_file_streams_into_parts_in_input_order(tmp_path, monkeypatch):
     """Read in small chunks (lines cut across them), parts of rows_per_file written as they fill,
     and a duplicate id after several duplicate-check batches still found at its line."""
-    import distill.data as data
+    import distill.prepare as data
 
     monkeypatch.setattr(data, "READ_CHUNK", 64)
     monkeypatch.setattr(data, "DUPLICATE_CHECK_ROWS", 7)

@@ -13,7 +13,7 @@ from distill import schema as S
 from distill.config import load_config
 from distill.rundir import RunDir
 from distill.storage import Location
-from distill.teacher import check_complete, expected_keys, reconcile, row_keys
+from distill.generate import check_complete, expected_keys, reconcile, row_keys
 from distill.teacher_workers import rows_to_table, write_prompt_parts
 
 

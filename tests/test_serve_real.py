@@ -101,7 +101,7 @@ def evaluated_answer(cfg, student, msg) -> str:
     (the task's system prompt first), in an evaluation actor (an engine in this process would
     meet vLLM's kernel registration walking modules such as moto's Flask proxies)."""
     from distill.config import SamplingConfig
-    from distill.data import normalise
+    from distill.prepare import normalise
     from distill.evaluate import answers_of
     from distill.tasks import task_from_config
 

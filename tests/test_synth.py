@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from distill.synth import GENERATORS, synth_rows
+from distill.builtin_data import GENERATORS, synth_rows
 
 # words any two sentences share; they are not template material
 GLUE = {"the", "a", "an", "this", "that", "and", "but", "is", "it", "of", "to", "my", "me", "i", "our", "we",

@@ -6,7 +6,7 @@ import pytest
 
 from distill.chat import TeacherContext
 from distill.config import load_config
-from distill.data import BadRow, teacher_context
+from distill.prepare import BadRow, teacher_context
 
 TASK = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Review: fine."}]
 

@@ -2,7 +2,7 @@
 
 For each act there is a hypothesis that follows from it, one that contradicts it and one that
 adds detail the premise does not give (neutral). `MAIN` and `SHIFTED` share no person, act or
-question form (see `distill.synth.sentiment` for why there are two banks).
+question form (see `distill.builtin_data.sentiment` for why there are two banks).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Built-in arithmetic word problems with 1-3 steps (buy, give away, double) and a numeric answer.
 
 `MAIN` and `SHIFTED` share no name, item or phrasing of a step or of the question (see
-`distill.synth.sentiment` for why there are two banks).
+`distill.builtin_data.sentiment` for why there are two banks).
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         from distill.precomputed import import_teacher_outputs
 
         return import_teacher_outputs(cfg, rd)
-    from distill.models import check_model
+    from distill.model_files import check_model
 
     if cfg.teacher.kind == "vllm":
         check_model(cfg.teacher.path, "teacher.path")
@@ -255,7 +255,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     import ray.data
 
     from distill import teacher_workers
-    from distill.data import teacher_context
+    from distill.prepare import teacher_context
     from distill.engine import engine_env
     from distill.ray_utils import connect
 

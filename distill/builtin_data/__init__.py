@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-from distill.synth import math, nli, sentiment
+from distill.builtin_data import math, nli, sentiment
 
 # dataset -> (task type, row maker taking (rng, bank), bank module)
 GENERATORS: dict[str, tuple[str, Callable[[random.Random, str], dict], object]] = {

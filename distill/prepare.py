@@ -34,7 +34,7 @@ from distill.config import RunConfig
 from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
-from distill.synth import synth_rows
+from distill.builtin_data import synth_rows
 from distill.tasks import task_from_config
 
 _ROLES = {"system", "user", "assistant"}

