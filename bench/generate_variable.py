@@ -68,7 +68,8 @@ def raw_vllm(model: str, cfg, lo: int, hi: int) -> dict:
     rows = RunDir(cfg).prompts.read_table().to_pylist()
     start = time.time()
     llm = make_llm(model, cfg.teacher.engine)
-    _, prompts, sps = prepare_requests(llm.get_tokenizer(), rows, cfg.generation.sampling, TOP_K, 512,
+    _, prompts, sps = prepare_requests(llm.get_tokenizer(), rows, cfg.generation.sampling, TOP_K,
+                                       cfg.teacher.engine.model_copy(update={"max_model_len": 512}),
                                        lambda row: params(row["id"], lo, hi))
     first = time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)

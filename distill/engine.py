@@ -1,7 +1,7 @@
 """The vLLM engine behind one small interface: CPU (laptop, CI) and CUDA (cluster) differ only here.
 
     llm = make_llm(model_path, EngineConfig())          # or make_async_llm: the same settings
-    rows = generate_rows(llm, prompt_rows, SamplingConfig(), top_k=5, max_model_len=1024)
+    rows = generate_rows(llm, prompt_rows, SamplingConfig(), top_k=5, engine=EngineConfig())
 
 Everything that turns config into vLLM arguments (and the process environment an engine needs),
 and vLLM outputs into schema rows, lives here; every actor that hosts an engine and serve's model
@@ -132,14 +132,21 @@ def request_seed(row_id: str, seed: int) -> int:
     return int(hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()[:8], 16)
 
 
-def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None):
-    """Per-request seeds make sampled outputs independent of batching and resumes, on GPUs.
-    vLLM 0.32's CPU backend fails on them ("CPU Generator does not use offset", as soon as one
-    request of a batch finishes before the others), so on the CPU sampling uses the engine's
-    seed and is reproducible only for the same batches."""
+def seeds_requests(cfg: EngineConfig) -> bool:
+    """Whether the engine honours a request's own seed. Per-request seeds make sampled outputs
+    independent of batching and resumes, on GPUs. vLLM 0.32's CPU backend fails on them ("CPU
+    Generator does not use offset", as soon as one request of a batch finishes before the
+    others, or a prefill is chunked), so on the CPU sampling uses the engine's seed and is
+    reproducible only for the same batches."""
+    return resolve_device(cfg) == "cuda"
+
+
+def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None, seeded: bool = False):
+    """vLLM's params for a request; with `seeded` (`seeds_requests`) and a temperature, the
+    request's seed comes from its row id."""
     from vllm import SamplingParams
 
-    seeded = row_id is not None and cfg.temperature > 0 and cuda_available()
+    seeded = seeded and row_id is not None and cfg.temperature > 0
     return SamplingParams(
         n=cfg.n,
         temperature=cfg.temperature,
@@ -186,7 +193,7 @@ def error_rows(row: dict[str, Any], error: str, n: int) -> list[dict[str, Any]]:
 
 
 def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
-                     max_model_len: int, params_for=None, context: TeacherContext | None = None):
+                     engine: EngineConfig, params_for=None, context: TeacherContext | None = None):
     """Prompt rows -> (errors, TokensPrompts, SamplingParams): `errors[i]` holds row i's error
     rows, or None when row i became a request (requests keep the rows' order).
 
@@ -198,6 +205,7 @@ def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingCo
     from vllm.inputs import TokensPrompt
 
     errors, prompts, params = [], [], []
+    max_model_len, seeded = engine.max_model_len, seeds_requests(engine)
     for row in rows:
         ids = prompt_token_ids(tokenizer, context.apply(row[S.MESSAGES]) if context else row[S.MESSAGES])
         if len(ids) >= max_model_len:
@@ -206,7 +214,7 @@ def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingCo
             continue
         errors.append(None)
         prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
-        params.append((params_for and params_for(row)) or sampling_params(sampling, top_k, row[S.ID]))
+        params.append((params_for and params_for(row)) or sampling_params(sampling, top_k, row[S.ID], seeded))
     return errors, prompts, params
 
 
@@ -235,10 +243,10 @@ def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int) -
 
 
 def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top_k: int,
-                  max_model_len: int, params_for=None, context: TeacherContext | None = None) -> list[dict[str, Any]]:
+                  engine: EngineConfig, params_for=None, context: TeacherContext | None = None) -> list[dict[str, Any]]:
     """Generate for prompt rows (schema.PROMPT_SCHEMA dicts) with a `vllm.LLM`; n output rows per
     prompt (an error row per sample for a prompt too long for the engine)."""
-    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, max_model_len, params_for,
+    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, engine, params_for,
                                                context)
     results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
     return output_rows(rows, errors, results, top_k)

@@ -57,17 +57,17 @@ class EvalWorker:
 
         sp = sampling
         start = time.time()
-        out = generate_rows(self.llm, rows, sp, 0, self.engine.max_model_len, context=context)
+        out = generate_rows(self.llm, rows, sp, 0, self.engine, context=context)
         batch_s = time.time() - start
         tokens = sum(r[S.OUTPUT_TOKENS] for r in out)
         latencies, ttft = [], []
         first = sp.model_copy(update={"max_tokens": 1})
         for row in rows[:latency_requests]:
             t0 = time.time()
-            generate_rows(self.llm, [row], sp, 0, self.engine.max_model_len, context=context)
+            generate_rows(self.llm, [row], sp, 0, self.engine, context=context)
             latencies.append(time.time() - t0)
             t0 = time.time()
-            generate_rows(self.llm, [row], first, 0, self.engine.max_model_len, context=context)
+            generate_rows(self.llm, [row], first, 0, self.engine, context=context)
             ttft.append(time.time() - t0)
         return {
             "texts": [r[S.TEXT] for r in out],
@@ -89,7 +89,7 @@ class EvalWorker:
         from distill.engine import generate_rows
 
         grouped: dict[str, list[str]] = {r[S.ID]: [] for r in rows}
-        for out in generate_rows(self.llm, rows, sampling, 0, self.engine.max_model_len, context=context):
+        for out in generate_rows(self.llm, rows, sampling, 0, self.engine, context=context):
             grouped[out[S.ID]].append(out[S.TEXT] or "")
         return list(grouped.values())
 

@@ -118,7 +118,7 @@ class TeacherWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distill.engine import generate_rows
 
-        rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine.max_model_len,
+        rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine,
                              self.request_params, self.context)
         return self.write(rows)
 
@@ -156,7 +156,7 @@ class AsyncTeacherWorker(TeacherWorker):
         async with self._slots:  # Ray Data may hand over more batches than that at once
             errors, prompts, params = await asyncio.to_thread(
                 prepare_requests, self.llm.get_tokenizer(), rows, self.sampling, self.top_k,
-                self.engine.max_model_len, self.request_params, self.context)
+                self.engine, self.request_params, self.context)
             results = await asyncio.gather(*(self._final(p, sp) for p, sp in zip(prompts, params)))
         # packing and writing off the event loop, which feeds the engine the other blocks
         return await asyncio.to_thread(lambda: self.write(output_rows(rows, errors, results, self.top_k)))

@@ -50,15 +50,13 @@ class VllmEngine:
     """vLLM's AsyncLLM in the replica process; its engine core runs in a child process."""
 
     def __init__(self, model: str, engine: EngineConfig):
-        from distill.engine import make_async_llm, resolve_device
+        from distill.engine import make_async_llm, seeds_requests
         from distill.model_files import resolve_model
 
         cfg = engine
         model = resolve_model(model)  # a model on object storage is fetched to this node
         self.max_model_len = cfg.max_model_len
-        # vLLM 0.32's CPU sampler fails on seeded requests whose prefill is chunked
-        # ("CPU Generator does not use offset"): seeds are honoured on GPUs only
-        self.seeded_sampling = resolve_device(cfg) == "cuda"
+        self.seeded_sampling = seeds_requests(cfg)
         self.llm = make_async_llm(model, cfg)
         self.tokenizer = self.llm.tokenizer
 

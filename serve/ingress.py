@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.config import ShadowConfig, TaskConfig
 from serve.body import parse
-from serve.protocol import ApiError, ChatRequest, CompletionRequest, Feedback, WeightsUpdate, error_body, validation_message
+from serve.protocol import (ApiError, ChatRequest, CompletionRequest, ErrorResponse, Feedback, WeightsUpdate, error_body,
+                            validation_message)
 from serve.responses import Chunks, ClosingStreamingResponse, response_body
 from serve.routing import is_backpressure, pick_arm
 from serve.shadow import Shadow
@@ -186,9 +187,9 @@ class Ingress:
             out = await handle.complete.remote(req)
         except Exception as e:
             raise self._engine_error(route, arm, start, e) from None
-        if "error" in out:
-            self._observe(route, arm, out["status"], time.perf_counter() - start, None, 0, None)
-            return JSONResponse({"error": out["error"]}, status_code=out["status"], headers=headers)
+        if isinstance(out, ErrorResponse):
+            self._observe(route, arm, out.status, time.perf_counter() - start, None, 0, None)
+            return JSONResponse(out.body(), status_code=out.status, headers=headers)
         self._observe(route, arm, 200, time.perf_counter() - start, out["ttft_s"], out["completion_tokens"],
                       response_id)
         self.shadow.offer(route, arm, req, out["choices"][0]["text"], self.models, self.ledger)
@@ -200,18 +201,18 @@ class Ingress:
             first = await gen.__anext__()
         except Exception as e:
             raise self._engine_error(route, arm, start, e) from None
-        if "error" in first:
-            self._observe(route, arm, first["status"], time.perf_counter() - start, None, 0, None)
-            return JSONResponse({"error": first["error"]}, status_code=first["status"], headers=headers)
+        if isinstance(first, ErrorResponse):
+            self._observe(route, arm, first.status, time.perf_counter() - start, None, 0, None)
+            return JSONResponse(first.body(), status_code=first.status, headers=headers)
         chunks = Chunks(kind, response_id, arm)
 
         async def events():
             ttft, tokens, status, texts, started = None, 0, CLIENT_CLOSED, {}, set()
             try:
                 async for item in gen:
-                    if "error" in item:
-                        status = item["status"]
-                        yield f"data: {json.dumps({'error': item['error']})}\n\n"
+                    if isinstance(item, ErrorResponse):
+                        status = item.status
+                        yield f"data: {json.dumps(item.body())}\n\n"
                         return
                     if not item["tokens"] and item["finish_reason"] is None:
                         continue

@@ -1,6 +1,6 @@
 """One model's Serve deployment: holds an engine, checks a request against the context, generates.
 
-Errors go back as values (`{"error": ..., "status": 400}`), never as exceptions: an exception
+Errors go back as values (`serve.protocol.ErrorResponse`), never as exceptions: an exception
 raised in a replica reaches the ingress wrapped in a RayTaskError carrying the whole traceback,
 which must not end up in a response body, and a bad request is not a server fault.
 """
@@ -11,12 +11,12 @@ import time
 from typing import Any, AsyncIterator
 
 from serve.engines import make_engine
-from serve.protocol import error_body
+from serve.protocol import ErrorResponse
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           type_: str = "invalid_request_error") -> dict[str, Any]:
-    return {**error_body(message, type_, param, code), "status": status}
+           type_: str = "invalid_request_error") -> ErrorResponse:
+    return ErrorResponse.of(status, message, type_, param, code)
 
 
 class ModelServer:
@@ -25,7 +25,7 @@ class ModelServer:
         self.default_max_tokens = default_max_tokens
         self.engine = make_engine(engine_spec)
 
-    def _prepare(self, req: dict[str, Any]) -> tuple[list[int], dict[str, Any]] | dict[str, Any]:
+    def _prepare(self, req: dict[str, Any]) -> tuple[list[int], dict[str, Any]] | ErrorResponse:
         """(prompt token ids, sampling params) for a request, or an error value."""
         try:
             ids = self.engine.prompt_ids(req.get("messages"), req.get("prompt"))
@@ -46,9 +46,9 @@ class ModelServer:
                           "messages", "context_length_exceeded")
         return ids, params
 
-    async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, req: dict[str, Any]) -> dict[str, Any] | ErrorResponse:
         prepared = self._prepare(req)
-        if isinstance(prepared, dict):
+        if isinstance(prepared, ErrorResponse):
             return prepared
         ids, params = prepared
         start, ttft, prompt_logprobs = time.perf_counter(), None, None
@@ -74,11 +74,12 @@ class ModelServer:
         return {"choices": out, "prompt_tokens": len(ids), "completion_tokens": sum(c["tokens"] for c in out),
                 "ttft_s": ttft, "prompt_logprobs": prompt_logprobs}
 
-    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """First item: `{"prompt_tokens": n}` or an error value; then one item per delta. When the
-        caller goes away, Serve cancels this generator and the engine aborts the request."""
+    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any] | ErrorResponse]:
+        """First item: `{"prompt_tokens": n}` or an `ErrorResponse`; then one item per delta (or an
+        `ErrorResponse`). When the caller goes away, Serve cancels this generator and the engine
+        aborts the request."""
         prepared = self._prepare(req)
-        if isinstance(prepared, dict):
+        if isinstance(prepared, ErrorResponse):
             yield prepared
             return
         ids, params = prepared

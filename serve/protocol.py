@@ -187,10 +187,34 @@ class WeightsUpdate(BaseModel):
         return weights
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """An error as a value (vLLM's `ErrorResponse`, OpenAI's shape), with the HTTP status to answer
+    it with: what a model server returns instead of raising across the Ray boundary."""
+
+    error: ErrorInfo
+    status: int = 400
+
+    @classmethod
+    def of(cls, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> "ErrorResponse":
+        return cls(error=ErrorInfo(message=message, type=type_, param=param, code=code), status=status)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body clients get (the status travels as the HTTP status)."""
+        return {"error": self.error.model_dump()}
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, which its clients parse into their exception's message."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorResponse.of(0, message, type_, param, code).body()
 
 
 class ApiError(Exception):

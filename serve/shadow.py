@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 from distill.config import ShadowConfig, TaskConfig
+from serve.protocol import ErrorResponse
 
 log = logging.getLogger("ray.serve")
 
@@ -56,7 +57,7 @@ class Shadow:
             shadow_req = {**req, "request_id": uuid.uuid4().hex, "params": {**req["params"], "n": 1, "logprobs": None,
                                                                               "prompt_logprobs": None}}
             out = await handle.complete.remote(shadow_req)
-            if "error" not in out:
+            if not isinstance(out, ErrorResponse):
                 reference = out["choices"][0]["text"]
                 agreement, status = self.agreement(answer, reference), "ok"
         except Exception as e:

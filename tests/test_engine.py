@@ -1,7 +1,7 @@
 """The engine interface's pure parts: config -> vLLM arguments, vLLM logprobs -> top-k arrays."""
 
 from distill.config import EngineConfig
-from distill.engine import CPU_BLOCK_SIZE, engine_kwargs
+from distill.engine import CPU_BLOCK_SIZE, engine_kwargs, seeds_requests
 
 
 def test_cpu_engines_take_a_kv_block_small_enough_to_reuse_a_system_prompt():
@@ -35,3 +35,9 @@ def test_top_k_packing_matches_a_plain_loop_over_vllm_flat_logprobs():
         assert list(ids[t * k:(t + 1) * k]) == [tid for _, tid, _ in entries]
         np.testing.assert_allclose(vals[t * k:(t + 1) * k], [v for *_, v in entries], rtol=1e-6)
         assert sampled[t] == np.float32(flat[t][sampled_ids[t]].logprob)
+
+
+def test_only_gpu_engines_take_a_requests_own_seed():
+    # the one rule for generation, evaluation and serving (vLLM's CPU sampler fails on seeded requests)
+    assert not seeds_requests(EngineConfig(device="cpu"))
+    assert seeds_requests(EngineConfig(device="cuda"))

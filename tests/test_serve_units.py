@@ -255,3 +255,24 @@ def test_backpressure_is_found_through_wrapped_causes():
     wrapped.__cause__ = full
     assert is_backpressure(full) and is_backpressure(wrapped)
     assert not is_backpressure(RuntimeError("engine died"))
+
+
+def test_the_model_server_answers_errors_as_typed_values():
+    import asyncio
+
+    from serve.model_server import ModelServer
+    from serve.protocol import ErrorResponse
+
+    server = ModelServer("student", {"kind": "fake", "max_model_len": 8})
+    long = {"request_id": "r1", "messages": [{"role": "user", "content": "word " * 20}], "params": {"max_tokens": 2}}
+    out = asyncio.run(server.complete(long))
+    assert isinstance(out, ErrorResponse) and out.status == 400 and out.error.code == "context_length_exceeded"
+    assert out.body() == {"error": {"message": out.error.message, "type": "invalid_request_error",
+                                    "param": "messages", "code": "context_length_exceeded"}}
+
+    async def first_item():
+        return await server.stream(long).__anext__()
+
+    assert isinstance(asyncio.run(first_item()), ErrorResponse)
+    ok = asyncio.run(server.complete({**long, "messages": [{"role": "user", "content": "hi"}]}))
+    assert not isinstance(ok, ErrorResponse) and ok["choices"][0]["text"].startswith("ok")
