@@ -290,7 +290,7 @@ def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: SamplingConfig, 
         batch_s = time.time() - start
         latencies, ttft = [], []
         for row in rows[:latency_requests]:
-            for params, sink in ((sampling, latencies), ({**sampling, "max_tokens": 1}, ttft)):
+            for params, sink in ((sampling, latencies), (sampling.model_copy(update={"max_tokens": 1}), ttft)):
                 worker.sampling = params
                 t0 = time.time()
                 await worker._one(row)
