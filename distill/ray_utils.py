@@ -40,6 +40,7 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train would print each worker line twice
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights", "Writing model shards"
     "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's NUMA-binding warning in every engine process
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # libraries' notes to their own developers
 }
 
 

@@ -288,6 +288,8 @@ def _trainer(cfg: RunConfig, inputs: RecipeInputs, datasets: dict[str, Any], run
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from distill.ray_utils import verbose
+
     t = cfg.training
     return TorchTrainer(
         _train_loop,
@@ -298,7 +300,9 @@ def _trainer(cfg: RunConfig, inputs: RecipeInputs, datasets: dict[str, Any], run
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # the controller's and the checkpoints' INFO lines; warnings stay (distill.ray_utils)
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
         datasets=datasets,
         # every worker sees the whole (small) validation set: ZeRO-3 forwards need all ranks
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "prompts"] if "prompts" in datasets
