@@ -116,7 +116,7 @@ def _worker(config: dict) -> None:
 
     batches = [collate(b, 0, 0) for b in config["batches"]]
     if config["plain"]:
-        torch.set_num_threads(config[RECIPE_INPUTS].cfg.training.cpus_per_worker)
+        torch.set_num_threads(max(1, int(config[RECIPE_INPUTS].cfg.training.cpus_per_worker)))
         result = plain_pytorch(config[RECIPE_INPUTS].student_path, batches, like_recipe=True)
     else:
         recipe = DistillRecipe(config[RECIPE_INPUTS])
@@ -163,7 +163,7 @@ def deepspeed_here(path: str, batches, overrides: list[str]) -> dict:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from distill.train_loop import ResponseLogits, skip_deepspeed_shm_op
+    from distill.train_loop import ResponseLogits, skip_deepspeed_shm_op, skip_single_rank_allreduce
 
     inputs = _inputs(path, len(batches), overrides)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
@@ -173,6 +173,7 @@ def deepspeed_here(path: str, batches, overrides: list[str]) -> dict:
     skip_deepspeed_shm_op()
     engine, _, _, _ = deepspeed.initialize(model=wrapped, config=inputs.ds_config,
                                            model_parameters=[p for p in wrapped.parameters() if p.requires_grad])
+    skip_single_rank_allreduce(engine, 1, inputs.cfg.training.zero_stage)  # as the recipe does
 
     def forward(batch):
         from distill.losses import IGNORE, response_ce

@@ -72,6 +72,15 @@ def skip_deepspeed_shm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def skip_single_rank_allreduce(engine, world_size: int, zero_stage: int) -> None:
+    """On one rank the gradient all-reduce is the identity, yet at ZeRO-0 DeepSpeed flattens every
+    gradient into buffers, reduces them and copies them back each step (a tenth of the backward
+    pass for the embedded default's student: bench/README.md, "Student training"). ZeRO 1-3
+    move gradients into their partitions in the same call, so they keep it."""
+    if world_size == 1 and zero_stage == 0:
+        engine.enable_backward_allreduce = False
+
+
 class DistillRecipe:
     def __init__(self, inputs: RecipeInputs):
         self.inputs = inputs
@@ -114,6 +123,7 @@ class DistillRecipe:
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
             config=self.inputs.ds_config)
+        skip_single_rank_allreduce(self.engine, self.ctx.get_world_size(), t.zero_stage)
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": [],
                                       "on_policy_step": 0}
         checkpoint = ray.train.get_checkpoint()

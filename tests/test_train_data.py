@@ -127,3 +127,17 @@ def test_files_read_a_task_each_come_in_the_order_read_parquet_gives(tmp_path, r
     theirs = [r["x"] for b in ray.data.read_parquet(files).iter_batches(batch_size=4, batch_format="pandas")
               for r in b.to_dict("records")]
     assert ours == theirs == [x for f in range(7) for x in range(f * 10, f * 10 + 3 + f)]
+
+
+def test_deepspeeds_gradient_all_reduce_is_skipped_only_where_it_is_the_identity():
+    from types import SimpleNamespace
+
+    from distill.train_loop import skip_single_rank_allreduce
+
+    def engine_after(world_size, zero_stage):
+        engine = SimpleNamespace(enable_backward_allreduce=True)
+        skip_single_rank_allreduce(engine, world_size, zero_stage)
+        return engine.enable_backward_allreduce
+
+    assert engine_after(1, 0) is False  # one rank, no partitions: nothing to reduce
+    assert engine_after(2, 0) is True and engine_after(1, 2) is True and engine_after(1, 3) is True
