@@ -60,9 +60,11 @@ def quiet_process() -> None:
 
 
 def _ray_file() -> str:
-    import ray
+    """Where Ray is installed, found without importing it (Ray reads some settings, such as
+    RAY_AUTH_MODE, once at import: `distill submit` sets that first)."""
+    import importlib.util
 
-    return ray.__file__
+    return importlib.util.find_spec("ray").origin
 
 
 def quiet_worker_logs() -> None:

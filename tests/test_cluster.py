@@ -119,3 +119,14 @@ def test_submit_checks_the_clusters_python_before_the_job():
     # a Python without the project's site-packages: the job would fail deep inside; the check names the fix
     with pytest.raises(UserError, match=r"cannot import .*pyarrow.*ray start --head"):
         check_dependencies(FakeJobClient(python_path=""), {}, "http://head:8265")
+
+
+def test_quieting_the_logs_does_not_import_ray():
+    # Ray reads RAY_AUTH_MODE once at import; `distill submit` sets it after the CLI quiets the logs
+    import subprocess
+    import sys
+
+    code = ("import sys; from distill.ray_utils import quiet_process; quiet_process(); "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
