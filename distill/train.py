@@ -29,7 +29,7 @@ from distill.hardware import fast_dtype
 from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
 from distill.storage import locate
-from distill.tokenizers import TokenizerStamp, matches, read_stamp
+from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp
 
 FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
 
@@ -46,7 +46,6 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
     from transformers import AutoTokenizer
 
     from distill.model_files import resolve_model
-    from distill.tokenizers import TokenizerMismatch, matches
 
     if cfg.training.method == "sequence":
         return "sequence"
@@ -322,8 +321,9 @@ def _plan(cfg: RunConfig, total_steps: int, on_policy: bool) -> str:
 
 def _stats(history, **stats) -> dict[str, Any]:
     """The stage's figures: `stats` and the first, final and validation losses of the history."""
-    losses = [h for h in history.read_json() if "loss" in h]
-    vals = [h["val_loss"] for h in history.read_json() if h.get("val_loss") is not None]
+    entries = history.read_json()
+    losses = [h for h in entries if "loss" in h]
+    vals = [h["val_loss"] for h in entries if h.get("val_loss") is not None]
     return dict(stats, steps=losses[-1]["step"] if losses else 0, first_loss=losses[0]["loss"] if losses else None,
                 final_loss=losses[-1]["loss"] if losses else None, val_loss=vals[-1] if vals else None)
 
