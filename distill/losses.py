@@ -13,6 +13,12 @@ it puts outside the teacher's support, and is a lower bound of the full-vocabula
 (coarsening a distribution can only shrink a divergence). Temperature tau tempers both
 partitioned distributions (p^(1/tau), renormalised) and the loss is scaled by tau^2 so gradient
 magnitudes do not depend on tau (Hinton et al.).
+
+Across tokenizers (`distill.token_alignment`), a top-k id can be UNMAPPED (-1): no student token
+spells that teacher token. Its probability counts in both tails. A position whose ids are all
+UNMAPPED has no vocabulary in common with the student there, and is compared tokenizer-free
+instead: the L1 distance between the sorted probability vectors (the teacher's K and tail, the
+student's K largest and tail; ULD, Boizard et al. 2024), untempered.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+UNMAPPED = -1  # a teacher id with no student counterpart (distill.token_alignment)
 _EPS = 1e-6  # representable next to 1.0 in fp32
+_LOG_ZERO = -1e4  # log of a probability that is 0, finite so no 0 * inf makes a NaN
 
 
 def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,9 +44,12 @@ def _partition_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                         topk_logprobs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of teacher and student on the K+1 partition, tempered: each [B, T, K+1]."""
     s_logp = F.log_softmax(student_logits.float(), dim=-1)
-    s_top = s_logp.gather(-1, topk_ids.long())  # [B, T, K]
+    mapped = topk_ids != UNMAPPED
+    s_top = s_logp.gather(-1, topk_ids.long().clamp(min=0))  # [B, T, K]
+    s_top = torch.where(mapped, s_top, torch.full_like(s_top, _LOG_ZERO))
     s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - _EPS)).unsqueeze(-1)
-    t_top = topk_logprobs.float().clamp(min=-1e4)  # -inf (a top-k padded by the teacher) -> probability 0, no NaN
+    t_top = topk_logprobs.float().clamp(min=_LOG_ZERO)  # -inf (a top-k padded by the teacher) -> probability 0, no NaN
+    t_top = torch.where(mapped, t_top, torch.full_like(t_top, _LOG_ZERO))
     t_tail = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - _EPS)).unsqueeze(-1)
     student = torch.cat([s_top, s_tail], -1)
     teacher = torch.cat([t_top, t_tail], -1)
@@ -65,6 +76,17 @@ def generalised_jsd(p_log: torch.Tensor, q_log: torch.Tensor, beta: float) -> to
     return beta * kl(p_log, m_log) + (1 - beta) * kl(q_log, m_log)
 
 
+def sorted_probability_distance(student_logits: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """ULD at every position, [B, T]: sum |p_teacher(i-th likeliest) - p_student(i-th likeliest)|
+    over the K likeliest of each, plus the difference of what is left over. Needs no shared
+    vocabulary; zero when the two sorted distributions agree; at most 2."""
+    k = topk_logprobs.size(-1)
+    teacher = topk_logprobs.float().clamp(min=_LOG_ZERO).exp().sort(-1, descending=True).values
+    student = F.softmax(student_logits.float(), dim=-1).topk(k, dim=-1).values
+    tails = (1 - teacher.sum(-1)).clamp(min=0) - (1 - student.sum(-1)).clamp(min=0)
+    return (teacher - student).abs().sum(-1) + tails.abs()
+
+
 def topk_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
             mask: torch.Tensor, divergence: str = "forward_kl", beta: float = 0.5,
             temperature: float = 1.0) -> torch.Tensor:
@@ -83,6 +105,10 @@ def topk_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs:
         per_pos = generalised_jsd(teacher, student, beta)
     else:
         raise ValueError(f"unknown divergence {divergence!r}: forward_kl, reverse_kl or jsd")
+    unmatched = (topk_ids == UNMAPPED).all(-1) & mask
+    if unmatched.any():  # scaled back below: the sorted distance is untempered
+        uld = sorted_probability_distance(student_logits, topk_logprobs) / temperature**2
+        per_pos = torch.where(unmatched, uld, per_pos)
     per_pos = torch.where(mask, per_pos, torch.zeros_like(per_pos))  # masked: no NaN/inf leaks in
     return per_pos.sum() / mask.float().sum().clamp(min=1) * temperature**2
 

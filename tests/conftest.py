@@ -24,16 +24,51 @@ os.environ.setdefault("TEST_TEACHER_KEY", "sk-test-not-a-real-key")
 LAUNCH_ENV = dict(os.environ)
 
 
-def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0, init: float = 0.02) -> Path:
-    """A random Llama with the SmolLM2 tokenizer; head_dim 32 (vLLM's CPU attention minimum).
-    `init` is the weights' standard deviation: at 0.02 (transformers' default) its next-token
-    distribution is close to uniform, at 0.5 it is peaked, as a trained teacher's is."""
+def make_tokenizer(kind: str = "byte_level", vocab_size: int = 400):
+    """A tokenizer of another family than the default's, trained here on the built-in reviews:
+    `byte_level` (BPE over bytes, as GPT-2/Llama 3/Qwen; spells any text) or `metaspace`
+    (SentencePiece-style, as Llama 2/Gemma; unknown characters become <unk>). Same chat
+    template and special-token names as SmolLM2's, other ids for everything."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    import random
+
+    from distill.builtin_data.sentiment import make
+    from distill.model_files import resolve_model
+
+    template = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct")).chat_template
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    rng = random.Random(1)
+    texts = [make(rng)["prompt"] for _ in range(200)] + ["The sentiment is positive. Negative."] * 20
+    if kind == "byte_level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=alphabet, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>", chat_template=template)
+
+
+def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 2, seed: int = 0, init: float = 0.02,
+                    tokenizer=None) -> Path:
+    """A random Llama with the SmolLM2 tokenizer (or `tokenizer`); head_dim 32 (vLLM's CPU
+    attention minimum). `init` is the weights' standard deviation: at 0.02 (transformers'
+    default) its next-token distribution is close to uniform, at 0.5 it is peaked, as a trained
+    teacher's is."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from distill.model_files import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
