@@ -7,7 +7,9 @@ Each on-policy step (GKD, Agarwal et al. 2023): the student samples one rollout 
 (`distill.on_policy_actors.StudentSampler`), the teacher reads prompt + rollout once (prefill
 only, `TeacherScorer`) and returns its top-k at every rollout position, and the trainer takes a
 per-token divergence between its own distribution and the teacher's top-k at exactly those
-positions (the same `distill.losses.topk_kd` that off-policy logit KD uses). Prompt positions
+positions (the same `distill.losses.topk_kd` that off-policy logit KD uses; a teacher with
+another tokenizer reads the rollout's text in its own tokens, and its rows are moved onto the
+student's by `distill.token_alignment`, as the stored top-k is). Prompt positions
 never count: the student is judged only on what it wrote. With probability `lambda_mix` a step
 trains on the teacher's stored outputs instead (off-policy), as GKD mixes the two.
 
@@ -27,9 +29,11 @@ from distill.losses import IGNORE
 from distill.train_data import INPUT_IDS, KD_IDS, KD_LOGPROBS, LABELS, LENGTH
 
 
-def policy_prompts(batch, student_path: str, max_prompt_tokens: int):
+def policy_prompts(batch, student_path: str, max_prompt_tokens: int, teacher_tokenizer: str | None = None):
     """Ray Data UDF: a batch of prompts -> the train split's `id` and `prompt_ids` (the student's
-    chat template applied), with `fits`: whether a rollout still fits after the prompt."""
+    chat template applied), with `fits`: whether a rollout still fits after the prompt. With a
+    `teacher_tokenizer` other than the student's, also `teacher_prompt_ids`: the same messages in
+    the teacher's chat template, what the scorer reads before the rollout."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -38,10 +42,24 @@ def policy_prompts(batch, student_path: str, max_prompt_tokens: int):
     from distill.train_data import tokenizer_for
 
     batch = batch.filter(pc.equal(batch[S.SPLIT], "train"))
-    tokenizer = tokenizer_for(student_path)
-    ids = [prompt_token_ids(tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
-    return pa.table({"id": batch[S.ID], "prompt_ids": pa.array(ids, pa.list_(pa.int32())),
-                     "fits": pa.array([len(p) <= max_prompt_tokens for p in ids], pa.bool_())})
+    messages = batch[S.MESSAGES].to_pylist()
+    ids = [prompt_token_ids(tokenizer_for(student_path), m) for m in messages]
+    fits = [len(p) <= max_prompt_tokens for p in ids]
+    columns = {"id": batch[S.ID], "prompt_ids": pa.array(ids, pa.list_(pa.int32()))}
+    if teacher_tokenizer:
+        teacher_ids = [prompt_token_ids(tokenizer_for(teacher_tokenizer), m) for m in messages]
+        fits = [f and len(t) <= max_prompt_tokens for f, t in zip(fits, teacher_ids)]
+        columns["teacher_prompt_ids"] = pa.array(teacher_ids, pa.list_(pa.int32()))
+    return pa.table({**columns, "fits": pa.array(fits, pa.bool_())})
+
+
+def in_teacher_tokens(rollout: list[int], student_tok, teacher_tok, limit: int) -> list[int]:
+    """The student's rollout as the teacher's tokens (its text re-tokenised, a final EOS as the
+    teacher's EOS), at most `limit` tokens: what a scorer with another tokenizer reads."""
+    ends = bool(rollout) and rollout[-1] == student_tok.eos_token_id
+    text = student_tok.decode(rollout[:len(rollout) - ends])
+    ids = teacher_tok(text, add_special_tokens=False)["input_ids"][:limit]
+    return ids + [teacher_tok.eos_token_id] if ends and len(ids) < limit else ids
 
 
 def uses_stored_outputs(step: int, lambda_mix: float, seed: int) -> bool:

@@ -21,9 +21,11 @@ import pyarrow as pa
 
 from distill.config import KDLossConfig
 from distill.errors import UserError
-from distill.on_policy import draw_prompts, rollout_example, rollout_positions_topk, trainable_weights, uses_stored_outputs
+from distill.on_policy import (draw_prompts, in_teacher_tokens, rollout_example, rollout_positions_topk,
+                               trainable_weights, uses_stored_outputs)
 from distill.storage import locate
-from distill.train_data import bucketed_batches, collate
+from distill.token_alignment import aligned_topk
+from distill.train_data import bucketed_batches, collate, pair_for, tokenizer_for
 
 ROLLOUT_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("weights_version", pa.int64()),
                             ("prompt_id", pa.string()), ("prompt_tokens", pa.int64()),
@@ -53,6 +55,11 @@ class OnPolicyPhase:
                              "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
         self.prompt_ids = [r["id"] for r in fits]
         self.prompts = [list(r["prompt_ids"]) for r in fits]
+        self.cross = None  # a scorer with another tokenizer: its prompts, both tokenizers, the alignment
+        if self.places.teacher_tokenizer:
+            teacher, student = self.places.teacher_tokenizer, recipe.inputs.student_path
+            self.cross = ([list(r["teacher_prompt_ids"]) for r in fits], tokenizer_for(student),
+                          tokenizer_for(teacher), pair_for(teacher, student))
         self.rollouts = locate(self.places.rollouts_uri)
         self.stored, self.stored_passes = None, 0  # batches of the stored outputs, pass after pass
         self.counts = {"rollout_tokens": 0, "scored_tokens": 0, "sync_s": 0.0, "syncs": 0}
@@ -103,10 +110,13 @@ class OnPolicyPhase:
         prompts = [self.prompts[i] for i in index]
         sampled = ray.get(self.sampler.sample.remote(prompts, self.op.max_new_tokens, self.op.temperature))
         rollouts = sampled["rollouts"]
-        scores = ray.get(self.scorer.score.remote([p + r for p, r in zip(prompts, rollouts)], self.top_k))
+        t_prompts, t_rollouts = self.scorer_view(index, prompts, rollouts)
+        scores = ray.get(self.scorer.score.remote([p + r for p, r in zip(t_prompts, t_rollouts)], self.top_k))
         examples = []
-        for p, r, (ids, logprobs) in zip(prompts, rollouts, scores):
-            t_ids, t_logprobs = rollout_positions_topk(ids, logprobs, len(p), len(r), self.top_k)
+        for p, r, t_p, t_r, (ids, logprobs) in zip(prompts, rollouts, t_prompts, t_rollouts, scores):
+            t_ids, t_logprobs = rollout_positions_topk(ids, logprobs, len(t_p), len(t_r), self.top_k)
+            if self.cross is not None:
+                t_ids, t_logprobs = aligned_topk(t_r, t_ids, t_logprobs, r, self.cross[3])
             example = rollout_example(p, r, t_ids, t_logprobs, recipe.cfg.training.max_seq_len)
             if example is not None:
                 examples.append(example)
@@ -114,13 +124,22 @@ class OnPolicyPhase:
             raise UserError(f"every drawn prompt fills training.max_seq_len ({recipe.cfg.training.max_seq_len}) "
                              "before the rollout starts: raise training.max_seq_len")
         self.counts["rollout_tokens"] += sum(len(r) for r in rollouts)
-        self.counts["scored_tokens"] += sum(len(p) + len(r) for p, r in zip(prompts, rollouts))
+        self.counts["scored_tokens"] += sum(len(p) + len(r) for p, r in zip(t_prompts, t_rollouts))
         record = pa.table({"step": [step] * len(index), "rank": [recipe.rank] * len(index),
                            "weights_version": [sampled["version"]] * len(index),
                            "prompt_id": [self.prompt_ids[i] for i in index],
                            "prompt_tokens": [len(p) for p in prompts], "token_ids": rollouts},
                           schema=ROLLOUT_SCHEMA)
         return collate(examples, recipe.pad_id, self.top_k), record
+
+    def scorer_view(self, index: list[int], prompts: list[list[int]], rollouts: list[list[int]]):
+        """Prompts and rollouts as the scorer reads them: the same ids, or, for a teacher with
+        another tokenizer, its own prompt ids and the rollouts' text in its tokens."""
+        if self.cross is None:
+            return prompts, rollouts
+        t_prompts, student_tok, teacher_tok, _ = self.cross
+        limit = self.op.max_new_tokens
+        return [t_prompts[i] for i in index], [in_teacher_tokens(r, student_tok, teacher_tok, limit) for r in rollouts]
 
     # ------------------------------------------------------------------------- the phase
     def run(self) -> None:

@@ -29,6 +29,9 @@ class OnPolicyInputs(BaseModel):
     """Where each worker writes its scored rollouts."""
     weights_dir: str
     """Where rank 0 writes the weights for the sampler (`on_policy.sync_via: file`)."""
+    teacher_tokenizer: str | None = None
+    """The scorer's tokenizer when it is not the student's: rollouts are re-tokenised for it and
+    its rows aligned back (`distill.token_alignment`); None: the same ids on both sides."""
 
 
 class RecipeInputs(BaseModel):

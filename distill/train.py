@@ -3,8 +3,9 @@
     distill train --config configs/default.yaml
 
 setup (driver): resolve the student (derive it from the teacher, or load any HF folder), check
-  the tokenizers (logit-level KD needs the teacher's; a mismatch is refused unless
-  `training.allow_sequence_fallback`), tokenize the curated rows into Ray Datasets.
+  the stored signal (logit-level KD needs the teacher's token ids and top-k: text-only rows are
+  refused unless `training.allow_sequence_fallback`; another tokenizer's rows are aligned to
+  the student's, `distill.token_alignment`), tokenize the curated rows into Ray Datasets.
 train (workers): `deepspeed.initialize` with the ZeRO stage, precision, accumulation, clipping,
   AdamW and a warmup+cosine schedule from config; response-only CE (sequence-level KD) or CE +
   top-k KL/JSD (logit-level KD); validation loss each epoch; a DeepSpeed checkpoint reported to
@@ -29,7 +30,7 @@ from distill.hardware import fast_dtype
 from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
 from distill.storage import locate
-from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp
+from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp, same_tokenizer
 
 FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
 
@@ -38,10 +39,10 @@ FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises onc
 
 
 def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
-    """'logit' or 'sequence' for the curated rows. Logit-level KD needs the teacher's tokenizer and
-    top-k on every curated row; refuse otherwise, naming the fall-back, unless it is allowed.
-    On-policy distillation trains its epochs like logit KD and has no fall-back: the teacher
-    scores the student's tokens in its own ids."""
+    """'logit' or 'sequence' for the curated rows. Logit-level KD needs the teacher's token ids and
+    top-k on every curated row (in any tokenizer: another one's are aligned to the student's);
+    refuse otherwise, naming the fall-back, unless it is allowed. On-policy distillation trains
+    its epochs like logit KD and has no fall-back."""
     import pyarrow.dataset as pads
     from transformers import AutoTokenizer
 
@@ -62,12 +63,13 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
         curated = pads.dataset(rd.curated.list_files(".parquet"), filesystem=rd.curated.fs, format="parquet")
         text_only, rows = curated.count_rows(filter=pads.field(S.TOPK) == 0), curated.count_rows()
     student_tok = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    if matches(stamp, student_tok) and not text_only:
+    if not text_only:
+        if not matches(stamp, student_tok):
+            print(f"[train] the student's tokenizer differs from the teacher's ({stamp.name}): logit-level KD "
+                  "across tokenizers (the teacher's top-k moved onto the student's tokens by their bytes)")
         return "logit"
     message = (f"{text_only} of {rows} curated rows are text-only (the teacher returned no token ids "
-               "and top-k), so logit-level KD cannot use them; " if text_only else
-               f"the student's tokenizer differs from the teacher's ({stamp.name}, fingerprint "
-               f"{stamp.fingerprint}), so the teacher's top-k logprobs do not apply (logit-level KD); ") + fallback
+               "and top-k), so logit-level KD cannot use them; ") + fallback
     if cfg.training.method == "on_policy":
         raise TokenizerMismatch(message.removesuffix(fallback) + "training.method=on_policy needs the teacher's "
                                 "tokenizer and top-k (there is no fall-back): use training.method=sequence")
@@ -137,13 +139,16 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         raise UserError("no gold references in the train split" if gold else
                          "no curated training examples: check the curation table")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    same = not gold and (method == "logit" or matches(stored_tokenizer(cfg, rd), tokenizer))
+    stamp = None if gold else stored_tokenizer(cfg, rd)
+    same = matches(stamp, tokenizer)
+    align_from = stamp.name if method == "logit" and stamp is not None and not same else None
     files = source.list_files(".parquet")
     datasets = {}
     for split in S.TRAINED_SPLITS:
         if rows[split]:
             datasets[split] = parquet_files(files, source.fs, tokenize_split, student_path=student_path, split=split,
                                             max_seq_len=cfg.training.max_seq_len, use_teacher_ids=same, gold=gold,
+                                            align_from=align_from,
                                             top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
     cap = cfg.training.max_validation_rows
     if cap and rows["validation"] > cap:
@@ -222,7 +227,15 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     return stats
 
 
-def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
+def scorer_tokenizer(cfg: RunConfig, student_path: str) -> str | None:
+    """The on-policy scorer's (the vLLM teacher's) tokenizer when it is not the student's, else None."""
+    from distill.train_data import tokenizer_for
+
+    same = same_tokenizer(tokenizer_for(cfg.teacher.path), tokenizer_for(student_path))
+    return None if same else cfg.teacher.path
+
+
+def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str, teacher_tokenizer: str | None):
     """The train split's prompts as the student's prompt ids, tokenised in Ray Data: what on-policy
     rollouts start from (those too long to leave room for a rollout are marked, not sent)."""
     from distill.on_policy import policy_prompts
@@ -231,7 +244,7 @@ def _policy_prompts(cfg: RunConfig, rd: RunDir, student_path: str):
     # prompt + rollout must fit both engines; a prompt that fills max_seq_len leaves nothing to learn
     limit = min(cfg.student.engine.max_model_len, cfg.teacher.engine.max_model_len) - t.on_policy.max_new_tokens
     return parquet_files(rd.prompts.list_files(".parquet"), rd.prompts.fs, policy_prompts, student_path=student_path,
-                         max_prompt_tokens=min(limit, t.max_seq_len - 1))
+                         max_prompt_tokens=min(limit, t.max_seq_len - 1), teacher_tokenizer=teacher_tokenizer)
 
 
 def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_name: str, export,
@@ -262,8 +275,10 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
             raise UserError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
                              "file the trainer writes); use sync_via=object_store")
-        datasets["prompts"] = _policy_prompts(cfg, rd, base)
-        inputs = inputs.model_copy(update={"on_policy": _on_policy_inputs(cfg, rd, base, run_name)})
+        scorer_tok = scorer_tokenizer(cfg, base)
+        datasets["prompts"] = _policy_prompts(cfg, rd, base, scorer_tok)
+        places = _on_policy_inputs(cfg, rd, base, run_name).model_copy(update={"teacher_tokenizer": scorer_tok})
+        inputs = inputs.model_copy(update={"on_policy": places})
     trainer = _trainer(cfg, inputs, datasets, run_name, storage)
     print(f"[train] {method}-level KD: {data.rows['train']} examples, " + _plan(cfg, total_steps, on_policy))
     start = time.time()

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from distill import schema as S
 from distill.chat import prompt_token_ids
 from distill.losses import IGNORE
+from distill.token_alignment import TokenizerPair, aligned_topk
 
 INPUT_IDS, LABELS, KD_IDS, KD_LOGPROBS, LENGTH = "input_ids", "labels", "kd_ids", "kd_logprobs", "length"
 ENDED = ("stop", "trimmed", "relabelled")  # responses that end where the teacher stopped: the student learns EOS
@@ -43,23 +44,46 @@ def _flat_list(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return offsets - offsets[0], arr.flatten().to_numpy(zero_copy_only=False), np.asarray(arr.is_valid())
 
 
-def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids: bool, top_k: int) -> pa.Table:
+def _teacher_rows(teacher, i: int, response: list[int], teacher_ids: list[int], top_k: int,
+                  align: TokenizerPair | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row i's top-k for its (truncated) response positions, flat [len(response) * K] ids and
+    logprobs, or None without one. `teacher`: the flat top-k columns (offsets, ids, valid,
+    logprobs); with `align`, rows in another tokenizer's ids moved onto the response's tokens."""
+    offsets, id_values, valid, lp_values = teacher
+    lo, hi = offsets[i], offsets[i + 1]
+    if not valid[i] or hi <= lo:
+        return None
+    n = len(response)
+    if align is not None:
+        ids, lps = aligned_topk(teacher_ids, id_values[lo:hi].reshape(-1, top_k), lp_values[lo:hi].reshape(-1, top_k),
+                                response, align)
+        return ids.reshape(-1).astype(np.int32), lps.reshape(-1)
+    take = min((hi - lo) // top_k, n) * top_k
+    pad = n * top_k - take  # the appended EOS has no teacher row: masked out of KD
+    return (np.concatenate([id_values[lo:lo + take], np.zeros(pad, np.int32)]),
+            np.concatenate([lp_values[lo:lo + take].astype(np.float32), np.full(pad, np.nan, np.float32)]))
+
+
+def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids: bool, top_k: int,
+                   align: TokenizerPair | None = None) -> pa.Table:
     """Curated rows -> training examples (EXAMPLE_SCHEMA), truncated to max_seq_len; a row whose
     prompt alone fills max_seq_len is left out (nothing to learn).
 
     With `use_teacher_ids` (same tokenizer) the teacher's own token ids are the targets, so
-    its top-k rows line up; otherwise the response text is re-tokenised (sequence-level only).
-    The top-k is sliced as numpy views of the Arrow buffers: response position j of an example
-    has the teacher's row j, and positions without one (an appended EOS) are NaN."""
+    its top-k rows line up; otherwise the response text is re-tokenised, and the top-k comes
+    along only through `align` (another tokenizer's rows moved onto the student's tokens,
+    `distill.token_alignment`). The top-k is sliced as numpy views of the Arrow buffers: response
+    position j of an example has the teacher's row j, and positions without one (an appended
+    EOS) are NaN."""
     eos = tokenizer.eos_token_id
     names = table.column_names
     messages, texts = table[S.MESSAGES].to_pylist(), table[S.TEXT].to_pylist()
     finish = table[S.FINISH_REASON].to_pylist()
     token_ids = table[S.TOKEN_IDS].to_pylist() if S.TOKEN_IDS in names else [None] * len(table)
-    with_kd = bool(top_k and use_teacher_ids and S.TOPK_IDS in names)
+    with_kd = bool(top_k and (use_teacher_ids or align) and S.TOPK_IDS in names)
     if with_kd:
-        kd_off, kd_id_values, kd_valid = _flat_list(table[S.TOPK_IDS])
-        _, kd_lp_values, _ = _flat_list(table[S.TOPK_LOGPROBS])
+        offsets, id_values, valid = _flat_list(table[S.TOPK_IDS])
+        teacher = (offsets, id_values, valid, _flat_list(table[S.TOPK_LOGPROBS])[1])
     inputs, labels, lengths, kd_ids, kd_lps, kd_offsets, kd_present = [], [], [], [], [], [0], []
     for i, msgs in enumerate(messages):
         prompt = prompt_token_ids(tokenizer, msgs)
@@ -76,17 +100,12 @@ def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids
         inputs.append(ids)
         labels.append([IGNORE] * len(prompt) + response[:n_resp])
         lengths.append(len(ids))
-        lo, hi = (kd_off[i], kd_off[i + 1]) if with_kd else (0, 0)
-        if with_kd and kd_valid[i] and hi > lo:
-            take = min((hi - lo) // top_k, n_resp) * top_k
-            pad = n_resp * top_k - take  # the appended EOS has no teacher row: masked out of KD
-            kd_ids += [kd_id_values[lo:lo + take], np.zeros(pad, np.int32)]
-            kd_lps += [kd_lp_values[lo:lo + take].astype(np.float32), np.full(pad, np.nan, np.float32)]
-            kd_offsets.append(kd_offsets[-1] + n_resp * top_k)
-            kd_present.append(True)
-        else:
-            kd_offsets.append(kd_offsets[-1])
-            kd_present.append(False)
+        rows = _teacher_rows(teacher, i, response[:n_resp], list(token_ids[i] or []), top_k, align) if with_kd else None
+        kd_present.append(rows is not None)
+        if rows is not None:
+            kd_ids.append(rows[0])
+            kd_lps.append(rows[1])
+        kd_offsets.append(kd_offsets[-1] + (n_resp * top_k if rows is not None else 0))
     mask = pa.array(~np.asarray(kd_present, bool))
     flat_ids = np.concatenate([np.zeros(0, np.int32), *kd_ids]).astype(np.int32)
     flat_lps = np.concatenate([np.zeros(0, np.float32), *kd_lps])
@@ -132,15 +151,27 @@ def tokenizer_for(path: str):
     return _TOKENIZERS[path]
 
 
+_PAIRS: dict[tuple[str, str], TokenizerPair] = {}
+
+
+def pair_for(teacher_path: str, student_path: str) -> TokenizerPair:
+    """The alignment tables of two tokenizers, made once per worker process."""
+    if (teacher_path, student_path) not in _PAIRS:
+        _PAIRS[teacher_path, student_path] = TokenizerPair.of(tokenizer_for(teacher_path), tokenizer_for(student_path))
+    return _PAIRS[teacher_path, student_path]
+
+
 def tokenize_split(batch: pa.Table, student_path: str, split: str, max_seq_len: int, use_teacher_ids: bool,
-                   top_k: int, gold: bool = False) -> pa.Table:
+                   top_k: int, gold: bool = False, align_from: str | None = None) -> pa.Table:
     """Ray Data UDF (tasks, not actors: nothing holds a CPU between batches): a batch of curated
-    rows (or, `gold`, of prompts) -> the examples of one split."""
+    rows (or, `gold`, of prompts) -> the examples of one split. `align_from`: the teacher
+    tokenizer the top-k is in, when it is not the student's (cross-tokenizer logit KD)."""
     from distill.topk_codec import expanded_table
 
     batch = batch.filter(pc.equal(batch[S.SPLIT], split))
     batch = gold_table(batch) if gold else expanded_table(batch)
-    return examples_table(batch, tokenizer_for(student_path), max_seq_len, use_teacher_ids, top_k)
+    align = pair_for(align_from, student_path) if align_from and top_k else None
+    return examples_table(batch, tokenizer_for(student_path), max_seq_len, use_teacher_ids, top_k, align)
 
 
 def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict]]:

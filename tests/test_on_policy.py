@@ -1,5 +1,6 @@
 """On-policy distillation: the pure parts without Ray, then the sampler, the scorer and a whole
-on-policy training (killed once, resumed) on the real engines with tiny models."""
+on-policy training (killed once, resumed) on the real engines with tiny models, the student with
+another tokenizer than the teacher's (its stored batches are cross-tokenizer logit KD)."""
 
 import json
 
@@ -12,7 +13,7 @@ from distill.on_policy import (draw_prompts, rollout_example, rollout_positions_
                                uses_stored_outputs)
 from distill.train_data import INPUT_IDS, KD_IDS, KD_LOGPROBS, LABELS, collate
 
-from conftest import copy_run, make_tiny_llama
+from conftest import copy_run, make_tiny_llama, make_tokenizer
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -131,9 +132,10 @@ def test_on_policy_training_is_killed_resumes_and_moves_toward_the_teacher(gener
     from distill.stages import run_stage
 
     # a teacher with a peaked distribution (the session's tiny model is near uniform, so every
-    # divergence to it is near zero) writes the stored outputs; the student starts elsewhere
+    # divergence to it is near zero) writes the stored outputs; the student starts elsewhere, with
+    # a tokenizer of its own: the scorer reads the rollouts' text in the teacher's tokens
     teacher = str(make_tiny_llama(tmp_path / "teacher", seed=2, init=0.5))
-    student = make_tiny_llama(tmp_path / "student", seed=1)
+    student = make_tiny_llama(tmp_path / "student", seed=1, tokenizer=make_tokenizer("byte_level"))
     cfg = copy_run(generated_run[0], tmp_path / "run", teacher,
                    student={"kind": "pretrained", "path": str(student)},
                    curation={"drop_truncated": False, "drop_empty": False, "drop_repetition": False,
@@ -164,25 +166,41 @@ def test_on_policy_training_is_killed_resumes_and_moves_toward_the_teacher(gener
     assert stats["on_policy"]["teacher_scored_tokens"] > stats["on_policy"]["rollout_tokens"] > 0
     # the student moved toward the teacher: its divergence on the first step's rollouts (written
     # by the starting weights, version 0) fell from the base student's
+    prompts = pq.read_table(run / "prompts")
+    messages = dict(zip(prompts["id"].to_pylist(), prompts["messages"].to_pylist()))
+    first = [r for r in rollouts if r["weights_version"] == 0]
+    div = {name: divergence_to_teacher(teacher, path, first, messages, limit=6)
+           for name, path in (("base", student), ("trained", run / "student"))}
+    assert div["trained"] < div["base"], div
+
+
+def divergence_to_teacher(teacher: str, student, rollouts: list[dict], messages: dict, limit: int) -> float:
+    """Mean top-4 forward KL of `student` to `teacher` over the rollouts' positions, as on-policy
+    training measures it: the teacher reads each rollout in its own tokens, its rows aligned back."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.chat import prompt_token_ids
     from distill.losses import topk_kd
+    from distill.on_policy import in_teacher_tokens
+    from distill.token_alignment import TokenizerPair, aligned_topk
 
-    tok = AutoTokenizer.from_pretrained(teacher)
-    prompts = pq.read_table(run / "prompts")
-    messages = dict(zip(prompts["id"].to_pylist(), prompts["messages"].to_pylist()))
-    first = [r for r in rollouts if r["weights_version"] == 0]
-    seqs = [prompt_token_ids(tok, messages[r["prompt_id"]]) + r["token_ids"] for r in first]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.zeros(len(seqs), width - 1, dtype=torch.bool)
-    for i, (s, r) in enumerate(zip(seqs, first)):
-        mask[i, len(s) - len(r["token_ids"]) - 1:len(s) - 1] = True
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    t_tok, s_tok = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    pair = TokenizerPair.of(t_tok, s_tok)
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
+    t_model, s_model = load(teacher), load(student)
+    total = []
     with torch.no_grad():
-        top = torch.log_softmax(load(teacher)(ids).logits[:, :-1], -1).topk(4)
-        div = {name: topk_kd(load(path)(ids).logits[:, :-1], top.indices, top.values, mask).item()
-               for name, path in (("base", student), ("trained", run / "student"))}
-    assert div["trained"] < div["base"], div
+        for r in rollouts:
+            rollout, msgs = list(r["token_ids"]), messages[r["prompt_id"]]
+            t_prompt, s_prompt = prompt_token_ids(t_tok, msgs), prompt_token_ids(s_tok, msgs)
+            t_roll = in_teacher_tokens(rollout, s_tok, t_tok, limit)
+            logits = t_model(torch.tensor([t_prompt + t_roll])).logits[0, len(t_prompt) - 1:-1]
+            top = torch.log_softmax(logits, -1).topk(4)
+            ids, lps = aligned_topk(t_roll, top.indices.numpy(), top.values.numpy(), rollout, pair)
+            lps = torch.tensor(lps)
+            mask = ~torch.isnan(lps[:, 0])
+            s_logits = s_model(torch.tensor([s_prompt + rollout])).logits[:, len(s_prompt) - 1:-1]
+            total.append(topk_kd(s_logits, torch.tensor(ids)[None], torch.nan_to_num(lps, nan=-30.0)[None],
+                                 mask[None]).item())
+    return sum(total) / len(total)

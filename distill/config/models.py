@@ -499,8 +499,8 @@ class TrainingConfig(Strict):
     kd: KDLossConfig = KDLossConfig()
     """Logit-level KD loss."""
     allow_sequence_fallback: bool = False
-    """With method=logit and a student tokenizer unlike the teacher's: fall back to sequence KD
-    instead of refusing."""
+    """With method=logit and text-only curated rows (an endpoint teacher without
+    teacher.tokenizer): fall back to sequence KD instead of refusing."""
     freeze_embeddings: bool = False
     """Keep the input embeddings (and a tied output head) fixed: fewer trainable parameters, and
     words the training set never shows keep their pretrained meaning."""
