@@ -4,7 +4,10 @@
 
 (a) the engine called directly: vLLM's AsyncLLM in a Ray actor with the same settings, cores and
     environment as the Serve replica, requests sent from inside that actor;
-(b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica).
+(b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica);
+(c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
+    `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
+    also with a new connection per request (what the first version of this script did).
 Both arms run at once in (b), pinned to disjoint cores as `distill serve` does, so (a) measures
 each arm alone on the cores it gets there. Prints a table and writes bench/serve_latency.json.
 """
@@ -54,13 +57,25 @@ def summary(latencies: list[float], wall_s: float) -> dict:
             "requests_per_s": round(len(latencies) / wall_s, 3)}
 
 
-def through_app(url: str, arm: str, prompts, max_tokens: int, concurrency: int) -> dict:
+def through_app(url: str, arm: str | None, prompts, max_tokens: int, concurrency: int, keep_alive: bool = True) -> dict:
+    """Requests over HTTP, each client on its own kept-alive connection (as the OpenAI client
+    keeps one; `keep_alive=False`: a new connection per request); `arm` None: `GET /health`
+    instead (the proxy and the ingress, no model)."""
+    import threading
+
     import httpx
 
+    local = threading.local()
+
     def one(messages):
+        if not keep_alive or not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=300)
         start = time.perf_counter()
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=300,
-                       json={"model": arm, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        if arm is None:
+            r = local.client.get(f"{url}/health")
+        else:
+            r = local.client.post(f"{url}/v1/chat/completions",
+                                  json={"model": arm, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
         r.raise_for_status()
         return time.perf_counter() - start
 
@@ -76,7 +91,7 @@ def main() -> None:
     from ray import serve as ray_serve
 
     from distill.rundir import RunDir
-    from serve.app import build_app, hosted_models, load_target, start
+    from serve.app import HostedModel, build_app, hosted_models, load_target, start
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", default="runs/default")
@@ -98,12 +113,18 @@ def main() -> None:
         for c in (1, 8):
             results["arms"].setdefault(arm, {})[f"direct_c{c}"] = ray.get(actor.run.remote(prompts, max_tokens, c))
         ray.kill(actor)
-    url = start(build_app(models, cfg.serving), cfg.serving)
+    zero = HostedModel({"kind": "fake", "delay_s": 0.0, "max_model_len": 4096})
+    url = start(build_app({**models, "zero": zero}, cfg.serving), cfg.serving)
     try:
         for arm in models:  # (b) through the app
             through_app(url, arm, prompts[:2], max_tokens, 1)
             for c in (1, 8):
                 results["arms"][arm][f"serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
+        through_app(url, "zero", prompts[:2], max_tokens, 1)
+        results["fixed_cost_c1"] = {"health": through_app(url, None, prompts, max_tokens, 1),  # (c)
+                                    "zero_engine": through_app(url, "zero", prompts, max_tokens, 1),
+                                    "zero_engine_new_connection": through_app(url, "zero", prompts, max_tokens, 1,
+                                                                              keep_alive=False)}
     finally:
         ray_serve.shutdown()
         ray.shutdown()
