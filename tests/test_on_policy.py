@@ -159,6 +159,8 @@ def test_on_policy_training_is_killed_resumes_and_moves_toward_the_teacher(gener
     assert [h["step"] for h in steps] == list(range(1, 9))  # resumed after step 3's checkpoint, no gap, no repeat
     sources = [h["source"] for h in steps]
     assert sources == ["stored" if uses_stored_outputs(s, 0.25, 0) else "rollouts" for s in range(8)]
+    # a stored batch is off-policy logit KD on the teacher's top-k aligned to the student's tokens
+    assert all(0 < h["kd"] < float("inf") for h in steps if h["source"] == "stored") and "stored" in sources
     # every rollout records the weights that wrote it: at most sync_every steps old, never newer
     rollouts = pq.read_table(next((run / "rollouts").glob("train-*-w1z2"))).to_pylist()
     assert {r["step"] for r in rollouts} == {s for s in range(8) if sources[s] == "rollouts"}
