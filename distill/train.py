@@ -142,6 +142,8 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     stamp = None if gold else stored_tokenizer(cfg, rd)
     same = matches(stamp, tokenizer)
     align_from = stamp.name if method == "logit" and stamp is not None and not same else None
+    if align_from:
+        say_coverage(cfg, source, student_path, align_from)
     files = source.list_files(".parquet")
     datasets = {}
     for split in S.TRAINED_SPLITS:
@@ -155,6 +157,26 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         datasets["validation"] = datasets["validation"].limit(cap)
         rows = {**rows, "validation": cap}
     return TrainingData(datasets, rows)
+
+
+def say_coverage(cfg: RunConfig, curated, student_path: str, teacher_tokenizer: str) -> None:
+    """Print how much of the teacher's signal reaches the student's tokens across tokenizers, on
+    the first curated part (a sample: the driver reads no more)."""
+    import pyarrow.parquet as pq
+
+    from distill.topk_codec import expanded_table
+    from distill.train_data import examples_table, kd_coverage, pair_for, tokenizer_for
+
+    part = expanded_table(pq.read_table(curated.list_files(".parquet")[0], filesystem=curated.fs))
+    k = cfg.generation.top_k_logprobs
+    examples = examples_table(part, tokenizer_for(student_path), cfg.training.max_seq_len, False, k,
+                              pair_for(teacher_tokenizer, student_path))
+    c = kd_coverage(examples, k)
+    tokens = max(c["response_tokens"], 1)
+    print(f"[train] across tokenizers, on {len(part)} curated rows: {c['with_teacher'] / tokens:.0%} of the "
+          f"student's response tokens get a teacher row ({(c['with_teacher'] - c['sorted_only']) / tokens:.0%} "
+          f"token to token, {c['sorted_only'] / tokens:.0%} by sorted probabilities); the rest learn from "
+          "the text alone")
 
 
 def stored_tokenizer(cfg: RunConfig, rd: RunDir, say: bool = False) -> TokenizerStamp | None:

@@ -118,6 +118,20 @@ def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids
     ], schema=EXAMPLE_SCHEMA)
 
 
+def kd_coverage(examples: pa.Table, top_k: int) -> dict[str, int]:
+    """Of the response tokens of some examples: how many have a teacher row (`with_teacher`), and
+    of those how many share no token with the student's vocabulary there (`sorted_only`,
+    compared by sorted probabilities): what cross-tokenizer KD can use of the teacher."""
+    from distill.losses import UNMAPPED
+
+    ids = np.asarray(examples[KD_IDS].combine_chunks().flatten(), np.int64).reshape(-1, top_k)
+    logprobs = np.asarray(examples[KD_LOGPROBS].combine_chunks().flatten(), np.float32).reshape(-1, top_k)
+    defined = ~np.isnan(logprobs[:, 0])
+    labels = examples[LABELS].combine_chunks().flatten().to_numpy()
+    return {"response_tokens": int((labels != IGNORE).sum()), "with_teacher": int(defined.sum()),
+            "sorted_only": int((defined & (ids == UNMAPPED).all(-1)).sum())}
+
+
 def gold_table(prompts: pa.Table) -> pa.Table:
     """Prompt rows as 'teacher outputs' whose text is the gold reference: the no-teacher control."""
     with_reference = prompts.filter(pc.is_valid(prompts[S.REFERENCE]))

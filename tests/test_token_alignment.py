@@ -151,3 +151,43 @@ def test_finite_always_with_gradients():
         loss = topk_kd(logits, ids, lps, mask, div, temperature=2.0)
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_examples_across_tokenizers_carry_aligned_rows_and_their_coverage(teacher_tok):
+    """The Ray Data tokenisation step with another tokenizer: the response re-tokenised by the
+    student, the teacher's rows moved onto it, an EOS matched to the student's EOS, and the
+    coverage the train stage prints counted from the same columns."""
+    import pyarrow as pa
+
+    from distill import schema as S
+    from distill.train_data import KD_IDS, KD_LOGPROBS, LABELS, examples_table, kd_coverage
+
+    student_tok, k = make_tokenizer("byte_level"), 4
+    text = TEXTS[0]
+    t_ids = ids_of(teacher_tok, text)
+    topk_ids, topk_lps = teacher_rows(t_ids, k)
+    row = {S.SPLIT: "train", S.MESSAGES: [{"role": "user", "content": "Review: dim screen. Sentiment?"}],
+           S.TEXT: text, S.TOKEN_IDS: t_ids, S.FINISH_REASON: "stop", S.TOPK: k,
+           S.TOPK_IDS: topk_ids.reshape(-1).tolist(), S.TOPK_LOGPROBS: topk_lps.reshape(-1).tolist()}
+    pair = TokenizerPair.of(teacher_tok, student_tok)
+    out = examples_table(pa.Table.from_pylist([row]), student_tok, 512, use_teacher_ids=False, top_k=k, align=pair)
+    example = out.to_pylist()[0]
+    response = [x for x in example[LABELS] if x != -100]
+    assert response == ids_of(student_tok, text)  # the student's own tokens, its EOS last
+    ids = np.asarray(example[KD_IDS]).reshape(-1, k)
+    expected_ids, expected_lps = aligned_topk(t_ids, topk_ids, topk_lps, response, pair)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(np.asarray(example[KD_LOGPROBS]).reshape(-1, k), expected_lps)
+    found = groups(t_ids, response, pair)
+    assert kd_coverage(out, k) == {"response_tokens": len(response), "with_teacher": len(found),
+                                   "sorted_only": sum(not one for *_, one in found)}
+
+
+def test_a_rollout_reaches_a_scorer_of_another_tokenizer_as_its_own_tokens(teacher_tok, student_tok):
+    from distill.on_policy import in_teacher_tokens
+
+    rollout = ids_of(student_tok, TEXTS[0])  # ends with the student's EOS
+    as_teacher = in_teacher_tokens(rollout, student_tok, teacher_tok, limit=64)
+    assert as_teacher == ids_of(teacher_tok, TEXTS[0])  # the same text, the teacher's EOS
+    assert in_teacher_tokens(rollout[:-1], student_tok, teacher_tok, limit=64) == as_teacher[:-1]
+    assert in_teacher_tokens(rollout, student_tok, teacher_tok, limit=3) == as_teacher[:3]  # cut: no EOS
