@@ -172,11 +172,9 @@ def say_coverage(cfg: RunConfig, curated, student_path: str, teacher_tokenizer: 
     examples = examples_table(part, tokenizer_for(student_path), cfg.training.max_seq_len, False, k,
                               pair_for(teacher_tokenizer, student_path))
     c = kd_coverage(examples, k)
-    tokens = max(c["response_tokens"], 1)
-    print(f"[train] across tokenizers, on {len(part)} curated rows: {c['with_teacher'] / tokens:.0%} of the "
-          f"student's response tokens get a teacher row ({(c['with_teacher'] - c['sorted_only']) / tokens:.0%} "
-          f"token to token, {c['sorted_only'] / tokens:.0%} by sorted probabilities); the rest learn from "
-          "the text alone")
+    print(f"[train] across tokenizers, on {len(part)} curated rows: {c['with_teacher']} of the student's "
+          f"{c['response_tokens']} response tokens get a teacher row ({c['with_teacher'] - c['sorted_only']} "
+          f"token to token, {c['sorted_only']} by sorted probabilities); the rest learn from the text alone")
 
 
 def stored_tokenizer(cfg: RunConfig, rd: RunDir, say: bool = False) -> TokenizerStamp | None:
