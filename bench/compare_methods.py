@@ -75,7 +75,8 @@ def main() -> None:
                 for folder in ("prompts", "teacher", "models"):
                     if (root / "base" / folder).exists():
                         shutil.copytree(root / "base" / folder, run_dir / folder, dirs_exist_ok=True)
-            cfg = load_config(args.config, [f"run_dir={run_dir}", *common, *VARIANTS[name], f"training.seed={seed}",
+            # the command line's overrides come after the variant's own, so they win (kd_weight under mix)
+            cfg = load_config(args.config, [f"run_dir={run_dir}", *VARIANTS[name], *common, f"training.seed={seed}",
                                             *(["evaluation.include_baseline=false"] if name != "mix" else [])])
             for stage in ("curate", "train", "evaluate"):
                 run_stage(stage, cfg, cfg_path=args.config)
