@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -24,12 +25,22 @@ from distill.errors import UserError
 from distill.on_policy import (draw_prompts, in_teacher_tokens, rollout_example, rollout_positions_topk,
                                trainable_weights, uses_stored_outputs)
 from distill.storage import locate
-from distill.token_alignment import aligned_topk
+from distill.token_alignment import TokenizerPair, aligned_topk
 from distill.train_data import bucketed_batches, collate, pair_for, tokenizer_for
 
 ROLLOUT_SCHEMA = pa.schema([("step", pa.int64()), ("rank", pa.int64()), ("weights_version", pa.int64()),
                             ("prompt_id", pa.string()), ("prompt_tokens", pa.int64()),
                             ("token_ids", pa.list_(pa.int32()))])
+
+
+class ScorerTokens(NamedTuple):
+    """What a scorer with another tokenizer than the student's needs: the prompts in its chat
+    template (in the order of the worker's prompts), both tokenizers, their alignment tables."""
+
+    prompts: list[list[int]]
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    pair: TokenizerPair
 
 
 class OnPolicyPhase:
@@ -55,11 +66,11 @@ class OnPolicyPhase:
                              "on_policy.max_new_tokens to spare; raise max_model_len or lower max_new_tokens")
         self.prompt_ids = [r["id"] for r in fits]
         self.prompts = [list(r["prompt_ids"]) for r in fits]
-        self.cross = None  # a scorer with another tokenizer: its prompts, both tokenizers, the alignment
+        self.cross: ScorerTokens | None = None
         if self.places.teacher_tokenizer:
             teacher, student = self.places.teacher_tokenizer, recipe.inputs.student_path
-            self.cross = ([list(r["teacher_prompt_ids"]) for r in fits], tokenizer_for(student),
-                          tokenizer_for(teacher), pair_for(teacher, student))
+            self.cross = ScorerTokens([list(r["teacher_prompt_ids"]) for r in fits], tokenizer_for(student),
+                                      tokenizer_for(teacher), pair_for(teacher, student))
         self.rollouts = locate(self.places.rollouts_uri)
         self.stored, self.stored_passes = None, 0  # batches of the stored outputs, pass after pass
         self.counts = {"rollout_tokens": 0, "scored_tokens": 0, "sync_s": 0.0, "syncs": 0}
@@ -116,7 +127,7 @@ class OnPolicyPhase:
         for p, r, t_p, t_r, (ids, logprobs) in zip(prompts, rollouts, t_prompts, t_rollouts, scores):
             t_ids, t_logprobs = rollout_positions_topk(ids, logprobs, len(t_p), len(t_r), self.top_k)
             if self.cross is not None:
-                t_ids, t_logprobs = aligned_topk(t_r, t_ids, t_logprobs, r, self.cross[3])
+                t_ids, t_logprobs = aligned_topk(t_r, t_ids, t_logprobs, r, self.cross.pair)
             example = rollout_example(p, r, t_ids, t_logprobs, recipe.cfg.training.max_seq_len)
             if example is not None:
                 examples.append(example)
@@ -137,9 +148,9 @@ class OnPolicyPhase:
         another tokenizer, its own prompt ids and the rollouts' text in its tokens."""
         if self.cross is None:
             return prompts, rollouts
-        t_prompts, student_tok, teacher_tok, _ = self.cross
-        limit = self.op.max_new_tokens
-        return [t_prompts[i] for i in index], [in_teacher_tokens(r, student_tok, teacher_tok, limit) for r in rollouts]
+        c, limit = self.cross, self.op.max_new_tokens
+        return ([c.prompts[i] for i in index],
+                [in_teacher_tokens(r, c.student_tokenizer, c.teacher_tokenizer, limit) for r in rollouts])
 
     # ------------------------------------------------------------------------- the phase
     def run(self) -> None:
