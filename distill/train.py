@@ -156,6 +156,11 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     if cap and rows["validation"] > cap:
         datasets["validation"] = datasets["validation"].limit(cap)
         rows = {**rows, "validation": cap}
+    if "validation" in datasets:
+        # small (capped) and read whole by every worker after every epoch: made once, here, while
+        # the CPUs are free. Left lazy, each pass re-ran its read and tokenize tasks, which waited
+        # for a CPU the training workers held (25-30 s a pass on 2 cores).
+        datasets["validation"] = datasets["validation"].materialize()
     return TrainingData(datasets, rows)
 
 
@@ -230,6 +235,8 @@ def train(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
 
     if cfg.student.kind == "pretrained":
         check_model(cfg.student.path, "student.path")
+    elif cfg.student.of is not None:
+        check_model(cfg.student.of, "student.of")
     elif cfg.teacher.path is not None:
         check_model(cfg.teacher.path, "teacher.path")
     if not rd.curated.list_files(".parquet"):

@@ -186,7 +186,10 @@ def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_mode
     assert stats["method"] == "sequence"
 
 
-def test_the_validation_set_is_capped_at_max_validation_rows(generated_run, tiny_model, tmp_path, ray_cluster):
+def test_the_validation_set_is_capped_at_max_validation_rows_and_made_once(generated_run, tiny_model, tmp_path,
+                                                                           ray_cluster):
+    from ray.data.dataset import MaterializedDataset
+
     from distill.rundir import RunDir
     from distill.train import training_data
 
@@ -197,6 +200,10 @@ def test_the_validation_set_is_capped_at_max_validation_rows(generated_run, tiny
     data = training_data(capped, RunDir(capped), tiny_model, "sequence")
     assert data.rows["validation"] == 2 == data.datasets["validation"].count()
     assert data.datasets["train"].count() == whole.datasets["train"].count()
+    # every worker reads the validation set after every epoch: made once, not re-run per pass;
+    # the train split streams (it can be any size)
+    assert isinstance(data.datasets["validation"], MaterializedDataset)
+    assert not isinstance(data.datasets["train"], MaterializedDataset)
 
 
 def test_deepspeed_is_kept_from_building_its_inference_only_shm_op():
