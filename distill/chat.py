@@ -12,6 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# A base model has no chat template: its turns are written as plain text, the way few-shot
+# prompts are written for base models (system text, then each prompt followed by "Answer:" and
+# the answer). Its answer ends where it starts the next prompt; curation cuts it there
+# (`curation.trim_after_answer`).
+COMPLETION_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] | trim }}\n\n"
+    "{% elif m['role'] == 'user' %}{{ m['content'] | trim }}\nAnswer:"
+    "{% else %} {{ m['content'] | trim }}\n\n{% endif %}{% endfor %}"
+)
+
+
 def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """The ids of `messages` under the tokenizer's chat template, ready for the reply."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)

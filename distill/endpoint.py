@@ -101,6 +101,8 @@ def request_body(model: str, row: dict[str, Any], sampling: SamplingConfig, top_
     messages = context.apply(row[S.MESSAGES]) if context else list(row[S.MESSAGES])
     body = {"model": model, "messages": messages, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "n": sampling.n}
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
     if sampling.temperature > 0:
         body["seed"] = request_seed(row[S.ID], sampling.seed)
     if top_k > 0:
@@ -224,10 +226,10 @@ def endpoint_token_ids(cfg) -> bool:
         return False
     from transformers import AutoTokenizer
 
-    from distill.model_files import resolve_model
+    from distill.model_files import resolve_model, student_source
     from distill.tokenizers import same_tokenizer
 
-    student = cfg.student.path if cfg.student.kind == "pretrained" else cfg.teacher.path
+    student = student_source(cfg)
     if student is None:
         return False
     return same_tokenizer(AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.tokenizer)),

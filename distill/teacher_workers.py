@@ -159,7 +159,8 @@ class AsyncTeacherWorker(TeacherWorker):
                 self.engine, self.request_params, self.context)
             results = await asyncio.gather(*(self._final(p, sp) for p, sp in zip(prompts, params)))
         # packing and writing off the event loop, which feeds the engine the other blocks
-        return await asyncio.to_thread(lambda: self.write(output_rows(rows, errors, results, self.top_k)))
+        tokenizer = self.llm.get_tokenizer()
+        return await asyncio.to_thread(lambda: self.write(output_rows(rows, errors, results, self.top_k, tokenizer)))
 
     def __del__(self):  # stop the engine's core process before this actor goes (as Ray Data LLM does)
         if hasattr(self, "llm"):

@@ -41,3 +41,37 @@ def test_only_gpu_engines_take_a_requests_own_seed():
     # the one rule for generation, evaluation and serving (vLLM's CPU sampler fails on seeded requests)
     assert not seeds_requests(EngineConfig(device="cpu"))
     assert seeds_requests(EngineConfig(device="cuda"))
+
+
+def test_after_a_stop_string_the_rows_ids_and_top_k_spell_only_the_text():
+    """vLLM leaves a stop string out of the text but not out of the token ids: the row keeps the
+    ids (and their top-k) that spell the text, so curation and training see them agree."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+    from transformers import AutoTokenizer
+
+    from distill.config import SamplingConfig
+    from distill.engine import output_rows, sampling_params
+    from distill.model_files import resolve_model
+
+    assert sampling_params(SamplingConfig(stop=["\n"]), 0).stop == ["\n"]
+    assert not sampling_params(SamplingConfig(), 0).stop
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+    ids = tok.encode(" positive\n\nIs it", add_special_tokens=False)
+    kept = tok.encode(" positive", add_special_tokens=False)
+    assert ids[:len(kept)] == kept and len(ids) > len(kept)
+
+    def completion(stop_reason):
+        flat = FlatLogprobs()
+        for i in ids:
+            flat.append({i: Logprob(-0.1, 1), i + 1: Logprob(-2.5, 2)})
+        return SimpleNamespace(token_ids=ids, text=" positive", stop_reason=stop_reason, finish_reason="stop",
+                               logprobs=flat)
+
+    row = {"id": "r0", "messages": []}
+    for stop_reason, expected in (("\n", kept), (None, ids)):  # a stop string; EOS or a stop token id
+        out = output_rows([row], [None], [SimpleNamespace(outputs=[completion(stop_reason)], prompt_token_ids=[1])],
+                          2, tok)[0]
+        assert out["token_ids"] == expected and out["output_tokens"] == len(expected)
+        assert list(out["topk_ids"][::2]) == expected and len(out["sampled_logprobs"]) == len(expected)

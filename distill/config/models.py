@@ -183,12 +183,15 @@ Teacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[Precomp
 
 
 class DerivedStudent(Strict):
-    """A student made from the teacher by keeping a subset of its layers (DistilBERT-style)."""
+    """A student made from a model by keeping a subset of its layers (DistilBERT-style): by
+    default the teacher, or another model (`of`), e.g. of another family than the teacher."""
 
     kind: Literal["derived"] = "derived"
-    """derived: keep some of the teacher's layers."""
+    """derived: keep some of a model's layers."""
+    of: str | None = None
+    """The model whose layers the student keeps (any model reference); null: the teacher's path."""
     layers: list[int] = Field(default_factory=lambda: [0, 4, 8, 12, 17, 21, 25, 29], min_length=1)
-    """Indices of the teacher's layers the student keeps (embeddings and head are kept too)."""
+    """Indices of that model's layers the student keeps (embeddings and head are kept too)."""
     engine: EngineConfig = EngineConfig()
     """vLLM settings for the student."""
 
@@ -293,6 +296,9 @@ class SamplingConfig(Strict):
     """Output tokens per response."""
     n: int = Field(1, ge=1)
     """Samples per prompt."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a response and are left out of it, e.g. ["\n"] for a base model, which
+    does not stop by itself."""
     seed: int = 0
     """Sampling seed (per request, from the prompt id: outputs do not depend on batching)."""
 
