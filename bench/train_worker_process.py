@@ -1,0 +1,54 @@
+"""Is a Ray worker process itself slower at training? The plain loop (a') of
+`bench/train_throughput.py` in this process and in plain Ray tasks (no Ray Train, no DeepSpeed).
+
+    .venv/bin/python bench/train_worker_process.py
+
+Ray sets OMP_NUM_THREADS from a task's num_cpus; the third setting also puts it in the task's
+runtime env, to rule out a thread pool sized before `torch.set_num_threads`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from train_throughput import LAYERS, _examples, plain_pytorch  # noqa: E402
+
+
+def run(student: str, raw: list[list[dict]], threads: int) -> dict:
+    import torch
+
+    from distill.train_data import collate
+
+    torch.set_num_threads(threads)
+    result = plain_pytorch(student, [collate(b, 0, 0) for b in raw], like_recipe=True)
+    return {"tok_s": result["tok_s"], "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    import ray
+
+    from distill.model_files import derive_student
+
+    student = str(derive_student("builtin:smollm2-135m-instruct", LAYERS, tempfile.mkdtemp() + "/student"))
+    examples = _examples(8 * 13, 64, 12, 49152)
+    raw = [examples[i:i + 8] for i in range(0, len(examples), 8)]
+    out = {"main_process": run(student, raw, 2)}
+    path = {"PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)])}
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": path})
+    task = ray.remote(num_cpus=2)(run)
+    out["ray_task"] = ray.get(task.remote(student, raw, 2))
+    out["ray_task_omp_in_runtime_env"] = ray.get(
+        task.options(runtime_env={"env_vars": {**path, "OMP_NUM_THREADS": "2"}}).remote(student, raw, 2))
+    out["main_process_again"] = run(student, raw, 2)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
