@@ -183,6 +183,7 @@ class PartSummary:
     unreferenced: int = 0  # responses to prompts without a reference: no answer check possible
     text_only: int = 0  # kept rows without the teacher's top-k (training needs to know)
     kept_splits: Counter = field(default_factory=Counter)
+    by_teacher: Counter = field(default_factory=Counter)  # responses and kept ones per teacher (several)
 
     def add(self, other: "PartSummary", examples_per_reason: int) -> None:
         self.responses += other.responses
@@ -195,6 +196,7 @@ class PartSummary:
         self.unreferenced += other.unreferenced
         self.text_only += other.text_only
         self.kept_splits.update(other.kept_splits)
+        self.by_teacher.update(other.by_teacher)
 
 
 def _total(examples_per_reason: int, *summaries: PartSummary) -> PartSummary:
@@ -227,6 +229,9 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
                           kept_splits=Counter(kept[S.SPLIT].to_pylist()),
                           unreferenced=table[S.REFERENCE].null_count,
                           text_only=int(pc.sum(pc.equal(kept[S.TOPK], 0)).as_py() or 0))
+    if S.TEACHER in table.column_names:  # rows of a run with several teachers say whose they are
+        summary.by_teacher.update((t, "responses") for t in table[S.TEACHER].to_pylist() if t)
+        summary.by_teacher.update((t, "kept") for t in kept[S.TEACHER].to_pylist() if t)
     for reason, text in zip(reasons, table[S.TEXT].to_pylist()):
         if reason and len(summary.examples.setdefault(reason, [])) < examples_per_reason:
             summary.examples[reason].append(text)
@@ -268,18 +273,23 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
 
     from distill.model_files import teacher_tokenizer
     from distill.ray_utils import connect, submit_bounded, task_window
+    from distill.teachers import folder, routes
 
     connect(cfg.ray)
     c = cfg.curation
-    parts = rd.teacher.list_files(".parquet")
+    # every teacher's parts (`distill.teachers`), each with its teacher's tokenizer (to trim and
+    # relabel token ids) and the stamp of its ids, carried to its curated part
+    parts = []
+    for route in routes(cfg):
+        src = folder(rd.teacher, route.name)
+        tokenizer, stamp = teacher_tokenizer(route.cfg), read_stamp(src)
+        parts += [(src, path, tokenizer, stamp) for path in src.list_files(".parquet")]
     if not parts:
         raise MissingInput(f"no Parquet files under {rd.teacher.uri}: run distill generate first")
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
-    tokenizer = teacher_tokenizer(cfg)
-    stamp = read_stamp(rd.teacher)  # the tokenizer of the rows' ids, carried to the curated parts
     staging.mkdir()
-    staged = submit_bounded(lambda i: task(_stage_part).remote(rd.teacher, parts[i], i, staging, cfg, tokenizer),
+    staged = submit_bounded(lambda i: task(_stage_part).remote(parts[i][0], parts[i][1], i, staging, cfg, parts[i][2]),
                             range(len(parts)), task_window(), _progress("per-row rules"))
     agreement = ray.get(task(_sum_counters).remote(*staged))
 
@@ -295,7 +305,8 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     selected = reduce.remote(*[drops for drops, _ in chosen])
     counts = ray.get([n for _, n in chosen])
     finished = submit_bounded(
-        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, stamp, exact, near, selected),
+        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, parts[i][3], exact, near,
+                                            selected),
         range(len(parts)), task_window(), _progress("kept rows written"))
     total = ray.get(task(_total).remote(c.examples_per_reason, *finished))
     staging.remove()
@@ -314,5 +325,11 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     _gate(table, c.min_kept_ratio, rd)
     print(f"[curate] kept {table['kept']} of {total.responses} responses ({total.trimmed} trimmed after "
           f"their answer) -> {rd.curated.uri}")
-    return {"rows": table["kept"], "table": table, "text_only": total.text_only,
-            "kept_splits": {s: total.kept_splits.get(s, 0) for s in S.TRAINED_SPLITS}}
+    stats = {"rows": table["kept"], "table": table, "text_only": total.text_only,
+             "kept_splits": {s: total.kept_splits.get(s, 0) for s in S.TRAINED_SPLITS}}
+    if cfg.teachers:
+        stats["teachers"] = {name: {k: total.by_teacher[name, k] for k in ("responses", "kept")}
+                             for name in [r.name for r in routes(cfg)]}
+        print("[curate] kept per teacher: " + ", ".join(f"{n} {t['kept']} of {t['responses']}"
+                                                         for n, t in stats["teachers"].items()))
+    return stats

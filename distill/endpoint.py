@@ -265,7 +265,7 @@ def run_endpoint_pool(cfg, prompts, count: int, out_uri: str, sampling, top_k: i
                                    out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
                                    limiter=limiter, context=teacher_context(t),
                                    stamp=TokenizerStamp.of(t.tokenizer) if token_ids else None))
-    follow_parts(ds, count * sampling.n, f" from {t.base_url}")
+    follow_parts(ds, count * sampling.n, f" from {t.base_url}", getattr(prompts, "teacher", None))
     counts = ray.get(limiter.stats.remote())
     ray.kill(limiter)
     return counts

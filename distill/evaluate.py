@@ -122,12 +122,28 @@ def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
         models["teacher"] = cfg.teacher.base_url  # evaluated through the endpoint itself
     if "teacher" in models and teacher_context(cfg.teacher):
         models["teacher_bare"] = models["teacher"]  # the same model on the task's own prompt
+    for name, extra in cfg.teachers.items():  # every other teacher beside the student, as it generated
+        if extra.path is not None or extra.kind == "endpoint":
+            models[f"{EXTRA_PREFIX}{name}"] = resolve_model(extra.path) if extra.path is not None else extra.base_url
     models["student"] = rd.student.uri
     if cfg.evaluation.include_baseline:
         models["baseline"] = ensure_student_base(cfg, rd)
     if cfg.training.gold_control and rd.student_gold.join("config.json").exists():
         models["gold_control"] = rd.student_gold.uri
     return models
+
+
+EXTRA_PREFIX = "teacher:"  # `teacher:<name>`: one of `teachers`, in the report
+
+
+def model_config(cfg: RunConfig, name: str) -> tuple[RunConfig, str]:
+    """The config a compared model runs under, and its role: another teacher (`teacher:<name>`)
+    runs as the only teacher of its own routed config (`distill.teachers`)."""
+    if name.startswith(EXTRA_PREFIX):
+        from distill.teachers import routed_config
+
+        return routed_config(cfg, name.removeprefix(EXTRA_PREFIX)), "teacher"
+    return cfg, name
 
 
 def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
@@ -199,18 +215,19 @@ def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     rows = [r for set_rows in sets.values() for r in set_rows]
     connect(cfg.ray)
     results: dict[str, dict[str, Any]] = {}
-    context = teacher_context(cfg.teacher)  # the teacher as it generated; `teacher_bare` without it
     for name, path in models_to_compare(cfg, rd).items():
-        with_context = context if name == "teacher" and context else None
+        mcfg, role = model_config(cfg, name)
+        # a teacher as it generated (with its context); `teacher_bare` without it
+        with_context = (teacher_context(mcfg.teacher) or None) if role == "teacher" else None
         print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
               f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
-        if name.startswith("teacher") and cfg.teacher.kind == "endpoint" and cfg.teacher.path is None:
+        if role.startswith("teacher") and mcfg.teacher.kind == "endpoint" and mcfg.teacher.path is None:
             from distill.endpoint import measure_endpoint
 
-            measured = measure_endpoint(cfg, rows, cfg.evaluation.sampling, cfg.evaluation.latency_requests,
+            measured = measure_endpoint(mcfg, rows, cfg.evaluation.sampling, cfg.evaluation.latency_requests,
                                         with_context)
         else:
-            measured = _measure(cfg, name, path, rows, with_context)
+            measured = _measure(mcfg, role, path, rows, with_context)
         results[name] = {**measured, "path": path}
     texts = {name: m.pop("texts") for name, m in results.items()}
     table = {S.ID: [r[S.ID] for r in rows], S.SPLIT: [r[S.SPLIT] for r in rows],

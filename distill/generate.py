@@ -18,6 +18,9 @@ Resume is exact: rows are kept for every prompt whose n samples are all present 
 messages and split still match `prompts/`; rows of prompts that left the train/validation splits
 (or changed) move to `teacher/_orphans/`, never into training; incomplete prompts are redone.
 At the end the stage checks rows == prompts x n with unique (id, sample), and fails loudly if not.
+
+With several teachers (`teachers`), each one does all of this for the prompts routed to it, in its
+own folder (`distill.teachers`), all at once; the stats add up, with each one's own.
 """
 
 from __future__ import annotations
@@ -33,27 +36,29 @@ import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
+from distill.config.models import PRIMARY_TEACHER
 from distill.progress import follow_parts
 from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir
-from distill.storage import hash64
+from distill.storage import Location, hash64
 from distill.tokenizers import TokenizerStamp
 
 def _messages_key(messages) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
-def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
-    """Make `teacher/` hold only complete, current prompts: rows of prompts whose n samples are
-    all there and whose messages and split match `prompts` stay (split updated in place);
-    rows of prompts no longer to be generated move to `_orphans/`; duplicates and incomplete
-    prompts' rows go (their prompts are generated again). Returns counts, and `done` ids."""
-    parts = rd.teacher.list_files(".parquet")
+def reconcile(out: Location, prompts: pa.Table, n: int) -> dict[str, int]:
+    """Make a teacher's folder `out` hold only complete, current prompts: rows of prompts whose n
+    samples are all there and whose messages and split match `prompts` stay (split updated in
+    place); rows of prompts no longer to be generated (by this teacher) move to `_orphans/`;
+    duplicates and incomplete prompts' rows go (their prompts are generated again). Returns
+    counts, and `done` ids."""
+    parts = out.list_files(".parquet")
     want = {i: (_messages_key(m), s) for i, m, s in
             zip(prompts[S.ID].to_pylist(), prompts[S.MESSAGES].to_pylist(), prompts[S.SPLIT].to_pylist())}
     seen: dict[tuple[str, int], str] = {}  # (id, sample) -> first part holding it
     for part in parts:
-        for i, s in zip(*pq.read_table(part, filesystem=rd.teacher.fs, columns=[S.ID, S.SAMPLE]).to_pydict().values()):
+        for i, s in zip(*pq.read_table(part, filesystem=out.fs, columns=[S.ID, S.SAMPLE]).to_pydict().values()):
             seen.setdefault((i, s), part)
     samples: dict[str, set[int]] = {}
     for (i, s) in seen:
@@ -62,7 +67,7 @@ def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
     counts = {"kept": 0, "orphaned": 0, "discarded": 0}
     done: set[str] = set()
     for part in parts:
-        table = pq.read_table(part, filesystem=rd.teacher.fs)
+        table = pq.read_table(part, filesystem=out.fs)
         ids, smp = table[S.ID].to_pylist(), table[S.SAMPLE].to_pylist()
         msgs, splits = table[S.MESSAGES].to_pylist(), table[S.SPLIT].to_pylist()
         keep, orphan, new_split = [], [], []
@@ -82,37 +87,83 @@ def reconcile(rd: RunDir, prompts: pa.Table, n: int) -> dict[str, int]:
             continue
         name = part.rsplit("/", 1)[-1].removesuffix(".parquet")
         if orphan:
-            rd.teacher.join("_orphans").write_part(table.take(orphan), name)
+            out.join("_orphans").write_part(table.take(orphan), name)
         if keep:
             kept = table.take(keep)
             kept = kept.set_column(kept.schema.get_field_index(S.SPLIT), S.SPLIT, pa.array(new_split, pa.string()))
-            rd.teacher.write_part(kept, name)
+            out.write_part(kept, name)
         else:
-            rd.teacher.fs.delete_file(part)
+            out.fs.delete_file(part)
     counts["done"] = done
     return counts
 
 
+SUMMED = ("rows", "prompts", "kept", "generated", "orphaned", "errors", "output_tokens", "prompt_tokens",
+          "accelerator_s", "text_only", "cost")
+
+
 def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    """Every teacher's rows for its prompts (`distill.teachers`); one teacher: as before, and the
+    stats of several are their sums plus each teacher's own under `teachers`."""
+    from distill.teachers import folder, routes
+
     if cfg.teacher.kind == "precomputed":
         from distill.precomputed import import_teacher_outputs
 
         return import_teacher_outputs(cfg, rd)
+    if not cfg.teachers:
+        return generate_for(cfg, rd, rd.teacher)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill.ray_utils import connect
+
+    connect(cfg.ray)  # once, before the teachers' threads
+    checked = None
+    if cfg.teacher.kind == "vllm" and cfg.evaluation.teacher_check is not None and not len(teacher_ids(rd.teacher)):
+        from distill.teacher_check import check_teacher
+
+        checked = check_teacher(routes(cfg)[0].cfg, rd)  # before any teacher spends anything
+    start = time.time()
+    # the teachers generate at once, each its own Ray Data job from a thread of this driver (an
+    # API teacher waits on the network while a vLLM pool computes); a failure surfaces when all
+    # have stopped, every finished row kept for the rerun
+    with ThreadPoolExecutor(len(cfg.teachers) + 1, thread_name_prefix="teacher") as pool:
+        futures = {r.name: pool.submit(generate_for, r.cfg, rd, folder(rd.teacher, r.name), r.name, check=False)
+                   for r in routes(cfg)}
+    per = {name: f.result() for name, f in futures.items()}
+    stats: dict[str, Any] = {k: round(sum(p.get(k) or 0 for p in per.values()), 4) for k in SUMMED}
+    elapsed, tokens = time.time() - start, stats["output_tokens"]
+    stats.update(output_tokens_per_s=round(tokens / elapsed, 1) if stats["generated"] else None,
+                 bytes_per_output_token=round(sum(p["bytes_per_output_token"] * p["output_tokens"]
+                                                  for p in per.values()) / max(1, tokens), 2),
+                 teachers=per, **({"teacher_check": checked} if checked else {}))
+    print("[generate] per teacher: " + "; ".join(
+        f"{name} {p['rows']} rows, {p['output_tokens']} tokens" + (f", cost {p['cost']}" if "cost" in p else "")
+        for name, p in per.items()))
+    return stats
+
+
+def generate_for(cfg: RunConfig, rd: RunDir, out: Location, route: str | None = None,
+                 check: bool = True) -> dict[str, Any]:
+    """`cfg.teacher`'s rows in `out` for the prompts routed to it (`route`; None: every prompt);
+    `check`: run the teacher check first when nothing is generated yet."""
     from distill.model_files import check_model
 
+    say = f"[generate] {route}:" if route else "[generate]"
     if cfg.teacher.kind == "vllm":
         check_model(cfg.teacher.path, "teacher.path")
     gen = cfg.generation
     n = gen.sampling.n
-    total = prompt_count(rd)
-    counts = reconcile(rd, trained_prompts(rd, ids=teacher_ids(rd), columns=[S.ID, S.SPLIT, S.MESSAGES]), n)
+    total = prompt_count(rd, route)
+    counts = reconcile(out, trained_prompts(rd, ids=teacher_ids(out), columns=[S.ID, S.SPLIT, S.MESSAGES],
+                                            teacher=route), n)
     done = counts.pop("done")
     todo = total - len(done)
-    print(f"[generate] {total} prompts: {len(done)} already generated (kept), {todo} to go"
+    print(f"{say} {total} prompts: {len(done)} already generated (kept), {todo} to go"
           + (f"; {counts['orphaned']} rows of prompts no longer in train/validation moved to "
-             f"{rd.teacher.uri}/_orphans" if counts["orphaned"] else ""))
+             f"{out.uri}/_orphans" if counts["orphaned"] else ""))
     checked = None
-    if todo and not done and cfg.teacher.kind == "vllm" and cfg.evaluation.teacher_check is not None:
+    if check and todo and not done and cfg.teacher.kind == "vllm" and cfg.evaluation.teacher_check is not None:
         from distill.teacher_check import check_teacher
 
         checked = check_teacher(cfg, rd)  # stops here when the teacher would teach nothing
@@ -120,19 +171,19 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     if todo and cfg.teacher.kind == "endpoint":
         from distill.endpoint import run_endpoint_pool
 
-        requests = run_endpoint_pool(cfg, PromptFiles(rd, done), todo, rd.teacher.uri, gen.sampling,
+        requests = run_endpoint_pool(cfg, PromptFiles(rd, done, route), todo, out.uri, gen.sampling,
                                      gen.top_k_logprobs)
     elif todo:
-        run_pool(cfg, PromptFiles(rd, done), todo, rd.teacher.uri, gen.sampling, gen.top_k_logprobs)
-    sums = teacher_sums(rd)
-    check_complete(sums.pop("keys"), prompt_keys(rd, n))
+        run_pool(cfg, PromptFiles(rd, done, route), todo, out.uri, gen.sampling, gen.top_k_logprobs)
+    sums = teacher_sums(out)
+    check_complete(sums.pop("keys"), prompt_keys(rd, n, route))
     out_tokens = sums["output_tokens"]
     elapsed = time.time() - start
     stats = dict(
         rows=sums["rows"], prompts=total, kept=len(done), generated=todo, orphaned=counts["orphaned"],
         errors=sums["errors"], output_tokens=out_tokens, prompt_tokens=sums["prompt_tokens"],
         output_tokens_per_s=round(out_tokens / elapsed, 1) if todo else None,
-        bytes_per_output_token=round(rd.teacher.parquet_bytes() / max(1, out_tokens), 2),
+        bytes_per_output_token=round(out.parquet_bytes() / max(1, out_tokens), 2),
         accelerator_s=round(elapsed * cfg.teacher.pool.max * cfg.teacher.pool.num_gpus, 1)
         if cfg.teacher.kind == "vllm" else 0.0,
     )
@@ -143,10 +194,10 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         prompt_tokens = sums["prompt_tokens"] / n  # n samples share one prompt
         stats.update(endpoint_requests=requests, text_only=sums["text_only"],
                      cost=round(prompt_tokens / 1e6 * price.input_per_1m + out_tokens / 1e6 * price.output_per_1m, 4))
-    print(f"[generate] {stats['rows']} responses ({stats['errors']} errors), {out_tokens} tokens, "
-          f"{stats['bytes_per_output_token']} stored bytes/token -> {rd.teacher.uri}")
+    print(f"{say} {stats['rows']} responses ({stats['errors']} errors), {out_tokens} tokens, "
+          f"{stats['bytes_per_output_token']} stored bytes/token -> {out.uri}")
     if stats.get("text_only"):
-        print(f"[generate] {stats['text_only']} responses are text only (no token ids or top-k): "
+        print(f"{say} {stats['text_only']} responses are text only (no token ids or top-k): "
               + _why_text_only(cfg) + "; training can only run sequence-level KD on them")
     return stats
 
@@ -158,35 +209,41 @@ def _why_text_only(cfg: RunConfig) -> str:
             "return token ids (vLLM's server does with return_tokens_as_token_ids)")
 
 
-def _trained_prompts(rd: RunDir):
-    """The prompt files as a pyarrow dataset, and the filter that keeps train/validation rows."""
+def _trained_prompts(rd: RunDir, teacher: str | None = None):
+    """The prompt files as a pyarrow dataset, and the filter that keeps train/validation rows
+    (routed to `teacher`, when given: `distill.teachers`)."""
     import pyarrow.dataset as pads
 
     files = rd.prompts.list_files(".parquet")
     dataset = pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA)
-    return dataset, pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
+    keep = pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
+    if teacher == PRIMARY_TEACHER:
+        keep = keep & (pads.field(S.TEACHER).is_null() | (pads.field(S.TEACHER) == PRIMARY_TEACHER))
+    elif teacher is not None:
+        keep = keep & (pads.field(S.TEACHER) == teacher)
+    return dataset, keep
 
 
-def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str]) -> pa.Table:
-    """The train/validation prompts with these ids, read with a filter so only the matching rows
-    of the asked columns are held here."""
+def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str], teacher: str | None = None) -> pa.Table:
+    """The train/validation prompts (of `teacher`) with these ids, read with a filter so only the
+    matching rows of the asked columns are held here."""
     import pyarrow.dataset as pads
 
-    dataset, trained = _trained_prompts(rd)
+    dataset, trained = _trained_prompts(rd, teacher)
     return dataset.to_table(columns=columns, filter=trained & pads.field(S.ID).isin(ids))
 
 
-def prompt_count(rd: RunDir) -> int:
-    dataset, trained = _trained_prompts(rd)
+def prompt_count(rd: RunDir, teacher: str | None = None) -> int:
+    dataset, trained = _trained_prompts(rd, teacher)
     return dataset.count_rows(filter=trained)
 
 
-def teacher_ids(rd: RunDir) -> pa.Array:
-    """The distinct prompt ids that have rows in `teacher/` (none before the first run)."""
-    parts = rd.teacher.list_files(".parquet")
+def teacher_ids(out: Location) -> pa.Array:
+    """The distinct prompt ids that have rows in a teacher's folder (none before the first run)."""
+    parts = out.list_files(".parquet")
     if not parts:
         return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array([pq.read_table(p, filesystem=rd.teacher.fs, columns=[S.ID])[S.ID].combine_chunks()
+    return pc.unique(pa.chunked_array([pq.read_table(p, filesystem=out.fs, columns=[S.ID])[S.ID].combine_chunks()
                                        for p in parts]))
 
 
@@ -201,13 +258,13 @@ def expected_keys(ids: list[str], n: int) -> np.ndarray:
     return np.concatenate([np.zeros(0, np.uint64)] + [row_keys(ids, [s] * len(ids)) for s in range(n)])
 
 
-def teacher_sums(rd: RunDir) -> dict[str, Any]:
-    """Totals over `teacher/`, a part at a time, and each row's key for the check."""
+def teacher_sums(out: Location) -> dict[str, Any]:
+    """Totals over a teacher's folder, a part at a time, and each row's key for the check."""
     cols = [S.ID, S.SAMPLE, S.OUTPUT_TOKENS, S.PROMPT_TOKENS, S.ERROR, S.TOPK]
     sums = dict(rows=0, errors=0, output_tokens=0, prompt_tokens=0, text_only=0)
     keys = [np.zeros(0, np.uint64)]
-    for part in rd.teacher.list_files(".parquet"):
-        t = pq.read_table(part, filesystem=rd.teacher.fs, columns=cols)
+    for part in out.list_files(".parquet"):
+        t = pq.read_table(part, filesystem=out.fs, columns=cols)
         sums["rows"] += len(t)
         sums["errors"] += len(t) - t[S.ERROR].null_count
         sums["output_tokens"] += pc.sum(t[S.OUTPUT_TOKENS]).as_py() or 0
@@ -218,12 +275,14 @@ def teacher_sums(rd: RunDir) -> dict[str, Any]:
     return sums
 
 
-def prompt_keys(rd: RunDir, n: int) -> np.ndarray:
-    """`expected_keys` of the train/validation prompts, a file at a time."""
+def prompt_keys(rd: RunDir, n: int, teacher: str | None = None) -> np.ndarray:
+    """`expected_keys` of the train/validation prompts (of `teacher`), a file at a time."""
+    from distill.prompt_blocks import todo_mask
+
     keys = [np.zeros(0, np.uint64)]
     for path in rd.prompts.list_files(".parquet"):
-        t = pq.read_table(path, filesystem=rd.prompts.fs, columns=[S.ID, S.SPLIT])
-        keys.append(expected_keys(t.filter(pc.is_in(t[S.SPLIT], pa.array(S.TRAINED_SPLITS)))[S.ID].to_pylist(), n))
+        t = pq.read_table(path, filesystem=rd.prompts.fs, columns=[S.ID, S.SPLIT, S.TEACHER], schema=S.PROMPT_SCHEMA)
+        keys.append(expected_keys(t.filter(todo_mask(t, pa.array([], pa.string()), teacher))[S.ID].to_pylist(), n))
     return np.concatenate(keys)
 
 
@@ -277,4 +336,4 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
             blocks_in_flight=in_flight, context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
         ),
     )
-    follow_parts(ds, count * sampling.n)
+    follow_parts(ds, count * sampling.n, teacher=getattr(prompts, "teacher", None))

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from distill import schema as S
 from distill.chat import TeacherContext
 from distill.config import RunConfig
+from distill.config.models import PRIMARY_TEACHER
 from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
@@ -230,6 +231,8 @@ def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prom
             if isinstance(raw, BadRow):
                 raise raw
             row = normalise(raw, cfg.task.type, system_prompt)
+            if cfg.teachers:
+                row[S.TEACHER] = _routed_teacher(raw, cfg)
             if row[S.SPLIT] not in splits:
                 if row[S.SPLIT] is not None:
                     raise BadRow(f"`split` must be one of {splits}, got {row[S.SPLIT]!r}")
@@ -281,13 +284,25 @@ def teacher_context(teacher) -> TeacherContext:
     return TeacherContext(getattr(teacher, "system_prompt", None), tuple(pairs))
 
 
+def _routed_teacher(raw: dict[str, Any], cfg: RunConfig) -> str | None:
+    """The teacher an input row names in `data.teacher_field` (None: the main one)."""
+    from distill.teachers import check_name
+
+    field = cfg.data.teacher_field
+    try:
+        return check_name(raw.get(field), field, cfg)
+    except ValueError as e:
+        raise BadRow(str(e)) from None
+
+
 def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     task = task_from_config(cfg.task)
-    skipped, counts = Skipped(), Counter()
+    skipped, counts, routed = Skipped(), Counter(), Counter()
     per_file, part, parts = cfg.generation.rows_per_file, [], 0
     for row in normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), (*S.SPLITS, S.SHIFTED), skipped):
         part.append(row)
         counts[row[S.SPLIT]] += 1
+        routed[row.get(S.TEACHER) or PRIMARY_TEACHER] += 1
         if len(part) == per_file:
             rd.prompts.write_part(pa.Table.from_pylist(part, schema=S.PROMPT_SCHEMA), f"part-{parts:05d}")
             part, parts = [], parts + 1
@@ -300,4 +315,8 @@ def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     for line in skipped.examples:
         print(f"[prepare] skipped {line}")
     print(f"[prepare] {rows} prompts ({splits}), {skipped.count} bad rows skipped -> {rd.prompts.uri}")
-    return {"rows": rows, "splits": splits, "skipped": skipped.count, "skipped_examples": skipped.examples}
+    stats = {"rows": rows, "splits": splits, "skipped": skipped.count, "skipped_examples": skipped.examples}
+    if cfg.teachers:
+        stats["teachers"] = {name: routed[name] for name in [PRIMARY_TEACHER, *cfg.teachers]}
+        print("[prepare] prompts per teacher: " + ", ".join(f"{n} {c}" for n, c in stats["teachers"].items()))
+    return stats

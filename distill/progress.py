@@ -31,11 +31,12 @@ class Progress:
         return line
 
 
-def follow_parts(ds, total: int, source: str = "") -> None:
-    """Run a dataset whose workers write parts and return `PART_SUMMARY` rows; show progress."""
+def follow_parts(ds, total: int, source: str = "", teacher: str | None = None) -> None:
+    """Run a dataset whose workers write parts and return `PART_SUMMARY` rows; show progress
+    (`teacher`: its name, in a run with several)."""
     import pyarrow.compute as pc
 
-    progress, written = Progress("teacher", total, "responses"), 0
+    progress, written = Progress(f"teacher {teacher}" if teacher else "teacher", total, "responses"), 0
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         written += pc.sum(summary["rows"]).as_py() or 0
         progress.update(written, source)

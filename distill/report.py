@@ -110,8 +110,24 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
         stages[stage] = {"wall_s": st.get("wall_s"), "accelerator_s": st.get("accelerator_s", 0.0),
                          "tokens": st.get("output_tokens") or st.get("tokens"),
                          "cost": round((st.get("accelerator_s") or 0.0) / 3600 * price, 4)}
-    return {"summary": summary, "sets": figures, "models": results, "stages": stages,
-            "price_per_accelerator_hour": price}
+    report = {"summary": summary, "sets": figures, "models": results, "stages": stages,
+              "price_per_accelerator_hour": price}
+    if cfg.teachers:
+        report["teachers"] = teacher_table(manifest.get("stages", {}))
+    return report
+
+
+def teacher_table(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per teacher of a run with several: the prompts routed to it, its responses, how many
+    curation kept, its output tokens, text-only rows and cost (from the stages' stats)."""
+    made = stages.get("generate", {}).get("teachers", {})
+    kept = stages.get("curate", {}).get("teachers", {})
+    out = {}
+    for name, g in made.items():
+        out[name] = {"prompts": g.get("prompts"), "responses": g.get("rows"), "kept": kept.get(name, {}).get("kept"),
+                     "output_tokens": g.get("output_tokens"), "text_only": g.get("text_only", 0),
+                     "cost": g.get("cost"), "accelerator_s": g.get("accelerator_s")}
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -168,6 +184,14 @@ def markdown(report: dict[str, Any]) -> str:
             agree = m.get("agreement")
             lines.append(f"- {name} / {model}: {metrics}"
                          + (f"; agreement {primary} {_pm(agree[primary], m['agreement_ci'][primary])}" if agree else ""))
+    if report.get("teachers"):
+        lines += ["", "Each teacher's share of the training data (`teacher:<name>` above is that teacher on every set):",
+                  "", "| teacher | prompts | responses | kept by curation | output tokens | text-only | "
+                  "accelerator s | endpoint cost |", "|" + "---|" * 8]
+        for name, t in report["teachers"].items():
+            lines.append(f"| {name} | {t['prompts']} | {t['responses']} | {t['kept'] if t['kept'] is not None else '-'} | "
+                         f"{t['output_tokens']} | {t['text_only']} | {t['accelerator_s']} | "
+                         f"{t['cost'] if t['cost'] is not None else '-'} |")
     lines += ["", "| stage | wall s | accelerator s | tokens | cost |", "|---|---|---|---|---|"]
     for stage, st in report["stages"].items():
         lines.append(f"| {stage} | {st['wall_s']} | {st['accelerator_s']} | {st['tokens'] or '-'} | {st['cost']} |")

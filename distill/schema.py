@@ -21,6 +21,7 @@ SPLIT = "split"
 TASK = "task"
 MESSAGES = "messages"
 REFERENCE = "reference"
+TEACHER = "teacher"  # the named teacher a prompt goes to (null: the main one); in teacher rows: who wrote it
 
 # teacher outputs
 SAMPLE = "sample"  # index among the n samples for one prompt
@@ -49,6 +50,7 @@ PROMPT_SCHEMA = pa.schema(
         (TASK, pa.string()),
         (MESSAGES, pa.list_(MESSAGE_TYPE)),
         (REFERENCE, pa.string()),
+        (TEACHER, pa.string()),
     ]
 )
 

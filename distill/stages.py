@@ -66,15 +66,20 @@ def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
 
 
 def _generate_inputs(cfg: RunConfig) -> dict[str, str]:
+    from distill.teachers import routes
+
     if cfg.teacher.kind == "precomputed":
         return {"teacher.outputs": _file_hashes(cfg.teacher.outputs, "teacher.outputs")}
     inputs = {}
-    if isinstance(cfg.teacher.few_shot, str):  # the worked examples' file is part of what the teacher sees
-        inputs["teacher.few_shot"] = _file_hashes(cfg.teacher.few_shot, "teacher.few_shot")
-    if cfg.teacher.kind == "endpoint":  # whether rows carry token ids is decided from the student too
-        from distill.endpoint import endpoint_token_ids
+    for route in routes(cfg):  # each teacher's inputs, under its own name (the main one's as before)
+        at, teacher = ("teacher" if route.main else f"teachers.{route.name}"), route.cfg.teacher
+        tag = "" if route.main else f"{route.name}:"
+        if isinstance(teacher.few_shot, str):  # the worked examples' file is part of what the teacher sees
+            inputs[f"{at}.few_shot"] = _file_hashes(teacher.few_shot, f"{at}.few_shot")
+        if teacher.kind == "endpoint":  # whether rows carry token ids is decided from the student too
+            from distill.endpoint import endpoint_token_ids
 
-        inputs["token_ids"] = str(endpoint_token_ids(cfg))
+            inputs[f"{tag}token_ids"] = str(endpoint_token_ids(route.cfg))
     return inputs
 
 
@@ -83,23 +88,35 @@ def _evaluate_inputs(cfg: RunConfig) -> dict[str, str]:
             for s in cfg.evaluation.extra_sets}
 
 
-def _table_digest(folder: str, columns: list[str]) -> Callable[[RunDir], str]:
+def _table_digest(folder: str, columns: list[str], optional: str | None = None) -> Callable[[RunDir], str]:
     """Content key of a Parquet output: a digest of some columns, row order and the split into
     files ignored. Each row is hashed on its own, a file at a time, and the sorted 8-byte row
-    hashes are hashed: the driver holds 8 bytes per row, not the table (10M teacher rows)."""
+    hashes are hashed: the driver holds 8 bytes per row, not the table (10M teacher rows).
+    `optional`: a column hashed with a row only where it is set (so rows without it, and files
+    written before it existed, keep their digest). The teacher folder's digest covers every
+    teacher's rows (`distill.teachers`)."""
 
     def digest(rd: RunDir) -> str:
         import numpy as np
         import pyarrow.parquet as pq
 
         from distill.storage import hash64
+        from distill.teachers import folders
 
         loc = rd.root.join(folder)
+        locs = [f for _, f in folders(rd.cfg, loc)] if folder == "teacher" else [loc]
         rows = []
-        for part in loc.list_files(".parquet"):
+        for loc, part in ((loc, part) for loc in locs for part in loc.list_files(".parquet")):
             table = pq.read_table(part, filesystem=loc.fs, columns=columns)
+            extra = (pq.read_table(part, filesystem=loc.fs, columns=[optional])[optional]
+                     if optional and optional in pq.read_schema(part, filesystem=loc.fs).names else None)
+            start = 0
             for batch in table.to_batches(max_chunksize=65536):
                 values = zip(*(batch.column(c).to_pylist() for c in columns))
+                if extra is not None:
+                    tags = extra.slice(start, batch.num_rows).to_pylist()
+                    values = (v if t is None else (*v, t) for v, t in zip(values, tags))
+                start += batch.num_rows
                 rows.append(hash64((json.dumps(v, default=str) for v in values), batch.num_rows))
         return hashlib.sha256(np.sort(np.concatenate(rows)).tobytes() if rows else b"").hexdigest()[:16]
 
@@ -124,17 +141,22 @@ class Stage:
 _ENGINE_KNOBS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
                  "block_size", "cpu_threads_bind", "tensor_parallel_size")
 
+def _TEACHER_KNOBS(at: str) -> tuple[str, ...]:  # noqa: N802 (a table, written as a call)
+    """A teacher's fields that only change speed or placement (`at`: where the teacher is)."""
+    return (f"{at}.pool", *(f"{at}.engine.{k}" for k in _ENGINE_KNOBS),
+            *(f"{at}.{k}" for k in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
+                                     "timeout_s", "price", "api_key_env")))
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("prepare", "distill.prepare:prepare", (), "prompts",
           defines=("data", "task.type", "task.labels", "task.chain_of_thought", "task.system_prompt"),
           knobs=("data.on_bad_row",), inputs=_prepare_inputs,
-          content=_table_digest("prompts", ["id", "split", "messages", "reference"])),
+          content=_table_digest("prompts", ["id", "split", "messages", "reference"], optional="teacher")),
     Stage("generate", "distill.generate:generate", ("prepare",), "teacher",
-          defines=("teacher", "generation"),
-          knobs=("teacher.pool", "generation.batch_size", "generation.blocks_in_flight", "generation.rows_per_file",
-                 *(f"teacher.engine.{k}" for k in _ENGINE_KNOBS),
-                 *(f"teacher.{k}" for k in ("max_concurrency", "requests_per_minute", "tokens_per_minute",
-                                             "max_retries", "timeout_s", "price", "api_key_env"))),
+          defines=("teacher", "teachers", "generation"),
+          knobs=("generation.batch_size", "generation.blocks_in_flight", "generation.rows_per_file",
+                 *_TEACHER_KNOBS("teacher"), *_TEACHER_KNOBS("teachers.*")),
           inputs=_generate_inputs, content=_table_digest("teacher", ["id", "sample", "text", "split"]),
           resumable=True),
     Stage("curate", "distill.curate:curate", ("generate",), "curated",
@@ -148,8 +170,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           extra_outputs=("student_gold", "checkpoints/train-{key}", "checkpoints/gold-{key}", "rollouts/train-{key}")),
     Stage("evaluate", "distill.evaluate:evaluate", ("train", "prepare"), "eval",
           defines=("evaluation", "task", "teacher.path", "teacher.engine.dtype", "teacher.engine.max_model_len",
-                   "student.engine.dtype", "student.engine.max_model_len"),
-          knobs=("evaluation.min_kept_ratio",),  # a check on the report, run on every call
+                   "student.engine.dtype", "student.engine.max_model_len", "teachers"),
+          knobs=("evaluation.min_kept_ratio",  # a check on the report, run on every call
+                 *_TEACHER_KNOBS("teachers.*")),
           inputs=_evaluate_inputs, gate="distill.evaluate:check_gate"),
 ]}
 ORDER = tuple(STAGES)
@@ -167,6 +190,10 @@ def leaf_values(model: BaseModel, prefix: str = "") -> dict[str, tuple[Any, Any]
         if isinstance(value, BaseModel):
             out.update(leaf_values(value, path + "."))
             continue
+        if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            for key, item in value.items():  # named sections (`teachers`): each field its own path
+                out.update(leaf_values(item, f"{path}.{key}."))
+            continue
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         dump = lambda v: json.loads(json.dumps(v.model_dump(mode="json") if isinstance(v, BaseModel) else v,  # noqa: E731
                                                  default=lambda o: o.model_dump(mode="json")))
@@ -175,7 +202,13 @@ def leaf_values(model: BaseModel, prefix: str = "") -> dict[str, tuple[Any, Any]
 
 
 def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in prefixes)
+    """Whether `path` is one of `prefixes` or inside one ('*' in a prefix: any one name)."""
+    parts = path.split(".")
+    for prefix in prefixes:
+        want = prefix.split(".")
+        if len(parts) >= len(want) and all(w in ("*", p) for w, p in zip(want, parts)):
+            return True
+    return False
 
 
 def defining_fields(stage: Stage, cfg: RunConfig) -> dict[str, Any]:

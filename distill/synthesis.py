@@ -149,7 +149,7 @@ def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: Samp
     from distill.generate import run_pool
 
     folder.remove()
-    table = pa.Table.from_pylist([{k: r[k] for k in S.PROMPT_SCHEMA.names} for r in rows], schema=S.PROMPT_SCHEMA)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in S.PROMPT_SCHEMA.names} for r in rows], schema=S.PROMPT_SCHEMA)
     run_pool(cfg, table, len(table), folder.uri, sampling, 0)
     by_id = {r[S.ID]: r for r in folder.read_table(columns=[S.ID, S.TEXT, S.ERROR]).to_pylist()}
     return [by_id[r[S.ID]] for r in rows]

@@ -56,12 +56,16 @@ class TokenizerStamp:
         return cls(meta[NAME_KEY].decode(), meta[FINGERPRINT_KEY].decode())
 
 
-def read_stamp(loc) -> TokenizerStamp | None:
-    """The stamp of a folder of parts (its first part's; every part of a stage has the same)."""
+def read_stamp(loc, any_part: bool = False) -> TokenizerStamp | None:
+    """The stamp of a folder of parts: its first part's (every part of one teacher's has the same),
+    or with `any_part` (parts of several teachers, some text-only) the first stamp found."""
     import pyarrow.parquet as pq
 
-    files = loc.list_files(".parquet")
-    return TokenizerStamp.of_table(pq.read_schema(files[0], filesystem=loc.fs)) if files else None
+    for path in loc.list_files(".parquet")[: None if any_part else 1]:
+        stamp = TokenizerStamp.of_table(pq.read_schema(path, filesystem=loc.fs))
+        if stamp is not None:
+            return stamp
+    return None
 
 
 def same_tokenizer(a, b) -> bool:

@@ -68,6 +68,10 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
             print(f"[train] the student's tokenizer differs from the teacher's ({stamp.name}): logit-level KD "
                   "across tokenizers (the teacher's top-k moved onto the student's tokens by their bytes)")
         return "logit"
+    if cfg.teachers and text_only < rows and cfg.training.method == "logit":
+        print(f"[train] {text_only} of {rows} curated rows are text-only (a teacher returned no token ids and "
+              "top-k): those train with sequence-level KD, the rest with logit-level KD on their own teacher's top-k")
+        return "logit"
     message = (f"{text_only} of {rows} curated rows are text-only (the teacher returned no token ids "
                "and top-k), so logit-level KD cannot use them; ") + fallback
     if cfg.training.method == "on_policy":
@@ -187,7 +191,7 @@ def stored_tokenizer(cfg: RunConfig, rd: RunDir, say: bool = False) -> Tokenizer
     before stamps existed are taken to be in the configured teacher's, and `say` says so."""
     from distill.model_files import teacher_tokenizer
 
-    stamp = read_stamp(rd.curated)
+    stamp = read_stamp(rd.curated, any_part=bool(cfg.teachers))
     reference = teacher_tokenizer(cfg)
     if stamp is None and reference is not None:
         if say:

@@ -175,13 +175,31 @@ def pair_for(teacher_path: str, student_path: str) -> TokenizerPair:
     return _PAIRS[teacher_path, student_path]
 
 
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def student_fingerprint(path: str) -> str:
+    if path not in _FINGERPRINTS:
+        from distill.tokenizers import fingerprint
+
+        _FINGERPRINTS[path] = fingerprint(tokenizer_for(path))
+    return _FINGERPRINTS[path]
+
+
 def tokenize_split(batch: pa.Table, student_path: str, split: str, max_seq_len: int, use_teacher_ids: bool,
                    top_k: int, gold: bool = False, align_from: str | None = None) -> pa.Table:
     """Ray Data UDF (tasks, not actors: nothing holds a CPU between batches): a batch of curated
-    rows (or, `gold`, of prompts) -> the examples of one split. `align_from`: the teacher
-    tokenizer the top-k is in, when it is not the student's (cross-tokenizer logit KD)."""
+    rows (or, `gold`, of prompts) -> the examples of one split. `use_teacher_ids` and
+    `align_from` (the teacher tokenizer the top-k is in, when it is not the student's:
+    cross-tokenizer logit KD) are the run's; a batch read from a stamped part decides them from
+    its own stamp, so each teacher's rows of a run with several use their own signal."""
+    from distill.tokenizers import TokenizerStamp
     from distill.topk_codec import expanded_table
 
+    stamp = None if gold else TokenizerStamp.of_table(batch.schema)
+    if stamp is not None:
+        use_teacher_ids = stamp.fingerprint == student_fingerprint(student_path)
+        align_from = stamp.name if top_k and not use_teacher_ids else None
     batch = batch.filter(pc.equal(batch[S.SPLIT], split))
     batch = gold_table(batch) if gold else expanded_table(batch)
     align = pair_for(align_from, student_path) if align_from and top_k else None

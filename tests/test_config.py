@@ -36,11 +36,19 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("training={zero_stage: 3, lora: {r: 4}}", "training: Value error, LoRA runs with zero_stage 0-2"),
     ("generation.top_k_logprobs=50", "generation.top_k_logprobs: Input should be less than or equal to 20"),
     ("curation={relabel_wrong: true, check_answer: false}", "curation: Value error, curation.relabel_wrong relabels"),
+    ("teachers={teacher: {path: x}}", "teachers: 'teacher' is not a usable name"),
+    ("teachers={'a/b': {path: x}}", "teachers: 'a/b' is not a usable name"),
+    ("teachers={b: {kind: precomputed, outputs: x}}", "teachers.b: Input tag 'precomputed'"),
 ])
 def test_bad_values_name_the_field_and_the_problem(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert fragment in str(e.value)
+
+
+def test_on_policy_with_several_teachers_is_refused_naming_the_methods_that_work():
+    with pytest.raises(ConfigError, match="with several, use training.method=logit or sequence"):
+        load_config(None, ["teachers={b: {path: x}}", "training.method=on_policy", "training.freeze_embeddings=true"])
 
 
 def test_override_without_equals_is_explained():

@@ -5,7 +5,8 @@ job-wide limiter's rate. Integration: our Serve app hosting the tiny model with 
 a fault-injecting proxy on loopback (429 + Retry-After, 500, slow answers, dropped connections,
 and prompts that always fail): every prompt answered exactly once, error rows only where every
 attempt failed, the request rate within the limit, a job killed part-way and rerun requesting
-only the missing prompts, and the rest of the pipeline (sequence-level KD) on the result.
+only the missing prompts, and the rest of the pipeline (sequence-level KD) on the result; and a
+run with two teachers, the vLLM tiny model and the endpoint, routed by a column.
 """
 
 from __future__ import annotations
@@ -274,3 +275,114 @@ def test_an_endpoint_teacher_through_faults_a_kill_and_the_rest_of_the_pipeline(
     assert run_stage("train", cfg)["method"] == "sequence"
     report = run_stage("evaluate", cfg)
     assert set(report["summary"]["scores"]["test"]) == {"teacher", "student"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_two_teachers_one_vllm_one_endpoint_routed_by_a_column(teacher_server, tiny_model, tmp_path, ray_cluster,
+                                                               capsys):
+    """A run with the vLLM tiny model as `teacher` and the endpoint as `teachers.api`, prompts
+    routed by their `domain` field: each teacher writes only its prompts' rows (stamped with its
+    tokenizer, or text-only), a crash-like rerun keeps each one's rows and asks each only for what
+    is missing, training uses each part's own signal, and the report shows both teachers."""
+    import pyarrow.compute as pc
+    import yaml
+
+    from distill.builtin_data import synth_rows, write_jsonl
+    from distill.config import load_config
+    from distill.stages import run_stage
+    from distill.tokenizers import TokenizerStamp, fingerprint
+    from distill.train_data import KD_IDS, tokenize_split
+    from transformers import AutoTokenizer
+
+    proxy = teacher_server
+    rows = [{**r, **({"domain": "api"} if i % 2 else {})} for i, r in enumerate(synth_rows("sentiment", 40, seed=7))]
+    write_jsonl(rows, tmp_path / "prompts.jsonl")
+    routed = {r["id"] for r in rows if r.get("domain") == "api"}
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": {"kind": "file", "path": str(tmp_path / "prompts.jsonl")}, "teacher_field": "domain"},
+        "task": {"type": "nli", "labels": ["positive", "negative"]},
+        "teacher": {"kind": "vllm", "path": tiny_model, "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
+        "teachers": {"api": {"kind": "endpoint", "base_url": proxy.url, "model": "teacher", "max_concurrency": 4,
+                             "max_retries": 3, "timeout_s": 2.0, "price": {"input_per_1m": 1.0, "output_per_1m": 2.0}}},
+        "student": {"kind": "pretrained", "path": tiny_model,
+                    "engine": {"max_model_len": 256, "kv_cache_memory_bytes": 64 * 2**20}},
+        "generation": {"sampling": {"max_tokens": 6}, "top_k_logprobs": 4, "batch_size": 4, "rows_per_file": 2},
+        "curation": {"drop_truncated": False, "drop_empty": False, "drop_repetition": False, "check_answer": False,
+                     "dedup_exact": False, "dedup_near": False, "min_kept_ratio": 0.3},
+        "training": {"method": "logit", "epochs": 1, "batch_size": 4, "precision": "fp32", "zero_stage": 0,
+                     "max_seq_len": 96},
+        "evaluation": {"latency_requests": 2, "include_baseline": False, "sampling": {"max_tokens": 4},
+                       "teacher_check": None},
+    }
+    config = tmp_path / "two_teachers.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    prepared = run_stage("prepare", cfg)
+    prompts = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
+    trained = {r["id"]: r for r in prompts if r["split"] in ("train", "validation")}
+    assert prepared["teachers"] == {"teacher": len(rows) - len(routed), "api": len(routed)}
+    assert {r["id"] for r in prompts if r["teacher"] == "api"} == routed
+
+    # 1. each teacher answers its own prompts, in its own folder, with its own signal
+    stats = run_stage("generate", cfg)
+    main_dir, api_dir = tmp_path / "run" / "teacher", tmp_path / "run" / "teacher" / "api"
+    own = lambda folder: [r for p in sorted(folder.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]  # noqa: E731
+    main_rows, api_rows = own(main_dir), own(api_dir)
+    assert sorted(r["id"] for r in main_rows) == sorted(set(trained) - routed)
+    assert sorted(r["id"] for r in api_rows) == sorted(set(trained) & routed)
+    assert {r["teacher"] for r in main_rows} == {"teacher"} and {r["teacher"] for r in api_rows} == {"api"}
+    assert all(r["topk"] == 4 for r in main_rows if not r["error"]) and all(r["topk"] == 0 for r in api_rows)
+    tiny_fp = fingerprint(AutoTokenizer.from_pretrained(tiny_model))
+    assert {TokenizerStamp.of_table(pq.read_schema(p)).fingerprint for p in main_dir.glob("part-*.parquet")} == {tiny_fp}
+    assert all(TokenizerStamp.of_table(pq.read_schema(p)) is None for p in api_dir.glob("part-*.parquet"))
+    per = stats["teachers"]
+    assert per["api"]["rows"] == len(api_rows) and per["teacher"]["rows"] == len(main_rows)
+    assert per["api"]["cost"] > 0 and per["api"]["text_only"] == len(api_rows) and "cost" not in per["teacher"]
+    assert stats["rows"] == len(trained) and stats["cost"] == per["api"]["cost"]
+
+    # 2. a crash (no success marker, a part of each teacher lost): the rerun keeps each teacher's
+    # rows and asks each teacher only for the prompts whose rows were lost
+    lost = {}
+    for name, folder in (("teacher", main_dir), ("api", api_dir)):
+        part = sorted(folder.glob("part-*.parquet"))[0]
+        lost[name] = set(pq.read_table(part)["id"].to_pylist())
+        part.unlink()
+    (main_dir / "_SUCCESS.json").unlink()
+    before = {r["id"]: r["text"] for r in main_rows + api_rows}
+    asked_before = len(proxy.log)
+    again = run_stage("generate", cfg)
+    assert again["teachers"]["teacher"]["generated"] == len(lost["teacher"])
+    assert again["teachers"]["api"]["generated"] == len(lost["api"])
+    assert again["teachers"]["api"]["kept"] == len(api_rows) - len(lost["api"])
+    by_key = {hashlib.sha256(json.dumps(r["messages"]).encode()).hexdigest(): r["id"] for r in prompts}
+    assert {by_key[k] for _, k, _, _ in proxy.log[asked_before:]} == lost["api"]
+    after = {r["id"]: r["text"] for r in own(main_dir) + own(api_dir)}
+    assert sorted(after) == sorted(trained)
+    assert all(after[i] == before[i] for i in before if i not in lost["teacher"] | lost["api"])
+
+    # 3. curation keeps each part's stamp; training reads each part's own signal
+    curated = run_stage("curate", cfg)
+    assert set(curated["teachers"]) == {"teacher", "api"} and all(t["kept"] > 0 for t in curated["teachers"].values())
+    examples = {}
+    for part in sorted((tmp_path / "run" / "curated").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        name = table["teacher"][0].as_py()
+        assert TokenizerStamp.of_table(table.schema) == (None if name == "api" else TokenizerStamp.of(tiny_model))
+        for split in ("train", "validation"):
+            ex = tokenize_split(table, tiny_model, split, 96, use_teacher_ids=False, top_k=4)
+            examples.setdefault(name, []).extend(ex[KD_IDS].to_pylist())
+    assert examples["teacher"] and all(ids is not None for ids in examples["teacher"])
+    assert examples["api"] and all(ids is None for ids in examples["api"])
+    assert run_stage("train", cfg)["method"] == "logit"
+    assert "train with sequence-level KD, the rest with logit-level KD" in capsys.readouterr().out
+
+    # 4. the report shows each teacher beside the student, with its share of the data and its cost
+    report = run_stage("evaluate", cfg)
+    assert set(report["summary"]["scores"]["test"]) == {"teacher", "teacher:api", "student"}
+    full = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert full["teachers"]["api"]["cost"] == per["api"]["cost"]
+    assert full["teachers"]["teacher"]["kept"] == curated["teachers"]["teacher"]["kept"]
+    assert "| api | " in (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert pc.sum(pc.is_valid(pq.read_table(tmp_path / "run" / "eval" / "predictions.parquet")["teacher:api_text"])).as_py()

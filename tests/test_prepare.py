@@ -145,3 +145,15 @@ def test_a_large_file_streams_into_parts_in_input_order(tmp_path, monkeypatch):
     assert [r["id"] for p in parts for r in pq.read_table(p).to_pylist()] == [f"q{i}" for i in range(51)]
     with pytest.raises(BadRow, match="in.jsonl:51: duplicate id 'q3'"):
         run_stage("prepare", _cfg(tmp_path, src, "generation.rows_per_file=8"), force=True)
+
+
+def test_each_prompt_goes_to_the_teacher_its_row_names(tmp_path):
+    src = _write(tmp_path / "in.jsonl", [{"prompt": "a", "domain": "math"}, {"prompt": "b"},
+                                         {"prompt": "c", "domain": "teacher"}])
+    teachers = "teachers={math: {kind: endpoint, base_url: 'http://127.0.0.1:1/v1', model: m}}"
+    stats = run_stage("prepare", _cfg(tmp_path, src, "task.type=qa", teachers, "data.teacher_field=domain"))
+    routed = {r["messages"][-1]["content"]: r["teacher"] for r in pq.read_table(tmp_path / "run" / "prompts").to_pylist()}
+    assert routed == {"a": "math", "b": None, "c": None} and stats["teachers"] == {"teacher": 2, "math": 1}
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "domain": "maths"}])
+    with pytest.raises(BadRow, match=r"bad.jsonl:1: `domain` is 'maths', which names no teacher of this run \(teacher, math\)"):
+        run_stage("prepare", _cfg(tmp_path / "b", bad, "task.type=qa", teachers, "data.teacher_field=domain"))

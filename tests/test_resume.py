@@ -37,7 +37,7 @@ def _engine(block: pa.Table, n: int) -> pa.Table:
 
 def _run(rd: RunDir, prompts: pa.Table, n: int, rows_per_file: int, rng: random.Random) -> None:
     """One `generate` attempt: reconcile, then blocks of 1-5 prompts through the part writer."""
-    done = reconcile(rd, prompts, n)["done"]
+    done = reconcile(rd.teacher, prompts, n)["done"]
     todo = prompts.filter(pa.array([i not in done for i in prompts[S.ID].to_pylist()]))
     i = 0
     while i < len(todo):
@@ -102,7 +102,7 @@ def test_reconcile_keeps_complete_current_prompts_and_sets_aside_the_rest(tmp_pa
     edited = current.to_pylist()
     edited[-1][S.MESSAGES] = [{"role": "user", "content": "a different question"}]
     current = pa.Table.from_pylist(edited, schema=S.PROMPT_SCHEMA)
-    counts = reconcile(rd, current, n)
+    counts = reconcile(rd.teacher, current, n)
     assert counts["done"] == {"p000", "p001", "p002", "p003"}
     assert counts["orphaned"] == 6 and counts["discarded"] == 3  # p004 and p005 aside; the duplicate gone
     orphans = pq.read_table(tmp_path / "teacher" / "_orphans").to_pylist()

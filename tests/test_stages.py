@@ -51,6 +51,18 @@ def test_an_output_defining_field_is(tmp_path, stage, field):
     assert _fields_key(STAGES[stage], _cfg(tmp_path)) != _fields_key(STAGES[stage], _cfg(tmp_path, field))
 
 
+def test_another_teachers_output_fields_are_in_the_generate_key_and_its_speed_knobs_are_not(tmp_path):
+    from distill.stages import _fields_key
+
+    def key(**api):
+        api = {"kind": "endpoint", "base_url": "http://127.0.0.1:1/v1", "model": "m", **api}
+        return _fields_key(STAGES["generate"], _cfg(tmp_path, f"teachers={json.dumps({'api': api})}"))
+
+    assert key() != _fields_key(STAGES["generate"], _cfg(tmp_path))  # adding a teacher is new output
+    assert key(model="other") != key() and key(system_prompt="Be brief.") != key()
+    assert key(max_concurrency=2, requests_per_minute=5, timeout_s=3) == key()
+
+
 def test_fields_at_their_default_are_left_out_so_a_new_field_invalidates_nothing(tmp_path):
     from distill.stages import _fields_key
 

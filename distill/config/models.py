@@ -180,6 +180,9 @@ class EndpointTeacher(TeacherContext):
 Teacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[PrecomputedTeacher, Tag("precomputed")],
                           Annotated[EndpointTeacher, Tag("endpoint")]],
                     _kind_or("vllm")]
+MoreTeacher = Annotated[Union[Annotated[VllmTeacher, Tag("vllm")], Annotated[EndpointTeacher, Tag("endpoint")]],
+                        _kind_or("vllm")]
+PRIMARY_TEACHER = "teacher"  # the name of `teacher` among `teachers`
 
 
 class DerivedStudent(Strict):
@@ -265,6 +268,9 @@ class DataConfig(Strict):
     """A malformed input row stops `prepare` (naming file:line) or is skipped and counted."""
     limit: int | None = Field(None, ge=1)
     """Use only the first N rows."""
+    teacher_field: str = "teacher"
+    """With several teachers (`teachers`): the input rows' field that names the teacher a prompt
+    goes to (a row without it goes to `teacher`)."""
 
 
 class TaskConfig(Strict):
@@ -753,7 +759,11 @@ class RunConfig(Strict):
     task: TaskConfig = Field(default_factory=lambda: TaskConfig(labels=["positive", "negative"]))
     """What the student learns and how it is scored."""
     teacher: Teacher = VllmTeacher()
-    """The model that teaches."""
+    """The model that teaches (evaluated, served, and the one a derived student is made from)."""
+    teachers: dict[str, MoreTeacher] = Field(default_factory=dict)
+    """More teachers, by name (vllm or endpoint, each with its own tokenizer): a prompt goes to the
+    teacher its input row names in `data.teacher_field`, else to `teacher`. Each writes its rows
+    to `teacher/<name>/`; training uses each row's own signal; the report shows each teacher."""
     student: Student = DerivedStudent()
     """The model that learns."""
     generation: GenerationConfig = GenerationConfig()
@@ -783,6 +793,22 @@ class RunConfig(Strict):
             raise ValueError("training.method=on_policy: the teacher scores the student's rollouts on the student's "
                              "prompt, so a teacher context (teacher.system_prompt, teacher.few_shot) would not be "
                              "seen there; drop the context or use training.method=logit")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_names_are_folder_names(self) -> "RunConfig":
+        import re
+
+        for name in self.teachers:
+            if name == PRIMARY_TEACHER or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"teachers: {name!r} is not a usable name: use letters, digits, '_', '-' or '.', "
+                                 f"starting with a letter or digit, and not {PRIMARY_TEACHER!r} (the main teacher's)")
+        if self.teachers and self.training.method == "on_policy":
+            raise ValueError("teachers: on-policy distillation scores the student's samples with one teacher "
+                             "(`teacher`); with several, use training.method=logit or sequence")
+        if self.teachers and self.teacher.kind == "precomputed":
+            raise ValueError("teachers: several teachers need `teacher` to run (vllm or endpoint), not to be "
+                             "imported (kind: precomputed)")
         return self
 
     @model_validator(mode="after")
