@@ -40,6 +40,7 @@ from serve.shadow import Shadow
 log = logging.getLogger("ray.serve")
 AB = "ab"
 WEIGHTS_TTL_S = 1.0
+RECORD_EVERY_S = 0.25  # how long an observed request waits to reach the ledger (read routes flush first)
 CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
 
 api = FastAPI(title="ray-distill A/B endpoint", docs_url=None, redoc_url=None, openapi_url=None)
@@ -79,19 +80,27 @@ class Ingress:
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: ShadowConfig | None = None, task: TaskConfig | None = None,
-                 record_prompts: bool = False, system_prompt: str | None = None):
+                 record_prompts: bool = False, system_prompt: str | None = None,
+                 local: dict[str, tuple[dict[str, Any], int]] | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
         from ray.serve.metrics import Counter, Histogram
 
-        self.models, self.ledger = models, ledger
+        from serve.model_server import LocalModel, ModelServer
+
+        # models co-located in this process (`serving.colocate`), called like the others' handles
+        local_models = {name: LocalModel(ModelServer(name, spec, max_tokens))
+                        for name, (spec, max_tokens) in (local or {}).items()}
+        self.models, self.ledger = {**models, **local_models}, ledger
+        self._local = list(local_models.values())
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
         self.shadow = Shadow(shadow or ShadowConfig(), task, record_prompts)
         self.system_prompt = system_prompt
         self._weights: dict[str, float] = {}
         self._weights_at = 0.0
-        self._pending: set[asyncio.Task] = set()
+        self._records: list[tuple] = []  # observed requests not yet sent to the ledger
+        self._flusher: asyncio.Task | None = None
         tags = ("model", "route")
         buckets = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
         self.m_requests = Counter("distill_serve_requests", "requests by model, route and HTTP status",
@@ -145,17 +154,26 @@ class Ingress:
             self.m_tokens.inc(tokens, tags=tags)
             if ttft is not None:
                 self.m_ttft.observe(ttft, tags=tags)
-        # recorded in the background; the task is kept so it is not garbage-collected half-way
-        task = asyncio.get_running_loop().create_task(
-            self._record(route, arm, status, latency, ttft, tokens, response_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # recorded in batches, off the request path: one ledger call per RECORD_EVERY_S, not one
+        # per request (a handle call costs the event loop time the next response waits for)
+        self._records.append((route, arm, status, latency, ttft, tokens, response_id))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_while_observing())
 
-    async def _record(self, *args: Any) -> None:
+    async def _flush_while_observing(self) -> None:
+        while self._records:
+            await asyncio.sleep(RECORD_EVERY_S)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the requests observed so far to the ledger (a route that reads it does this first)."""
+        batch, self._records = self._records, []
+        if not batch:
+            return
         try:
-            await self.ledger.record.remote(*args)
+            await self.ledger.record_many.remote(batch)
         except Exception as e:  # figures are best effort; serving goes on
-            log.warning("could not record a request in the ledger: %s", e)
+            log.warning("could not record %d requests in the ledger: %s", len(batch), e)
 
     def _engine_error(self, route: str, arm: str, start: float, exc: BaseException) -> ApiError:
         self._observe(route, arm, 503, time.perf_counter() - start, None, 0, None)
@@ -264,6 +282,7 @@ class Ingress:
     async def feedback(self, request: Request) -> dict[str, Any]:
         self._auth(request)
         fb = await parse(request, Feedback, self.max_body_bytes)
+        await self._flush()  # the requests observed so far are in the ledger
         result, arm = await self.ledger.feedback.remote(fb.id, fb.score)
         if result == "unknown":
             raise ApiError(404, f"no response with id '{fb.id}' (ids come from completion responses)",
@@ -295,6 +314,7 @@ class Ingress:
         self._admin(request)
         from ray import serve
 
+        await self._flush()  # the requests observed so far are in the ledger
         stats = await self.ledger.stats.remote()
         return {**stats, "ingress_replica": serve.get_replica_context().replica_tag}
 
@@ -302,6 +322,7 @@ class Ingress:
     async def prompts(self, request: Request, since: int = 0) -> dict[str, Any]:
         """Shadowed prompts with both answers (`serving.record_prompts`), from position `since`."""
         self._admin(request)
+        await self._flush()  # the requests observed so far are in the ledger
         return await self.ledger.prompts.remote(since)
 
 

@@ -125,6 +125,11 @@ class Ledger:
             while len(self.arm_of) > self.remembered_ids:
                 self.scored.discard(self.arm_of.popitem(last=False)[0])
 
+    def record_many(self, records: list[tuple]) -> None:
+        """`record` for each of a batch (the ingress sends what it observed every so often)."""
+        for args in records:
+            self.record(*args)
+
     def feedback(self, response_id: str, score: float) -> tuple[str, str | None]:
         """("ok", arm) once per response; ("duplicate", arm) after that; ("unknown", None)."""
         key = self.arm_of.get(response_id)

@@ -101,3 +101,47 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+class LocalModel:
+    """A ModelServer in the caller's own process (`serving.colocate`), called the way its deployment
+    handle is: `m.complete.remote(req)` is awaited, `m.options(stream=True).stream.remote(req)` is
+    iterated and `cancel()`ed. No actor hop, no Serve queue."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    def options(self, **_: Any) -> "LocalModel":
+        return self
+
+    def __getattr__(self, method: str) -> "_LocalMethod":
+        return _LocalMethod(getattr(self.server, method))
+
+
+class _LocalMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        import inspect
+
+        out = self.fn(*args)  # a coroutine (awaited by the caller) or an async generator
+        return _LocalStream(out) if inspect.isasyncgen(out) else out
+
+
+class _LocalStream:
+    """An async generator, with the `cancel()` of a streaming handle's response."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def __aiter__(self) -> "_LocalStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.gen.__anext__()
+
+    def cancel(self) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.gen.aclose())  # the engine aborts the request
