@@ -1,12 +1,10 @@
 """Serving latency: each arm's engine called directly vs through our Serve app, 1 and 8 clients.
 
-    python bench/serve_latency.py --run-dir runs/default --requests 64 --colocate none student   # after `make demo`
+    python bench/serve_latency.py --run-dir runs/default --requests 16    # after `make demo`
 
 (a) the engine called directly: vLLM's AsyncLLM in a Ray actor with the same settings, cores and
     environment as the Serve replica, requests sent from inside that actor;
 (b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica);
-    with `--colocate none student`, again with the student's engine in the ingress's process
-    (`serving.colocate`: no hop between them);
 (c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did).
@@ -99,8 +97,6 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/default")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--port", type=int, default=8077)
-    ap.add_argument("--colocate", nargs="+", default=["none"],
-                    help="serving.colocate settings to measure (b) under, in one run: none, student, ...")
     args = ap.parse_args()
 
     cfg = load_target(args.run_dir, [f"serving.port={args.port}"])
@@ -118,29 +114,23 @@ def main() -> None:
             results["arms"].setdefault(arm, {})[f"direct_c{c}"] = ray.get(actor.run.remote(prompts, max_tokens, c))
         ray.kill(actor)
     zero = HostedModel({"kind": "fake", "delay_s": 0.0, "max_model_len": 4096})
+    url = start(build_app({**models, "zero": zero}, cfg.serving), cfg.serving)
     try:
-        for colocate in args.colocate:  # (b) through the app, each arm in its deployment or in the ingress
-            serving = cfg.serving.model_copy(update={"colocate": None if colocate == "none" else colocate})
-            url = start(build_app({**models, "zero": zero}, serving), serving)
-            tag = "" if colocate == "none" else f"_colocated_{colocate}"
-            for arm in models:
-                through_app(url, arm, prompts[:2], max_tokens, 1)
-                for c in (1, 8):
-                    results["arms"][arm][f"serve{tag}_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
-            if colocate == "none":
-                through_app(url, "zero", prompts[:2], max_tokens, 1)
-                results["fixed_cost_c1"] = {"health": through_app(url, None, prompts, max_tokens, 1),  # (c)
-                                            "zero_engine": through_app(url, "zero", prompts, max_tokens, 1),
-                                            "zero_engine_new_connection": through_app(url, "zero", prompts, max_tokens,
-                                                                                      1, keep_alive=False)}
-            ray_serve.shutdown()
+        for arm in models:  # (b) through the app
+            through_app(url, arm, prompts[:2], max_tokens, 1)
+            for c in (1, 8):
+                results["arms"][arm][f"serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
+        through_app(url, "zero", prompts[:2], max_tokens, 1)
+        results["fixed_cost_c1"] = {"health": through_app(url, None, prompts, max_tokens, 1),  # (c)
+                                    "zero_engine": through_app(url, "zero", prompts, max_tokens, 1),
+                                    "zero_engine_new_connection": through_app(url, "zero", prompts, max_tokens, 1,
+                                                                              keep_alive=False)}
     finally:
         ray_serve.shutdown()
         ray.shutdown()
     for arm, r in results["arms"].items():
-        for key in [k for k in list(r) if k.startswith("serve")]:  # serve_c1 -> serve_over_direct_p50_c1
-            mode, c = key.rsplit("_c", 1)
-            r[f"{mode}_over_direct_p50_c{c}"] = round(r[key]["p50_s"] / r[f"direct_c{c}"]["p50_s"], 3)
+        for c in (1, 8):
+            r[f"serve_over_direct_p50_c{c}"] = round(r[f"serve_c{c}"]["p50_s"] / r[f"direct_c{c}"]["p50_s"], 3)
     arms = results["arms"]
     if "teacher" in arms and "student" in arms:
         results["student_over_teacher_p50_c1"] = round(arms["student"]["serve_c1"]["p50_s"] / arms["teacher"]["serve_c1"]["p50_s"], 3)

@@ -111,29 +111,21 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
     from serve.ledger import Ledger
     from serve.model_server import ModelServer
 
-    handles, local = {}, serving.colocate
-    if local is not None and local not in models:
-        raise UserError(f"serving.colocate is {local!r}, which is not among the hosted models ({', '.join(models)})")
+    handles = {}
     for name, hosted in models.items():
-        if name == local:
-            continue
         deployment = ray_serve.deployment(ModelServer, name=f"model-{name}",
                                           **_deployment_options(hosted.replica, hosted.env))
         handles[name] = deployment.bind(name, hosted.engine_spec, serving.default_max_tokens)
     ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         serving.ab_weights, shadow_to=serving.shadow.to)
-    # the ingress takes a co-located model's resources, environment and replicas (`serving.colocate`)
-    options = (_deployment_options(models[local].replica, models[local].env) if local else
-               {"ray_actor_options": {"num_cpus": 0}})
     ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
-                                   **{**options, "max_ongoing_requests": 1000, "max_queued_requests": -1})
+                                   max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
     return ingress.bind(
         handles, ledger, serving.user_header, key_hash(api_key) if api_key else None,
         key_hash(admin_key) if admin_key else None,
         admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
         max_body_bytes=serving.max_body_bytes, shadow=serving.shadow, task=task,
-        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task),
-        local={local: (models[local].engine_spec, serving.default_max_tokens)} if local else None)
+        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task))
 
 
 def task_prompt(serving: ServingConfig, task: TaskConfig | None) -> str | None:

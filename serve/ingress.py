@@ -80,19 +80,12 @@ class Ingress:
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: ShadowConfig | None = None, task: TaskConfig | None = None,
-                 record_prompts: bool = False, system_prompt: str | None = None,
-                 local: dict[str, tuple[dict[str, Any], int]] | None = None):
+                 record_prompts: bool = False, system_prompt: str | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
         from ray.serve.metrics import Counter, Histogram
 
-        from serve.model_server import LocalModel, ModelServer
-
-        # models co-located in this process (`serving.colocate`), called like the others' handles
-        local_models = {name: LocalModel(ModelServer(name, spec, max_tokens))
-                        for name, (spec, max_tokens) in (local or {}).items()}
-        self.models, self.ledger = {**models, **local_models}, ledger
-        self._local = list(local_models.values())
+        self.models, self.ledger = models, ledger
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
         self.shadow = Shadow(shadow or ShadowConfig(), task, record_prompts)

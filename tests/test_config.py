@@ -36,7 +36,6 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("training={zero_stage: 3, lora: {r: 4}}", "training: Value error, LoRA runs with zero_stage 0-2"),
     ("generation.top_k_logprobs=50", "generation.top_k_logprobs: Input should be less than or equal to 20"),
     ("curation={relabel_wrong: true, check_answer: false}", "curation: Value error, curation.relabel_wrong relabels"),
-    ("serving={colocate: baseline}", "colocate is 'baseline', which is not in serving.models"),
     ("teachers={teacher: {path: x}}", "teachers: 'teacher' is not a usable name"),
     ("teachers={'a/b': {path: x}}", "teachers: 'a/b' is not a usable name"),
     ("teachers={b: {kind: precomputed, outputs: x}}", "teachers.b: Input tag 'precomputed'"),

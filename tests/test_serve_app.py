@@ -1,7 +1,6 @@
 """The Serve app over real HTTP with fake engines (same interface as vLLM's), driven by the
 official openai client: routing, the A/B split, streaming, metrics, auth, errors, backpressure,
-and a bounded fuzz of hostile requests; the student co-located in the ingress (`serving.colocate`).
-The real engines are in test_serve_real.py."""
+and a bounded fuzz of hostile requests. The real engines are in test_serve_real.py."""
 
 from __future__ import annotations
 
@@ -45,10 +44,8 @@ def app(ray_cluster):
     }
     # the fake engines count the words they are sent: the task's system prompt stays out here (its
     # test, with real engines, is in test_serve_real)
-    # the student's engine lives in the ingress's process (serving.colocate), the others behind
-    # handles: every test below that asks the student goes through the co-located path
     serving = ServingConfig(port=free_port(), shadow={"fraction": 1.0, "to": "teacher", "max_in_flight": 8},
-                            record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False, colocate="student")
+                            record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False)
     task = TaskConfig(type="nli", labels=["ok", "fine"])  # the fake teacher answers "ok ...", the student "fine ..."
     url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
     yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
@@ -135,13 +132,32 @@ def test_sticky_by_user_field_and_by_header(app, client):
         assert len(seen) == 1 and by_header == seen
 
 
+def test_requests_reach_the_ledger_in_batches_without_a_read_to_flush_them(app, client):
+    from ray import serve as ray_serve
+
+    from serve.ingress import RECORD_EVERY_S
+
+    ledger = ray_serve.get_deployment_handle("ledger", app_name="distill")
+
+    def recorded():  # the ledger itself, not the ingress's /admin/stats (which flushes first)
+        return ledger.stats.remote().result()["arms"].get("direct", {}).get("student", {}).get("requests", 0)
+
+    before = recorded()
+    for _ in range(3):
+        client.chat.completions.create(model="student", messages=MSG, max_tokens=2)
+    deadline = time.time() + 20 * RECORD_EVERY_S
+    while recorded() < before + 3 and time.time() < deadline:
+        time.sleep(RECORD_EVERY_S / 2)
+    assert recorded() == before + 3
+
+
 def test_metrics_counts_in_stats_and_prometheus(app, client):
     tokens = sum(client.chat.completions.create(model="metered", messages=MSG, max_tokens=2).usage.completion_tokens
                  for _ in range(5))
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="metered", messages=[{"role": "user", "content": "x " * 70}])
     deadline = time.time() + 10
-    while time.time() < deadline:  # the ledger is told fire-and-forget
+    while time.time() < deadline:  # the ledger is told in batches, off the request path
         after = stats(app)["arms"]["direct"].get("metered", {"requests": 0})
         if after["requests"] == 6:
             break

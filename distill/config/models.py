@@ -725,11 +725,6 @@ class ServingConfig(Strict):
     messages reach the models as sent."""
     replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
     """Resources and scaling per model."""
-    colocate: HostedModel | None = None
-    """A model whose engine runs in the ingress's own process instead of a deployment of its own:
-    no hop between them, which is most of the app's fixed cost per request for a small, fast
-    student on one machine. It then has the ingress's replicas (its own `replicas` settings) and
-    no queue limit of its own. null: every model in its own deployment (scales on its own)."""
 
     @model_validator(mode="after")
     def _weights_name_hosted_models(self) -> "ServingConfig":
@@ -741,8 +736,6 @@ class ServingConfig(Strict):
                              "e.g. {teacher: 0.5, student: 0.5}")
         if self.shadow.fraction > 0 and self.shadow.to not in self.models:
             raise ValueError(f"shadow.to is {self.shadow.to!r}, which is not in serving.models {self.models}")
-        if self.colocate is not None and self.colocate not in self.models:
-            raise ValueError(f"colocate is {self.colocate!r}, which is not in serving.models {self.models}")
         return self
 
     def replica(self, model: str) -> ReplicaConfig:
