@@ -199,7 +199,7 @@ class DistillRecipe:
                     rate = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
                     eta = (steps_total - step) * elapsed / max(1, step - step_at_start)
                     self.log(f"step {step}/{steps_total} epoch {epoch + 1} loss {loss_value:.4f} "
-                              f"{' '.join(f'{k} {v:.4f}' for k, v in parts.items())} {rate:.0f} tok/s ETA {eta:.0f}s")
+                              f"{' '.join(f'{k} {v:.4f}' for k, v in parts.items())} {rate:.0f} response tok/s ETA {eta:.0f}s")
                 if step % t.checkpoint_every_steps == 0:
                     self.checkpoint({**state, "loss": loss_value})
             state.update(epoch=epoch + 1, batch_in_epoch=0)
