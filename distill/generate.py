@@ -115,8 +115,12 @@ def generate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         return generate_for(cfg, rd, rd.teacher)
     from concurrent.futures import ThreadPoolExecutor
 
+    from distill.model_files import check_model
     from distill.ray_utils import connect
 
+    for name, extra in cfg.teachers.items():  # every model can be loaded, before any teacher starts
+        if extra.kind == "vllm":
+            check_model(extra.path, f"teachers.{name}.path")
     connect(cfg.ray)  # once, before the teachers' threads
     checked = None
     if cfg.teacher.kind == "vllm" and cfg.evaluation.teacher_check is not None and not len(teacher_ids(rd.teacher)):
@@ -150,8 +154,9 @@ def generate_for(cfg: RunConfig, rd: RunDir, out: Location, route: str | None = 
     from distill.model_files import check_model
 
     say = f"[generate] {route}:" if route else "[generate]"
+    at = "teacher" if route in (None, PRIMARY_TEACHER) else f"teachers.{route}"  # where the config says it
     if cfg.teacher.kind == "vllm":
-        check_model(cfg.teacher.path, "teacher.path")
+        check_model(cfg.teacher.path, f"{at}.path")
     gen = cfg.generation
     n = gen.sampling.n
     total = prompt_count(rd, route)
@@ -198,13 +203,13 @@ def generate_for(cfg: RunConfig, rd: RunDir, out: Location, route: str | None = 
           f"{stats['bytes_per_output_token']} stored bytes/token -> {out.uri}")
     if stats.get("text_only"):
         print(f"{say} {stats['text_only']} responses are text only (no token ids or top-k): "
-              + _why_text_only(cfg) + "; training can only run sequence-level KD on them")
+              + _why_text_only(cfg, at) + "; training can only run sequence-level KD on them")
     return stats
 
 
-def _why_text_only(cfg: RunConfig) -> str:
+def _why_text_only(cfg: RunConfig, at: str = "teacher") -> str:
     if cfg.teacher.tokenizer is None:
-        return "teacher.tokenizer is not set, so the endpoint's tokens cannot be mapped to ids"
+        return f"{at}.tokenizer is not set, so the endpoint's tokens cannot be mapped to ids"
     return (f"the endpoint's tokenizer ({cfg.teacher.tokenizer}) is not the student's, or the server does not "
             "return token ids (vLLM's server does with return_tokens_as_token_ids)")
 
