@@ -36,7 +36,10 @@ def follow_parts(ds, total: int, source: str = "", teacher: str | None = None) -
     (`teacher`: its name, in a run with several)."""
     import pyarrow.compute as pc
 
-    progress, written = Progress(f"teacher {teacher}" if teacher else "teacher", total, "responses"), 0
+    from distill.config.models import PRIMARY_TEACHER
+
+    label = f"teacher {teacher}" if teacher and teacher != PRIMARY_TEACHER else "teacher"
+    progress, written = Progress(label, total, "responses"), 0
     for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         written += pc.sum(summary["rows"]).as_py() or 0
         progress.update(written, source)

@@ -29,6 +29,7 @@ QUIET_LOGGERS = (
     "ray.train.v2._internal.execution.controller.placement_group_cleaner",
     "ray.data._internal.progress",  # "Progress bars disabled", once per dataset and process
     "ray.data._internal.execution.streaming_executor",  # the plan and "finished" of every dataset
+    "ray.data._internal.logging",  # "registers for logging while another dataset is" (several teachers)
     "ray.train.v2._internal.execution.worker_group.worker_group",
     "ray.train.v2._internal.execution.storage",
     "ray.train.v2._internal.execution.scaling_policy.scaling_policy",
