@@ -279,8 +279,8 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     c = cfg.curation
     # every teacher's parts (`distill.teachers`), each with its teacher's tokenizer (to trim and
     # relabel token ids) and the stamp of its ids, carried to its curated part
-    parts = []
-    for route in routes(cfg):
+    parts, teachers = [], routes(cfg)
+    for route in teachers:
         src = folder(rd.teacher, route.name)
         tokenizer, stamp = teacher_tokenizer(route.cfg), read_stamp(src)
         parts += [(src, path, tokenizer, stamp) for path in src.list_files(".parquet")]
@@ -329,7 +329,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
              "kept_splits": {s: total.kept_splits.get(s, 0) for s in S.TRAINED_SPLITS}}
     if cfg.teachers:
         stats["teachers"] = {name: {k: total.by_teacher[name, k] for k in ("responses", "kept")}
-                             for name in [r.name for r in routes(cfg)]}
+                             for name in [r.name for r in teachers]}
         print("[curate] kept per teacher: " + ", ".join(f"{n} {t['kept']} of {t['responses']}"
                                                          for n, t in stats["teachers"].items()))
     return stats

@@ -219,14 +219,12 @@ def _trained_prompts(rd: RunDir, teacher: str | None = None):
     (routed to `teacher`, when given: `distill.teachers`)."""
     import pyarrow.dataset as pads
 
+    from distill.teachers import routed_filter
+
     files = rd.prompts.list_files(".parquet")
     dataset = pads.dataset(files, filesystem=rd.prompts.fs, format="parquet", schema=S.PROMPT_SCHEMA)
-    keep = pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS))
-    if teacher == PRIMARY_TEACHER:
-        keep = keep & (pads.field(S.TEACHER).is_null() | (pads.field(S.TEACHER) == PRIMARY_TEACHER))
-    elif teacher is not None:
-        keep = keep & (pads.field(S.TEACHER) == teacher)
-    return dataset, keep
+    keep, routed = pads.field(S.SPLIT).isin(list(S.TRAINED_SPLITS)), routed_filter(teacher)
+    return dataset, keep if routed is None else keep & routed
 
 
 def trained_prompts(rd: RunDir, ids: pa.Array, columns: list[str], teacher: str | None = None) -> pa.Table:

@@ -107,16 +107,13 @@ def _table_digest(folder: str, columns: list[str], optional: str | None = None) 
         locs = [f for _, f in folders(rd.cfg, loc)] if folder == "teacher" else [loc]
         rows = []
         for loc, part in ((loc, part) for loc in locs for part in loc.list_files(".parquet")):
-            table = pq.read_table(part, filesystem=loc.fs, columns=columns)
-            extra = (pq.read_table(part, filesystem=loc.fs, columns=[optional])[optional]
-                     if optional and optional in pq.read_schema(part, filesystem=loc.fs).names else None)
-            start = 0
+            file = pq.ParquetFile(part, filesystem=loc.fs)
+            tagged = optional is not None and optional in file.schema_arrow.names
+            table = file.read(columns=columns + [optional] if tagged else columns)
             for batch in table.to_batches(max_chunksize=65536):
                 values = zip(*(batch.column(c).to_pylist() for c in columns))
-                if extra is not None:
-                    tags = extra.slice(start, batch.num_rows).to_pylist()
-                    values = (v if t is None else (*v, t) for v, t in zip(values, tags))
-                start += batch.num_rows
+                if tagged:
+                    values = (v if t is None else (*v, t) for v, t in zip(values, batch.column(optional).to_pylist()))
                 rows.append(hash64((json.dumps(v, default=str) for v in values), batch.num_rows))
         return hashlib.sha256(np.sort(np.concatenate(rows)).tobytes() if rows else b"").hexdigest()[:16]
 
@@ -141,7 +138,7 @@ class Stage:
 _ENGINE_KNOBS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
                  "block_size", "cpu_threads_bind", "tensor_parallel_size")
 
-def _TEACHER_KNOBS(at: str) -> tuple[str, ...]:  # noqa: N802 (a table, written as a call)
+def _teacher_knobs(at: str) -> tuple[str, ...]:
     """A teacher's fields that only change speed or placement (`at`: where the teacher is)."""
     return (f"{at}.pool", *(f"{at}.engine.{k}" for k in _ENGINE_KNOBS),
             *(f"{at}.{k}" for k in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
@@ -156,7 +153,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("generate", "distill.generate:generate", ("prepare",), "teacher",
           defines=("teacher", "teachers", "generation"),
           knobs=("generation.batch_size", "generation.blocks_in_flight", "generation.rows_per_file",
-                 *_TEACHER_KNOBS("teacher"), *_TEACHER_KNOBS("teachers.*")),
+                 *_teacher_knobs("teacher"), *_teacher_knobs("teachers.*")),
           inputs=_generate_inputs, content=_table_digest("teacher", ["id", "sample", "text", "split"]),
           resumable=True),
     Stage("curate", "distill.curate:curate", ("generate",), "curated",
@@ -172,7 +169,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           defines=("evaluation", "task", "teacher.path", "teacher.engine.dtype", "teacher.engine.max_model_len",
                    "student.engine.dtype", "student.engine.max_model_len", "teachers"),
           knobs=("evaluation.min_kept_ratio",  # a check on the report, run on every call
-                 *_TEACHER_KNOBS("teachers.*")),
+                 *_teacher_knobs("teachers.*")),
           inputs=_evaluate_inputs, gate="distill.evaluate:check_gate"),
 ]}
 ORDER = tuple(STAGES)

@@ -75,6 +75,18 @@ def routed_mask(table: pa.Table, name: str | None) -> pa.ChunkedArray | None:
     return pc.fill_null(pc.equal(column, name), False)
 
 
+def routed_filter(name: str | None):
+    """`routed_mask` as a pyarrow dataset expression (for scans that filter while they read)."""
+    import pyarrow.dataset as pads
+
+    if name is None:
+        return None
+    column = pads.field(S.TEACHER)
+    if name == PRIMARY_TEACHER:
+        return column.is_null() | (column == PRIMARY_TEACHER)
+    return column == name
+
+
 def check_name(value, field: str, cfg: RunConfig) -> str | None:
     """An input row's teacher, checked against the run's teachers (None: the main one)."""
     if value is None or value == PRIMARY_TEACHER:
