@@ -56,7 +56,9 @@ class RowRules:
         self.cfg = curation
         self.schema = schema
         self.decode = self.encode = None
-        if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong):
+        self.calibration = None
+        if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong
+                                      or self.cfg.calibrate != "off"):
             from transformers import AutoTokenizer
 
             from distill.model_files import resolve_model
@@ -64,13 +66,22 @@ class RowRules:
             tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
             self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+            if self.cfg.calibrate != "off":
+                from distill.calibration import LabelCalibration
+
+                self.calibration = LabelCalibration(self.task, self.encode, self.decode)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.table(*self.rows_and_reasons(batch))
 
-    def rows_and_reasons(self, batch: pa.Table) -> tuple[list[dict[str, Any]], list[str | None]]:
-        rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens)
-                for r in batch.to_pylist()]
+    def rows_and_reasons(self, batch: pa.Table, log_prior: np.ndarray | None = None,
+                         changes: Counter | None = None) -> tuple[list[dict[str, Any]], list[str | None]]:
+        """The rows (calibrated against `log_prior` first, when given, counting each change of label
+        into `changes` as "old -> new"), trimmed, and their reasons."""
+        rows = batch.to_pylist()
+        if log_prior is not None:
+            rows = [self._calibrated(r, log_prior, changes if changes is not None else Counter()) for r in rows]
+        rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens) for r in rows]
         reasons = [row_reason(r, self.task, self.cfg) for r in rows]
         if self.cfg.relabel_wrong:
             for i, reason in enumerate(reasons):
@@ -78,6 +89,15 @@ class RowRules:
                 if fixed:
                     rows[i], reasons[i] = fixed, None
         return rows, reasons
+
+    def _calibrated(self, row: dict[str, Any], log_prior: np.ndarray, changes: Counter) -> dict[str, Any]:
+        if self.calibration is None:  # text-only rows (no tokenizer): nothing to calibrate
+            return row
+        was = self.task.extract(row.get(S.TEXT) or "")
+        out, new = self.calibration.apply(row, log_prior)
+        if new is not None:
+            changes[f"{was} -> {new}"] += 1
+        return out
 
     def votes(self, rows: list[dict[str, Any]], reasons: list[str | None]):
         """`curation.select: majority` over a part (parts hold every sample of their prompts)."""
@@ -107,21 +127,32 @@ def _rules(task: TaskConfig, curation: CurationConfig, tokenizer: str | None, sc
 # ----------------------------------------------------------------------------- the tasks
 
 
+def _label_probabilities(src: Location, path: str, cfg: RunConfig, tokenizer: str | None) -> tuple[np.ndarray, int]:
+    """Round 0 for one teacher part (`curation.calibrate`): its rows' label probabilities added up."""
+    table = pq.read_table(path, filesystem=src.fs)
+    rules = _rules(cfg.task, cfg.curation, tokenizer, table.schema)
+    if rules.calibration is None:
+        return np.zeros(len(getattr(rules.task, "labels", []))), 0
+    return rules.calibration.probabilities(table.to_pylist())
+
+
 def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: RunConfig,
-                tokenizer: str | None) -> Counter:
-    """Round 1 for one teacher part: the per-row rules (and majority votes), the staged part and
-    its compact keys written; returns its prompts' agreement counts."""
+                tokenizer: str | None, log_prior: np.ndarray | None = None) -> tuple[Counter, Counter]:
+    """Round 1 for one teacher part: calibration, the per-row rules (and majority votes), the
+    staged part and its compact keys written; returns its prompts' agreement counts and its
+    calibration's label changes."""
     c = cfg.curation
     table = pq.read_table(path, filesystem=src.fs)
     rules = _rules(cfg.task, c, tokenizer, table.schema)
-    rows, reasons = rules.rows_and_reasons(table)
+    changes = Counter()
+    rows, reasons = rules.rows_and_reasons(table, log_prior, changes)
     agreement = Counter()
     if c.select == "majority":
         rows, reasons, agreement = rules.votes(rows, reasons)
     staging.write_part(rules.table(rows, reasons), f"part-{part:06d}")
     keys = part_keys(rows, (r is None for r in reasons), part, c.near_threshold if c.dedup_near else None)
     _write_keys(staging, part, keys)
-    return agreement
+    return agreement, changes
 
 
 def _keys_path(staging: Location, part: int) -> str:
@@ -154,8 +185,8 @@ def _concat(*arrays: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([np.zeros(0, np.int64), *arrays]))
 
 
-def _sum_counters(*counters: Counter) -> Counter:
-    return sum(counters, Counter())
+def _sum_counters(*pairs: tuple[Counter, Counter]) -> tuple[Counter, Counter]:
+    return sum((a for a, _ in pairs), Counter()), sum((b for _, b in pairs), Counter())
 
 
 # round 2: a reduction per hash bucket, each reading every part's keys from the staging folder
@@ -253,6 +284,25 @@ def _progress(label: str):
     return lambda done, total: print(f"[curate] {label}: {done}/{total} parts", flush=True)
 
 
+def _log_priors(cfg: RunConfig, parts: list[tuple], task) -> dict[str, np.ndarray]:
+    """Round 0 (`curation.calibrate`): each teacher's log mean label probability over its rows,
+    from a sum per part (a vector per part reaches the driver, not the rows)."""
+    import ray
+
+    from distill.calibration import log_prior
+    from distill.ray_utils import submit_bounded, task_window
+
+    sums = submit_bounded(lambda i: task(_label_probabilities).remote(parts[i][0], parts[i][1], cfg, parts[i][2]),
+                          range(len(parts)), task_window(), _progress("label probabilities"))
+    priors = {}
+    for (_, _, _, _, name), (total, rows) in zip(parts, ray.get(sums)):
+        have, n = priors.get(name, (0.0, 0))
+        priors[name] = (have + total, n + rows)
+    field = "curation.calibrate"
+    return {name: log_prior(total, n, field + (f" (teacher {name})" if cfg.teachers else ""))
+            for name, (total, n) in priors.items()}
+
+
 def _gate(table: dict[str, Any], min_kept_ratio: float, rd: RunDir) -> None:
     """Stop (and remove the curated parts) when too few prompts kept a response."""
     if table["kept_ratio"] >= min_kept_ratio:
@@ -283,15 +333,17 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     for route in teachers:
         src = folder(rd.teacher, route.name)
         tokenizer, stamp = teacher_tokenizer(route.cfg), read_stamp(src)
-        parts += [(src, path, tokenizer, stamp) for path in src.list_files(".parquet")]
+        parts += [(src, path, tokenizer, stamp, route.name) for path in src.list_files(".parquet")]
     if not parts:
         raise MissingInput(f"no Parquet files under {rd.teacher.uri}: run distill generate first")
     staging = rd.curated.join("_staging")
     task = ray.remote(num_cpus=1)
+    priors = _log_priors(cfg, parts, task) if c.calibrate != "off" else {}
     staging.mkdir()
-    staged = submit_bounded(lambda i: task(_stage_part).remote(parts[i][0], parts[i][1], i, staging, cfg, parts[i][2]),
+    staged = submit_bounded(lambda i: task(_stage_part).remote(parts[i][0], parts[i][1], i, staging, cfg, parts[i][2],
+                                                               priors.get(parts[i][4])),
                             range(len(parts)), task_window(), _progress("per-row rules"))
-    agreement = ray.get(task(_sum_counters).remote(*staged))
+    agreement, changes = ray.get(task(_sum_counters).remote(*staged))
 
     n, buckets = len(parts), max(1, min(len(parts), int(ray.cluster_resources().get("CPU", 1))))
     reduce = task(_concat)
@@ -314,6 +366,10 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     prompts, kept_prompts = (sum(n[k] for n in counts) for k in ("prompts", "kept_prompts"))
     table = reason_table(total.reasons.elements(), total.examples, prompts, kept_prompts,
                          total.trimmed, total.relabelled)
+    if priors:  # each teacher's label prior, and the labels calibration changed
+        table["calibration"] = {"prior": {name: dict(zip(cfg.task.labels or [], np.exp(p).round(4).tolist()))
+                                          for name, p in priors.items()},
+                                "changed": dict(changes)}
     if agreement:  # how many prompts' samples agreed how much (select=majority)
         table["agreement"] = dict(sorted(agreement.items(), key=lambda kv: -_share(kv[0])))
     if c.check_answer and total.unreferenced:

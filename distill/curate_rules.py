@@ -83,10 +83,10 @@ def trim_after_answer(row: dict[str, Any], task: Task, mode: str, decode) -> dic
     if k is None:  # text and tokens disagree (should not happen with the teacher's tokenizer)
         return row
     out.update({S.TEXT: decode(ids[:k]), S.TOKEN_IDS: ids[:k], S.OUTPUT_TOKENS: k})
-    return _with_topk_cut(out, row, k)
+    return with_topk_cut(out, row, k)
 
 
-def _with_topk_cut(out: dict[str, Any], row: dict[str, Any], positions: int) -> dict[str, Any]:
+def with_topk_cut(out: dict[str, Any], row: dict[str, Any], positions: int) -> dict[str, Any]:
     """`out` with `row`'s teacher top-k (and sampled logprobs) cut to its first `positions` tokens."""
     width = row.get(S.TOPK) or 0
     if width and row.get(S.TOPK_IDS) is not None and len(row[S.TOPK_IDS]):
@@ -111,7 +111,7 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     new = list(encode(text))
     same = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
     out.update({S.TOKEN_IDS: new, S.OUTPUT_TOKENS: len(new)})
-    return _with_topk_cut(out, row, same)
+    return with_topk_cut(out, row, same)
 
 
 def majority(answers: list[str | None]) -> tuple[str | None, int]:
@@ -180,9 +180,14 @@ def format_table(table: dict[str, Any]) -> str:
     if table.get("kept_trimmed"):
         lines.append(f"{'  of which trimmed after the answer':<16} {table['kept_trimmed']}")
     if table.get("kept_relabelled"):
-        lines.append(f"{'  of which relabelled (to the reference or the majority)':<16} {table['kept_relabelled']}")
+        lines.append(f"{'  of which relabelled (to the reference, the majority or the calibrated label)':<16} {table['kept_relabelled']}")
     lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
     lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
+    if table.get("calibration"):
+        priors = "; ".join(f"{teacher}: " + ", ".join(f"{label} {p:.2f}" for label, p in prior.items())
+                           for teacher, prior in table["calibration"]["prior"].items())
+        changed = ", ".join(f"{change} {n}" for change, n in table["calibration"]["changed"].items())
+        lines.append(f"calibration: the teacher's mean label probability ({priors}); labels changed: {changed or 'none'}")
     if table.get("agreement"):
         lines.append("samples agreeing with their prompt's winning answer: "
                      + ", ".join(f"{share} in {n} prompts" for share, n in table["agreement"].items()))

@@ -86,3 +86,47 @@ def test_tasks_are_submitted_a_window_at_a_time_and_come_back_in_order(ray_clust
     refs = submit_bounded(lambda x: square.remote(x, gauge), range(12), limit=3)
     assert ray.get(refs) == [x * x for x in range(12)]
     assert 1 <= ray.get(gauge.peak.remote()) <= 3
+
+
+def test_calibration_balances_a_teacher_that_leans_to_one_label(generated_run, tiny_model, tmp_path):
+    """`curation.calibrate: batch` through the stage: the prior is added up over every part by the
+    driver, and each part's rows are calibrated against it (the tiny model states no label, so
+    its rows are rewritten as a teacher that answers "positive" to everything, surer on some)."""
+    import math
+
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
+                   curation={"check_answer": False, "dedup_exact": False, "calibrate": "batch"})
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("positive", "negative"))
+    folder = tmp_path / "run" / "teacher"
+    parts = sorted(folder.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    for p in parts:
+        p.unlink()
+    rows = [r for r in table.to_pylist() if not r["error"]]
+    k = rows[0]["topk"]
+    p_pos = [0.95 - 0.5 * i / (len(rows) - 1) for i in range(len(rows))]  # 0.95 down to 0.45
+    for r, p in zip(rows, p_pos):
+        others = [t for t in range(100, 100 + k - 2)]
+        r.update(text="positive", token_ids=[pos, tok.eos_token_id], output_tokens=2, finish_reason="stop",
+                 topk_ids=[pos, neg, *others] + [tok.eos_token_id] * k,
+                 topk_logprobs=[math.log(0.9 * p), math.log(0.9 * (1 - p))] + [-6.0] * (k - 2) + [-0.01] * k,
+                 sampled_logprobs=[math.log(0.9 * p), -0.01])
+    half = len(rows) // 2
+    for i, chunk in enumerate((rows[:half], rows[half:])):  # two parts: the prior spans both
+        pq.write_table(pa.Table.from_pylist(chunk, schema=table.schema), folder / f"part-{i}.parquet")
+
+    stats = run_stage("curate", cfg)
+    prior = sum(p_pos) / len(p_pos)
+    flips = sum(p / prior < (1 - p) / (1 - prior) for p in p_pos)
+    calibration = stats["table"]["calibration"]
+    assert calibration["prior"]["teacher"]["positive"] == pytest.approx(prior, abs=1e-3)
+    assert calibration["changed"] == {"positive -> negative": flips} and 0 < flips < len(rows)
+    assert stats["table"]["kept_relabelled"] == flips
+    curated = pq.read_table(tmp_path / "run" / "curated").to_pylist()
+    negative = [r for r in curated if r["text"] == "negative"]
+    assert len(negative) == flips and all(r["token_ids"] == [neg] and len(r["topk_ids"]) == k for r in negative)
+    assert all(r["topk_ids"][1] == pos for r in negative)  # " negative" leads at the answer now

@@ -203,7 +203,7 @@ def test_the_row_rules_relabel_with_the_teachers_tokenizer_and_the_table_counts_
     off = RowRules(task, CurationConfig(), tok_path, S.TEACHER_SCHEMA)(table)
     assert off.to_pylist()[0][S.DROP_REASON] == "wrong_answer"
     shown = format_table(reason_table([None], {}, prompts=1, kept_prompts=1, relabelled=1))
-    assert "relabelled (to the reference or the majority)" in shown
+    assert "relabelled (to the reference, the majority or the calibrated label)" in shown
 
 
 # --- the whole-set rules as the stage runs them: compact keys, parts and hash buckets

@@ -425,6 +425,12 @@ class CurationConfig(Strict):
     relabel_to: Literal["majority"] | None = None
     """With select=majority: rewrite a minority answer's label to the majority's (the label-free
     twin of relabel_wrong) instead of dropping it as `minority`."""
+    calibrate: Literal["off", "batch"] = "off"
+    """`batch` (nli and classification; no labels needed): remove the teacher's lean towards
+    some labels before the student learns them. The teacher's mean probability of each label
+    over every response estimates that lean (Batch Calibration, `distill/calibration.py`); each
+    response's label distribution at its answer is divided by it, and a response whose most
+    likely label changes states the new one (`kept_relabelled`). Needs generation.top_k_logprobs."""
     min_kept_ratio: float = Field(0.2, ge=0.0, le=1.0)
     """The stage fails, with its table, when fewer prompts than this keep a response."""
     examples_per_reason: int = Field(3, ge=0)
@@ -809,6 +815,19 @@ class RunConfig(Strict):
         if self.teachers and self.teacher.kind == "precomputed":
             raise ValueError("teachers: several teachers need `teacher` to run (vllm or endpoint), not to be "
                              "imported (kind: precomputed)")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_needs_labels_and_their_probabilities(self) -> "RunConfig":
+        if self.curation.calibrate == "off":
+            return self
+        if self.task.type not in LABELLED_TASKS:
+            raise ValueError(f"curation.calibrate=batch calibrates the teacher's label probabilities, which "
+                             f"task.type={self.task.type} has not: use it with "
+                             f"{' or '.join(LABELLED_TASKS)}, or set curation.calibrate=off")
+        if self.generation.top_k_logprobs == 0:
+            raise ValueError("curation.calibrate=batch reads the teacher's label probabilities from its stored "
+                             "top-k: set generation.top_k_logprobs (e.g. 20), or curation.calibrate=off")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,142 @@
+"""Label-free calibration of a classifying teacher (`curation.calibrate: batch`).
+
+A small teacher leans towards one label whatever it reads: SmolLM2-135M answers "positive" to
+most negative reviews, though its probability of "negative" is higher on them than on positive
+ones. Batch Calibration (Zhou et al., 2023, "Batch Calibration: Rethinking Calibration for
+In-Context Learning and Prompt Engineering") removes that lean without a single label: the
+teacher's mean probability of each label over the unlabelled pool estimates its prior, and a
+row's calibrated label is the one whose probability most exceeds that prior,
+`argmax_y log p(y|x) - log mean_x' p(y|x')`.
+
+Here it works on what generation stored. A label's score is the teacher's log-probability of
+its first token at the position where the response states its answer (the stored top-k holds
+it; a label outside the top-k gets the top-k's lowest log-probability, an upper bound). The
+calibrated row keeps the teacher's distribution at that position, the labels' total probability
+included, and divides how that total splits between the labels by the prior, so logit KD teaches
+the calibrated distribution (a teacher without a lean is left as it was). When the calibrated
+label differs, the response states it instead (as `relabel_wrong` does with a gold label), the
+top-k kept up to the answer's position.
+
+Pure functions and one small class, no Ray: `distill.curate` computes the prior over every
+part, then applies it per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from distill import schema as S
+from distill.curate_rules import with_topk_cut
+from distill.errors import UserError
+
+
+@dataclass
+class Answer:
+    """Where a response states its label: token `position`, the surface of the label's first
+    token there (`prefix` before the label, and its case), and the labels' first-token ids in that
+    surface (in the task's label order)."""
+
+    position: int
+    label_ids: list[int]
+    scores: np.ndarray  # log p(label | x) over the labels (normalised over them)
+
+
+def _cased(label: str, like: str) -> str:
+    return label.upper() if like.isupper() else label.capitalize() if like[:1].isupper() else label
+
+
+class LabelCalibration:
+    """A classifying task's labels read off a teacher row's stored top-k, and the row rewritten
+    to its calibrated label. `encode`/`decode`: the teacher tokenizer's (token ids of a text
+    without special tokens, and back)."""
+
+    def __init__(self, task, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
+        labels = getattr(task, "labels", None)
+        if not labels:
+            raise UserError(f"curation.calibrate needs a task with labels (nli or classification), not "
+                            f"task.type={task.name}: set curation.calibrate=off")
+        self.task, self.labels, self.encode, self.decode = task, list(labels), encode, decode
+
+    def answer(self, row: dict[str, Any]) -> Answer | None:
+        """The row's answer position and label scores; None for a row that states no single label,
+        has no top-k, or whose label tokens cannot be told apart at that position."""
+        text, ids, width = row.get(S.TEXT) or "", list(row.get(S.TOKEN_IDS) or []), row.get(S.TOPK) or 0
+        stated = self.task.extract(text)
+        if stated is None or not ids or not width or row.get(S.TOPK_IDS) is None:
+            return None
+        start = next((m.start(2) for m in self.task._mention.finditer(text)
+                      if not m.group(1) and m.group(2).lower() == stated), None)
+        if start is None:
+            return None
+        # the first token whose decoded prefix reaches past the label's first character
+        position = next((i for i in range(len(ids)) if len(self.decode(ids[:i + 1])) > start), None)
+        if position is None or (position + 1) * width > len(row[S.TOPK_IDS]):
+            return None
+        before = len(self.decode(ids[:position]))
+        surface = self.decode(ids[position:position + 1])
+        prefix, word = surface[: max(0, start - before)], text[start:start + len(stated)]
+        label_ids = [(self.encode(prefix + _cased(label, word)) or [None])[0] for label in self.labels]
+        if label_ids[self.labels.index(stated)] != ids[position] or len(set(label_ids)) < len(label_ids):
+            return None
+        top_ids = list(row[S.TOPK_IDS])[position * width:(position + 1) * width]
+        top_lps = np.asarray(list(row[S.TOPK_LOGPROBS])[position * width:(position + 1) * width], np.float64)
+        floor = float(top_lps.min())
+        raw = np.array([top_lps[top_ids.index(t)] if t in top_ids else floor for t in label_ids])
+        return Answer(position, label_ids, raw - np.logaddexp.reduce(raw))
+
+    def apply(self, row: dict[str, Any], log_prior: np.ndarray) -> tuple[dict[str, Any], str | None]:
+        """The row calibrated against `log_prior` (log mean p(label) over the pool), and the label
+        it now states when that changed (None when unchanged or the row cannot be calibrated)."""
+        answer = self.answer(row)
+        if answer is None:
+            return row, None
+        width = row[S.TOPK]
+        lo, hi = answer.position * width, (answer.position + 1) * width
+        ids, lps = list(row[S.TOPK_IDS]), np.asarray(list(row[S.TOPK_LOGPROBS]), np.float64)
+        moved = lps[lo:hi].copy()
+        prior = dict(zip(answer.label_ids, log_prior))
+        at = [j for j, t in enumerate(ids[lo:hi]) if t in prior]  # the labels in this position's top-k
+        if at:  # their total probability is kept; its split between them is divided by the prior
+            split = moved[at] - np.array([prior[ids[lo + j]] for j in at])
+            moved[at] = np.logaddexp.reduce(moved[at]) + split - np.logaddexp.reduce(split)
+        order = np.argsort(-moved, kind="stable")
+        out = {**row, S.TOPK_IDS: ids[:lo] + [ids[lo + j] for j in order] + ids[hi:],
+               S.TOPK_LOGPROBS: [*lps[:lo], *moved[order], *lps[hi:]]}
+        new = self.labels[int(np.argmax(answer.scores - log_prior))]
+        if new == self.task.extract(row.get(S.TEXT) or ""):
+            return out, None
+        text = self.task.relabel(row[S.TEXT], new)
+        if text is None:
+            return out, None
+        tokens = list(self.encode(text))
+        same = next((i for i, (a, b) in enumerate(zip(row[S.TOKEN_IDS], tokens)) if a != b),
+                    min(len(tokens), len(row[S.TOKEN_IDS])))
+        relabelled = {**out, S.TEXT: text, S.TOKEN_IDS: tokens, S.OUTPUT_TOKENS: len(tokens),
+                      S.FINISH_REASON: "relabelled"}
+        # the top-k still describes the tokens up to the answer, and the answer's own position
+        # when the new label is in it
+        keeps_answer = same == answer.position and answer.label_ids[self.labels.index(new)] in ids[lo:hi]
+        cut = answer.position + 1 if keeps_answer else min(same, answer.position)
+        return with_topk_cut(relabelled, out, cut), new
+
+    def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
+        """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""
+        total, n = np.zeros(len(self.labels)), 0
+        for row in rows:
+            answer = self.answer(row)
+            if answer is not None:
+                total += np.exp(answer.scores)
+                n += 1
+        return total, n
+
+
+def log_prior(total: np.ndarray, rows: int, field: str = "curation.calibrate") -> np.ndarray:
+    """log mean p(label) over the pool, from `LabelCalibration.probabilities` added up."""
+    if rows == 0:
+        raise UserError(f"{field}: no teacher response states a label that its stored top-k covers; "
+                        "calibration needs generation.top_k_logprobs > 0 and answers stating one label "
+                        f"(or set {field}=off)")
+    return np.log(np.maximum(total / rows, 1e-12))
