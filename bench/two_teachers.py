@@ -1,7 +1,7 @@
 """Two teachers in one run on real models: the embedded default with half its prompts routed to
 an endpoint teacher (the same SmolLM2 behind vLLM's own OpenAI server) and half to the vLLM actor.
 
-    .venv/bin/python bench/two_teachers.py --out runs/two_teachers --seeds 0,1,2 [--baseline runs/default]
+    .venv/bin/python bench/two_teachers.py --out runs/two_teachers --seeds 0,1,2 [--baseline runs/default] [key=value ...]
 
 The prompts are the default's (the same ids, so the same splits), written as a JSONL file whose
 odd rows say `"teacher": "api"`; the endpoint teacher gets the same context (worked examples) as
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--baseline", help="a one-teacher run directory of the default config to compare with")
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. curation.calibrate=off")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,12 +90,12 @@ def main() -> None:
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     seeds = [int(s) for s in args.seeds.split(",")]
     server = start_server(resolve_model("builtin:smollm2-135m-instruct"), args.port, out / "server.log")
-    result: dict = {"prompts": count, "seeds": {}}
+    result: dict = {"prompts": count, "overrides": args.overrides, "seeds": {}}
     try:
         for seed in seeds:  # the first runs every stage; the others only train and evaluate again
             start = time.time()
             done = subprocess.run([sys.executable, "-m", "distill.cli", "run", "-c", str(config),
-                                   f"training.seed={seed}"], cwd=ROOT)
+                                   f"training.seed={seed}", *args.overrides], cwd=ROOT)
             if done.returncode:
                 raise SystemExit(f"distill run exited with {done.returncode}")
             report = json.loads((out / "run" / "eval" / "report.json").read_text())

@@ -238,7 +238,7 @@ def _total(examples_per_reason: int, *summaries: PartSummary) -> PartSummary:
     return total
 
 
-def _finish_part(staging: Location, part: int, out: Location, examples_per_reason: int,
+def _finish_part(staging: Location, part: int, out: Location, name: str, examples_per_reason: int,
                  stamp: TokenizerStamp | None, *drops: np.ndarray) -> PartSummary:
     """Round 3 for one part: the global drops applied; kept and dropped rows written (the kept
     ones with the teacher parts' tokenizer stamp)."""
@@ -251,7 +251,7 @@ def _finish_part(staging: Location, part: int, out: Location, examples_per_reaso
     kept_mask = pa.array([r is None for r in reasons])
     kept = table.drop_columns([S.DROP_REASON]).filter(kept_mask)
     if len(kept):
-        out.write_part(stamp.apply(kept) if stamp else kept, f"part-{part:06d}")
+        out.write_part(stamp.apply(kept) if stamp else kept, name)
     dropped = pa.table({S.ID: table[S.ID], S.SAMPLE: table[S.SAMPLE],
                         S.DROP_REASON: pa.array(reasons, pa.string()), S.TEXT: table[S.TEXT]}).filter(pc.invert(kept_mask))
     if len(dropped):
@@ -323,7 +323,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
 
     from distill.model_files import teacher_tokenizer
     from distill.ray_utils import connect, submit_bounded, task_window
-    from distill.teachers import folder, routes
+    from distill.teachers import folder, part_name, routes
 
     connect(cfg.ray)
     c = cfg.curation
@@ -357,8 +357,8 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     selected = reduce.remote(*[drops for drops, _ in chosen])
     counts = ray.get([n for _, n in chosen])
     finished = submit_bounded(
-        lambda i: task(_finish_part).remote(staging, i, rd.curated, c.examples_per_reason, parts[i][3], exact, near,
-                                            selected),
+        lambda i: task(_finish_part).remote(staging, i, rd.curated, part_name(i, parts[i][4]), c.examples_per_reason,
+                                            parts[i][3], exact, near, selected),
         range(len(parts)), task_window(), _progress("kept rows written"))
     total = ray.get(task(_total).remote(c.examples_per_reason, *finished))
     staging.remove()

@@ -96,3 +96,24 @@ def check_name(value, field: str, cfg: RunConfig) -> str | None:
         raise ValueError(f"`{field}` is {value!r}, which names no teacher of this run ({names}): "
                          "fix the row, or add the teacher under `teachers`")
     return value
+
+
+def part_name(index: int, name: str) -> str:
+    """A curated part's name: `part-000003`, with `.NAME` after it for another teacher's rows, so
+    that training can mix the teachers' rows without opening a file (`interleaved_groups`)."""
+    return f"part-{index:06d}" + ("" if name == PRIMARY_TEACHER else f".{name}")
+
+
+def interleaved_groups(files: list[str]) -> list[list[str]]:
+    """Files read together, so that each read task holds every teacher's rows: the j-th part of
+    each teacher in group j (`part_name` says whose a part is). A one-teacher run's files come
+    one per group, in order. Training read one teacher's parts after the other's, so its
+    length-bucketing buffers held one teacher each, which cost the student (bench/README.md,
+    "Several teachers on real engines")."""
+    by_teacher: dict[str, list[str]] = {}
+    for path in files:
+        stem = path.rsplit("/", 1)[-1].removesuffix(".parquet")
+        by_teacher.setdefault(stem.partition(".")[2], []).append(path)
+    lists = list(by_teacher.values())
+    return [[f[j] for f in lists if j < len(f)] for j in range(max(map(len, lists), default=0))]
+

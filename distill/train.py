@@ -94,15 +94,18 @@ class TrainingData:
 
 
 def parquet_files(files: list[str], fs, then, **kwargs):
-    """A Ray Dataset of `then(table, **kwargs)` over Parquet files, read in order, a file per task
-    (`train_data.read_files` says why not `read_parquet`). Call after joining the cluster."""
+    """A Ray Dataset of `then(table, **kwargs)` over Parquet files, read in order, a file per task,
+    or a group per task with several teachers' parts, their rows mixed (`teachers.interleaved_groups`;
+    `train_data.read_files` says why not `read_parquet`). Call after joining the cluster."""
     import ray.data
 
+    from distill.teachers import interleaved_groups
     from distill.train_data import read_files
 
-    return ray.data.range(len(files), override_num_blocks=max(1, len(files))).map_batches(
+    groups = interleaved_groups(files)
+    return ray.data.range(len(groups), override_num_blocks=max(1, len(groups))).map_batches(
         read_files, batch_format="pyarrow", batch_size=1,
-        fn_kwargs=dict(files=files, filesystem=fs, then=then, **kwargs))
+        fn_kwargs=dict(groups=groups, filesystem=fs, then=then, **kwargs))
 
 
 def curate_stats(rd: RunDir) -> dict[str, Any] | None:

@@ -139,17 +139,29 @@ def gold_table(prompts: pa.Table) -> pa.Table:
         S.FINISH_REASON, pa.array(["stop"] * len(with_reference), pa.string()))
 
 
-def read_files(batch: pa.Table, files: list[str], filesystem, then, **kwargs) -> pa.Table:
-    """Ray Data UDF over a `range` of file indices: read those Parquet files and pass them to `then`.
+def read_files(batch: pa.Table, groups: list[list[str]], filesystem, then, **kwargs) -> pa.Table:
+    """Ray Data UDF over a `range` of group indices: read each group's Parquet files, pass each
+    to `then`, and interleave what comes back (`interleave`: a group holds several teachers' parts).
 
     Why not `ray.data.read_parquet(files)`: with `preserve_order` (the same seed, the same
     batches) its first batch came after a time that grew with the number of files, so the first
     training step waited for the whole set (bench/README.md, "The data path at scale"); indices
-    read a file per task and the first batch comes as soon as its files are read."""
+    read a group per task and the first batch comes as soon as its files are read."""
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(files[i], filesystem=filesystem) for i in batch["id"].to_pylist()]
-    return then(pa.concat_tables(tables, promote_options="default"), **kwargs)
+    tables = [then(pq.read_table(path, filesystem=filesystem), **kwargs)
+              for i in batch["id"].to_pylist() for path in groups[i]]
+    return interleave(tables)
+
+
+def interleave(tables: list[pa.Table]) -> pa.Table:
+    """The tables' rows mixed evenly, each table's in its own order: row r of a table of n rows
+    goes at (r + 0.5) / n of the way (ties by table order). One table comes back as it is."""
+    if len(tables) == 1:
+        return tables[0]
+    at = np.concatenate([(np.arange(len(t)) + 0.5) / max(1, len(t)) for t in tables])
+    whole = pa.concat_tables(tables, promote_options="default")
+    return whole.take(pa.array(np.argsort(at, kind="stable")))
 
 
 _TOKENIZERS: dict[str, Any] = {}  # per worker process: Ray Data reuses processes between tasks

@@ -369,6 +369,7 @@ def test_two_teachers_one_vllm_one_endpoint_routed_by_a_column(teacher_server, t
     for part in sorted((tmp_path / "run" / "curated").glob("part-*.parquet")):
         table = pq.read_table(part)
         name = table["teacher"][0].as_py()
+        assert part.name.endswith(".api.parquet") == (name == "api")  # training mixes teachers by name
         assert TokenizerStamp.of_table(table.schema) == (None if name == "api" else TokenizerStamp.of(tiny_model))
         for split in ("train", "validation"):
             ex = tokenize_split(table, tiny_model, split, 96, use_teacher_ids=False, top_k=4)

@@ -44,3 +44,22 @@ def test_a_missing_model_of_another_teacher_is_named_by_its_own_field_before_any
     cfg = _cfg(tmp_path, local={"kind": "vllm", "path": str(tmp_path / "no-such-model")})
     with pytest.raises(MissingInput, match=r"teachers\.local\.path"):
         generate(cfg, RunDir(cfg))
+
+
+def test_curated_parts_say_their_teacher_and_training_reads_the_teachers_mixed():
+    import pyarrow as pa
+
+    from distill.teachers import interleaved_groups, part_name
+    from distill.train_data import interleave
+
+    assert part_name(3, "teacher") == "part-000003" and part_name(4, "api") == "part-000004.api"
+    files = [f"s3://b/curated/{part_name(i, name)}.parquet"
+             for i, name in enumerate(["teacher", "teacher", "api", "math", "math", "math"])]
+    assert interleaved_groups(files) == [[files[0], files[2], files[3]], [files[1], files[4]], [files[5]]]
+    one = [f"/r/curated/{part_name(i, 'teacher')}.parquet" for i in range(3)]
+    assert interleaved_groups(one) == [[f] for f in one]  # a one-teacher run reads as before
+    # rows spread evenly, each teacher's in its own order
+    mixed = interleave([pa.table({"x": ["a0", "a1", "a2", "a3"]}), pa.table({"x": ["b0", "b1"]})])
+    assert mixed["x"].to_pylist() == ["a0", "b0", "a1", "a2", "b1", "a3"]
+    only = pa.table({"x": [1, 2]})
+    assert interleave([only]) is only
