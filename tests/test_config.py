@@ -51,6 +51,16 @@ def test_on_policy_with_several_teachers_is_refused_naming_the_methods_that_work
         load_config(None, ["teachers={b: {path: x}}", "training.method=on_policy", "training.freeze_embeddings=true"])
 
 
+def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path):
+    from distill.config import load_config
+
+    cfg = load_config(None, ["curation.trim_after_answer=off", "curation.calibrate=off"])
+    assert (cfg.curation.trim_after_answer, cfg.curation.calibrate) == ("off", "off")
+    path = tmp_path / "c.yaml"
+    path.write_text("curation: {trim_after_answer: off, calibrate: batch}\n")
+    assert load_config(path, []).curation.trim_after_answer == "off"
+
+
 def test_override_without_equals_is_explained():
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         load_config(None, ["training.epochs"])

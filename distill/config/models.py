@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 TaskType = Literal["conversation", "qa", "math", "nli", "classification", "summarization"]
 LABELLED_TASKS = ("nli", "classification")
@@ -380,6 +380,11 @@ class SynthesisConfig(Strict):
 # ----------------------------------------------------------------------------- curation
 
 
+def _yaml_off(value: Any) -> Any:
+    """YAML reads a bare `off` (in a file or a `key=off` override) as false: take it as written."""
+    return "off" if value is False else value
+
+
 class CurationConfig(Strict):
     check_answer: bool = True
     """Drop responses whose answer differs from the gold reference (reason wrong_answer)."""
@@ -388,7 +393,7 @@ class CurationConfig(Strict):
     (nli and classification: "The review is negative." -> "The review is positive."), instead of
     dropping it; the teacher's top-k is kept up to the first token that changed. The student then
     learns the prompts the teacher gets wrong, in the teacher's words (`kept_relabelled` in the table)."""
-    trim_after_answer: Literal["off", "truncated", "all"] = "truncated"
+    trim_after_answer: Annotated[Literal["off", "truncated", "all"], BeforeValidator(_yaml_off)] = "truncated"
     """Cut a response after the sentence that states its answer (nli and math): `truncated` keeps
     responses cut at max_tokens that already gave their answer; `all` trims every response."""
     drop_truncated: bool = True
@@ -425,7 +430,7 @@ class CurationConfig(Strict):
     relabel_to: Literal["majority"] | None = None
     """With select=majority: rewrite a minority answer's label to the majority's (the label-free
     twin of relabel_wrong) instead of dropping it as `minority`."""
-    calibrate: Literal["off", "batch"] = "off"
+    calibrate: Annotated[Literal["off", "batch"], BeforeValidator(_yaml_off)] = "off"
     """`batch` (nli and classification; no labels needed): remove the teacher's lean towards
     some labels before the student learns them. The teacher's mean probability of each label
     over every response estimates that lean (Batch Calibration, `distill/calibration.py`); each
