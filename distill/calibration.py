@@ -64,12 +64,8 @@ class LabelCalibration:
         """The row's answer position and label scores; None for a row that states no single label,
         has no top-k, or whose label tokens cannot be told apart at that position."""
         text, ids, width = row.get(S.TEXT) or "", list(row.get(S.TOKEN_IDS) or []), row.get(S.TOPK) or 0
-        stated = self.task.extract(text)
-        if stated is None or not ids or not width or row.get(S.TOPK_IDS) is None:
-            return None
-        start = next((m.start(2) for m in self.task._mention.finditer(text)
-                      if not m.group(1) and m.group(2).lower() == stated), None)
-        if start is None:
+        stated, start = self.task.extract(text), self.task.answer_start(text)
+        if start is None or not ids or not width or row.get(S.TOPK_IDS) is None:
             return None
         # the first token whose decoded prefix reaches past the label's first character
         position = next((i for i in range(len(ids)) if len(self.decode(ids[:i + 1])) > start), None)

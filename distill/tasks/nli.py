@@ -35,6 +35,13 @@ class NLITask(Task):
         asserted = {m.group(2).lower() for m in self._mention.finditer(response) if not m.group(1)}
         return asserted.pop() if len(asserted) == 1 else None
 
+    def answer_start(self, response: str) -> int | None:
+        """Where the stated label is first written (a character offset), or None when the
+        response states no single label. Calibration reads the teacher's label there."""
+        stated = self.extract(response)
+        return next((m.start(2) for m in self._mention.finditer(response)
+                     if not m.group(1) and m.group(2).lower() == stated), None) if stated else None
+
     def answer_end(self, response: str) -> int | None:
         return self._first_sentence_where(response, lambda prefix: self.extract(prefix) is not None)
 
