@@ -35,9 +35,9 @@ from distill.errors import UserError
 
 @dataclass
 class Answer:
-    """Where a response states its label: token `position`, the surface of the label's first
-    token there (`prefix` before the label, and its case), and the labels' first-token ids in that
-    surface (in the task's label order)."""
+    """Where a response states its label: the token `position`, each label's first-token id as it
+    would be written there (with the same text before it in that token, and the same case), and
+    their log-probabilities there normalised over the labels."""
 
     position: int
     label_ids: list[int]
@@ -129,10 +129,10 @@ class LabelCalibration:
         return total, n
 
 
-def log_prior(total: np.ndarray, rows: int, field: str = "curation.calibrate") -> np.ndarray:
+def log_prior(total: np.ndarray, rows: int) -> np.ndarray:
     """log mean p(label) over the pool, from `LabelCalibration.probabilities` added up."""
     if rows == 0:
-        raise UserError(f"{field}: no teacher response states a label that its stored top-k covers; "
-                        "calibration needs generation.top_k_logprobs > 0 and answers stating one label "
-                        f"(or set {field}=off)")
+        raise UserError("curation.calibrate: no teacher response states a label that its stored top-k covers; "
+                        "calibration needs generation.top_k_logprobs > 0, a teacher that returns token ids, "
+                        "and answers stating one label (or set curation.calibrate=off)")
     return np.log(np.maximum(total / rows, 1e-12))

@@ -3,7 +3,8 @@
     distill curate --config configs/default.yaml
 
 The rows stay on the cluster. Three rounds of Ray tasks, the driver holding only references and
-counts:
+counts (with `curation.calibrate`, a round before them: a task per part adds up its rows' label
+probabilities, and the driver adds those vectors into each teacher's prior, `distill.calibration`):
 1. a task per teacher part applies the per-row rules (`curate_rules.row_reason`: errors, empty,
    truncated, length, refusals, repetition, wrong answers against the gold reference; trimming
    after the answer, relabelling; majority votes) and writes the part, with each row's reason,
@@ -298,9 +299,13 @@ def _log_priors(cfg: RunConfig, parts: list[tuple], task) -> dict[str, np.ndarra
     for (_, _, _, _, name), (total, rows) in zip(parts, ray.get(sums)):
         have, n = priors.get(name, (0.0, 0))
         priors[name] = (have + total, n + rows)
-    field = "curation.calibrate"
-    return {name: log_prior(total, n, field + (f" (teacher {name})" if cfg.teachers else ""))
-            for name, (total, n) in priors.items()}
+    unread = [name for name, (_, n) in priors.items() if n == 0]
+    if len(unread) == len(priors):  # nothing to calibrate anywhere: say why
+        log_prior(np.zeros(0), 0)
+    if unread:  # e.g. an endpoint teacher that returns text only
+        print(f"[curate] calibration: no label probabilities in the rows of teacher {', '.join(unread)}; "
+              "its rows are kept as they are", flush=True)
+    return {name: log_prior(total, n) for name, (total, n) in priors.items() if n}
 
 
 def _gate(table: dict[str, Any], min_kept_ratio: float, rd: RunDir) -> None:

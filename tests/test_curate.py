@@ -130,3 +130,39 @@ def test_calibration_balances_a_teacher_that_leans_to_one_label(generated_run, t
     negative = [r for r in curated if r["text"] == "negative"]
     assert len(negative) == flips and all(r["token_ids"] == [neg] and len(r["topk_ids"]) == k for r in negative)
     assert all(r["topk_ids"][1] == pos for r in negative)  # " negative" leads at the answer now
+
+
+def test_a_teacher_without_label_probabilities_is_left_as_it_is_beside_one_with_them(generated_run, tiny_model,
+                                                                                      tmp_path, capsys):
+    """With several teachers, one whose rows carry no top-k (an endpoint returning text) gets no
+    prior and its rows stay as they are; with no teacher to calibrate, the error names the fix."""
+    import pyarrow as pa
+    import ray
+
+    from distill.curate import _log_priors
+    from distill.errors import UserError
+
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model, curation={"calibrate": "batch"})
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "run" / "teacher").glob("*.parquet"))])
+    row = {**[r for r in table.to_pylist() if not r["error"]][0], "text": "negative"}
+    from transformers import AutoTokenizer
+
+    neg = AutoTokenizer.from_pretrained(tiny_model)("negative", add_special_tokens=False)["input_ids"][0]
+    k = row["topk"]
+    labelled = {**row, "token_ids": [neg], "topk_ids": [neg] + list(range(100, 99 + k)),
+                "topk_logprobs": [-0.2] + [-5.0] * (k - 1), "sampled_logprobs": [-0.2]}
+    text_only = {**row, "token_ids": [], "topk": 0, "topk_ids": [], "topk_logprobs": [], "sampled_logprobs": []}
+    paths = {}
+    for name, r in (("teacher", labelled), ("api", text_only)):
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pylist([r], schema=table.schema), paths[name])
+    from distill.storage import locate
+
+    loc = locate(str(tmp_path))
+    task = ray.remote(num_cpus=1)
+    parts = [(loc, paths["teacher"], tiny_model, None, "teacher"), (loc, paths["api"], None, None, "api")]
+    priors = _log_priors(cfg, parts, task)
+    assert set(priors) == {"teacher"}
+    assert "no label probabilities in the rows of teacher api" in capsys.readouterr().out
+    with pytest.raises(UserError, match="curation.calibrate=off"):
+        _log_priors(cfg, parts[1:], task)
