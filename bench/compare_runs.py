@@ -5,7 +5,7 @@
 Rows are matched by prompt id (and sample). For each stored teacher column it prints how many
 rows differ; for the top-k logprobs also how many values and by how much at most; for every
 model's answers in `eval/predictions` how many of the prompts got another answer. Curated rows
-are compared in the order training reads them (the parts in name order): whether the same
+are compared in the order training reads them (`_in_training_order`): whether the same
 (id, sample) rows come in the same order, and how many of them differ in any stored column. What the README
 says about two demos giving the same answers comes from this command.
 """
@@ -31,6 +31,19 @@ def _read(folder: Path, stem: str = "") -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in parts)
 
 
+def _in_training_order(folder: Path) -> pa.Table:
+    """The curated rows in the order training reads them: each teacher's j-th part together, their
+    rows interleaved (`distill.teachers.interleaved_groups`); a one-teacher run's parts in turn."""
+    from distill.teachers import interleaved_groups
+    from distill.train_data import interleave
+
+    groups = interleaved_groups([str(p) for p in sorted(folder.glob("*.parquet"))])
+    if not groups:
+        raise SystemExit(f"compare_runs: no Parquet files in {folder}")
+    return pa.concat_tables([interleave([pq.read_table(p) for p in group]) for group in groups],
+                            promote_options="default")
+
+
 def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in keys if k in table.column_names])
 
@@ -50,7 +63,7 @@ def compare(a: Path, b: Path) -> dict:
         diff = np.abs(la[both] - lb[both])
         out["teacher"]["topk_logprobs"].update(values=int(both.sum()), values_differing=int((diff > 0).sum()),
                                                max_difference=float(diff.max()) if len(diff) else 0.0)
-    ca, cb = (_read(r / "curated") for r in (a, b))
+    ca, cb = (_in_training_order(r / "curated") for r in (a, b))
     keys = [list(zip(c["id"].to_pylist(), c["sample"].to_pylist())) for c in (ca, cb)]
     out["curated"] = {"rows": [len(ca), len(cb)], "same_rows_in_same_order": keys[0] == keys[1]}
     if keys[0] == keys[1]:
