@@ -11,7 +11,8 @@ per dataset every few seconds; the stages print their own progress lines) and it
 plan lines; Ray Train's controller and checkpoint lines, its copy of every worker print, and, on
 a local cluster started without the dashboard, its placement-group cleaner, which asks the
 dashboard's state API every few seconds and warns each time it is not there; the model
-libraries' load and save progress bars. Warnings and errors of everything else still show.
+libraries' load and save progress bars; two DeepSpeed warnings with nothing to act on
+(`DEEPSPEED_NOTES`). Warnings and errors of everything else still show.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ QUIET_LOGGERS = (
     "ray.train.torch.config",
     "vllm.triton_utils.importing",  # logged at import, before vLLM's own log level applies
 )
+# DeepSpeed's warnings that say nothing to act on: its accelerator found no GPU (on a CPU machine,
+# expected; a GPU machine does not log it), and the recipe's step-0 learning-rate read
+DEEPSPEED_NOTES = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
 # inherited by the processes of a cluster this process starts; set in workers by the hook too
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train would print each worker line twice
@@ -55,9 +59,22 @@ def quiet_process() -> None:
         os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # a filter on the logger object outlasts DeepSpeed's own setup of it at import
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in deepspeed.filters):
+        deepspeed.addFilter(_DropMessages(DEEPSPEED_NOTES))
     # Ray Train's report lines go to a logger named after its module's file, not its module
     logging.getLogger(os.path.join(os.path.dirname(_ray_file()), "train/v2/_internal/execution/context.py")
                       ).setLevel(logging.WARNING)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
 
 
 def _ray_file() -> str:

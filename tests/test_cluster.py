@@ -130,3 +130,21 @@ def test_quieting_the_logs_does_not_import_ray():
             "assert 'ray' not in sys.modules, 'ray imported'")
     done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_deepspeeds_notes_without_an_action_are_dropped_and_its_other_warnings_kept():
+    # the filter is set before DeepSpeed makes its logger, as in a stage's process and Ray's workers
+    import os
+    import subprocess
+    import sys
+
+    code = ("from distill.ray_utils import quiet_process; quiet_process(); quiet_process(); "
+            "import deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator(); "
+            "from deepspeed.utils import logger; logger.warning('Attempting to get learning rate from scheduler "
+            "before it has started'); logger.warning('a warning to keep')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "a warning to keep" in out
+    assert "Setting accelerator to CPU" not in out and "Attempting to get learning rate" not in out
