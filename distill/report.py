@@ -114,6 +114,9 @@ def build_report(cfg: RunConfig, rd: RunDir, task: Task, sets: dict[str, list[di
               "price_per_accelerator_hour": price}
     if cfg.teachers:
         report["teachers"] = teacher_table(manifest.get("stages", {}))
+    curated = manifest.get("stages", {}).get("curate", {}).get("table")
+    if curated:  # what the student learned from: how much curation kept and rewrote
+        report["curation"] = {k: curated.get(k) for k in ("responses", "kept", "kept_relabelled", "calibration")}
     return report
 
 
@@ -131,6 +134,20 @@ def teacher_table(stages: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- markdown
+
+
+def curation_line(c: dict[str, Any]) -> str:
+    """One sentence on the training data: responses kept, answers rewritten, the teacher's calibration."""
+    line = (f"The student learned from {c['kept']} of the teacher's {c['responses']} responses (curation's table: "
+            f"`curated/_table.json`), {c.get('kept_relabelled') or 0} of them with their label rewritten.")
+    calibration = c.get("calibration")
+    if calibration:
+        priors = "; ".join(f"{teacher}: " + ", ".join(f"{label} {p:.2f}" for label, p in prior.items())
+                           for teacher, prior in calibration["prior"].items())
+        changed = ", ".join(f"{change} {n}" for change, n in calibration["changed"].items()) or "none"
+        line += (f" Calibrated (`curation.calibrate`) against the teacher's mean label probability ({priors}); "
+                 f"labels changed: {changed}.")
+    return line
 
 
 def _pm(value: float | None, ci: tuple[float, float] | list[float] | None, pct: bool = False) -> str:
@@ -192,6 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t['prompts']} | {t['responses']} | {t['kept'] if t['kept'] is not None else '-'} | "
                          f"{t['output_tokens']} | {t['text_only']} | {t['accelerator_s']} | "
                          f"{t['cost'] if t['cost'] is not None else '-'} |")
+    if report.get("curation"):
+        lines += ["", curation_line(report["curation"])]
     lines += ["", "| stage | wall s | accelerator s | tokens | cost |", "|---|---|---|---|---|"]
     for stage, st in report["stages"].items():
         lines.append(f"| {stage} | {st['wall_s']} | {st['accelerator_s']} | {st['tokens'] or '-'} | {st['cost']} |")

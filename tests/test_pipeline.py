@@ -45,7 +45,11 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster
     assert set(report["stages"]) >= {"prepare", "generate", "curate", "train"}
     for f in ("report.md", "score.png", "latency_vs_score.png", "loss.png", "predictions.parquet"):
         assert (tmp_path / "run" / "eval" / f).exists(), f
-    assert "student keeps" in (tmp_path / "run" / "eval" / "report.md").read_text()
+    markdown = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert "student keeps" in markdown
+    curated = manifest["stages"]["curate"]["table"]
+    assert report["curation"]["kept"] == curated["kept"] > 0
+    assert f"The student learned from {curated['kept']} of the teacher's {curated['responses']} responses" in markdown
 
     # idempotent: a finished run does nothing
     again = run(lenient)
