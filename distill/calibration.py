@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from distill import schema as S
-from distill.curate_rules import with_topk_cut
+from distill.curate_rules import relabel_wrong_answer
 from distill.errors import UserError
 
 
@@ -104,19 +104,14 @@ class LabelCalibration:
         new = self.labels[int(np.argmax(answer.scores - log_prior))]
         if new == self.task.extract(row.get(S.TEXT) or ""):
             return out, None
-        text = self.task.relabel(row[S.TEXT], new)
-        if text is None:
+        # rewritten as a gold label would be; the answer's own position keeps its (calibrated)
+        # top-k when the new label is in it
+        in_top_k = answer.label_ids[self.labels.index(new)] in ids[lo:hi]
+        relabelled = relabel_wrong_answer({**out, S.REFERENCE: new}, self.task, self.encode,
+                                          keep_at=answer.position if in_top_k else None)
+        if relabelled is None:
             return out, None
-        tokens = list(self.encode(text))
-        same = next((i for i, (a, b) in enumerate(zip(row[S.TOKEN_IDS], tokens)) if a != b),
-                    min(len(tokens), len(row[S.TOKEN_IDS])))
-        relabelled = {**out, S.TEXT: text, S.TOKEN_IDS: tokens, S.OUTPUT_TOKENS: len(tokens),
-                      S.FINISH_REASON: "relabelled"}
-        # the top-k still describes the tokens up to the answer, and the answer's own position
-        # when the new label is in it
-        keeps_answer = same == answer.position and answer.label_ids[self.labels.index(new)] in ids[lo:hi]
-        cut = answer.position + 1 if keeps_answer else min(same, answer.position)
-        return with_topk_cut(relabelled, out, cut), new
+        return {**relabelled, S.REFERENCE: row.get(S.REFERENCE)}, new
 
     def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""

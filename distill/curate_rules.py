@@ -96,11 +96,12 @@ def with_topk_cut(out: dict[str, Any], row: dict[str, Any], positions: int) -> d
     return out
 
 
-def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, Any] | None:
+def relabel_wrong_answer(row: dict[str, Any], task: Task, encode, keep_at: int | None = None) -> dict[str, Any] | None:
     """A wrong answer with its stated label replaced by the reference (finish_reason `relabelled`),
     or None when the task cannot relabel it. Token ids are the new text's (`encode`: the teacher
     tokenizer's); the teacher's top-k stays on the tokens before the first changed one, the only
-    positions where it still describes the text the student learns."""
+    positions where it still describes the text the student learns (and on the changed one too
+    when that is `keep_at`: calibration's top-k at the answer holds the new label's distribution)."""
     text = task.relabel(row.get(S.TEXT) or "", row.get(S.REFERENCE))
     if text is None:
         return None
@@ -111,7 +112,7 @@ def relabel_wrong_answer(row: dict[str, Any], task: Task, encode) -> dict[str, A
     new = list(encode(text))
     same = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
     out.update({S.TOKEN_IDS: new, S.OUTPUT_TOKENS: len(new)})
-    return with_topk_cut(out, row, same)
+    return with_topk_cut(out, row, same + 1 if same == keep_at else same)
 
 
 def majority(answers: list[str | None]) -> tuple[str | None, int]:
