@@ -32,7 +32,7 @@ from distill.rundir import RunDir
 from distill.storage import locate
 from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp, same_tokenizer
 
-FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises once at this step
+FAIL_ENV = "DISTILL_INJECT_FAILURE_AT_STEP"  # fault drills: a worker raises at this step, once per run
 
 
 # ----------------------------------------------------------------------------- setup
@@ -300,11 +300,12 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
     # a crash of the whole job); the name carries the stage key (a changed config starts over)
     # and the worker layout (a ZeRO checkpoint is sharded per worker)
     run_name = f"{run_name}-w{t.workers}z{t.zero_stage}"
+    fail_at = int(os.environ.get(FAIL_ENV, "0"))
     inputs = RecipeInputs(
         cfg=cfg, student_path=base, method=method, ds_config=deepspeed_config(cfg, total_steps),
         steps_per_epoch=steps_per_epoch, export_dir=export.path if rd.root.is_local else export.uri,
         has_validation="validation" in datasets, history_uri=history.uri,
-        fail_at_step=int(os.environ.get(FAIL_ENV, "0")), fail_marker=f"{rd.checkpoints.path}/.failed-once")
+        fail_at_step=fail_at, fail_marker=f"{rd.checkpoints.path}/.failed-at-step-{fail_at}")
     if on_policy:
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
             raise UserError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "

@@ -220,7 +220,7 @@ class DistillRecipe:
             locate(self.inputs.history_uri).write_json(self.state["history"])
 
     def maybe_fail(self, step: int) -> None:
-        """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise once at that step."""
+        """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise at that step, once per run and step."""
         marker = self.inputs.fail_marker
         if self.inputs.fail_at_step and step == self.inputs.fail_at_step and not os.path.exists(marker):
             os.makedirs(os.path.dirname(marker), exist_ok=True)

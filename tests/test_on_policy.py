@@ -153,7 +153,7 @@ def test_on_policy_training_is_killed_resumes_and_moves_toward_the_teacher(gener
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
     stats = run_stage("train", cfg)
     run = tmp_path / "run"
-    assert (run / "checkpoints" / ".failed-once").exists()
+    assert (run / "checkpoints" / ".failed-at-step-5").exists()
     history = json.loads((run / "train_history.json").read_text())
     steps = [h for h in history if h.get("phase") == "on_policy"]
     assert [h["step"] for h in steps] == list(range(1, 9))  # resumed after step 3's checkpoint, no gap, no repeat

@@ -18,7 +18,7 @@ LENIENT = {"drop_truncated": False, "drop_empty": False, "drop_repetition": Fals
 def _run(generated_run, tiny_model, tmp_path, compact=False, **training):
     cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model, curation=LENIENT,
                    training={"workers": 2, "batch_size": 2, "epochs": 3, "learning_rate": 1e-2,
-                             "checkpoint_every_steps": 2, "log_every_steps": 1, "precision": "fp32",
+                             "checkpoint_every_steps": 4, "log_every_steps": 1, "precision": "fp32",
                              "max_seq_len": 96, **training})
     if compact:  # the teacher's rows as a `generation.logprob_dtype: q8` worker writes them
         from distill.topk_codec import compact_table
@@ -91,30 +91,29 @@ def test_one_seed_trains_the_same_student_twice(generated_run, tiny_model, tmp_p
     assert not torch.equal(students[0]["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_a_failed_worker_resumes_from_its_checkpoint(generated_run, tiny_model, tmp_path, clean_zero2_run,
-                                                    monkeypatch):
-    monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
-    crashed = _run(generated_run, tiny_model, tmp_path / "b", zero_stage=2, max_failures=1)
-    run_stage("train", crashed)
-    assert (tmp_path / "b" / "run" / "checkpoints" / ".failed-once").exists()
-    clean, resumed = _history(clean_zero2_run[0]), _history(tmp_path / "b" / "run")
-    steps = [h["step"] for h in resumed if "loss" in h]
-    assert steps == sorted(set(steps)) and steps[-1] == 12  # the step counter continued
-    last = lambda h: [x["loss"] for x in h if "loss" in x][-1]  # noqa: E731
-    assert abs(last(resumed) - last(clean)) / last(clean) < 0.02
-
-    # the whole job dies (no retries left); running `distill train` again resumes, not restarts
+def test_a_failed_job_resumes_when_rerun_and_a_failed_worker_within_the_job(generated_run, tiny_model, tmp_path,
+                                                                            clean_zero2_run, monkeypatch):
+    """Both recoveries in two launches: the whole job dies at step 5 (no retries left); running
+    `distill train` again resumes from step 4 instead of restarting, and when a worker fails in
+    that rerun (step 9, one retry allowed) Ray Train restarts the group from step 8's checkpoint."""
     from ray.train import TrainingFailedError
 
-    killed = _run(generated_run, tiny_model, tmp_path / "c", zero_stage=2, max_failures=0)
+    monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "5")
+    killed = _run(generated_run, tiny_model, tmp_path, zero_stage=2, max_failures=0)
     with pytest.raises(TrainingFailedError):
         run_stage("train", killed)
-    monkeypatch.delenv("DISTILL_INJECT_FAILURE_AT_STEP")
-    run_stage("train", killed)
-    again = _history(tmp_path / "c" / "run")
-    steps = [h["step"] for h in again if "loss" in h]
-    assert steps == sorted(set(steps)) and steps[-1] == 12
-    assert abs(last(again) - last(clean)) / last(clean) < 0.02
+    run = tmp_path / "run"
+    assert not (run / "student" / "model.safetensors").exists()
+    monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "9")
+    retried = killed.model_copy(update={"training": killed.training.model_copy(update={"max_failures": 1})})
+    run_stage("train", retried)
+    assert {p.name for p in (run / "checkpoints").glob(".failed-at-step-*")} == {
+        ".failed-at-step-5", ".failed-at-step-9"}
+    steps = [h["step"] for h in _history(run) if "loss" in h]
+    assert steps == list(range(1, 13))  # the step counter continued through both restarts
+    last = lambda h: [x["loss"] for x in h if "loss" in x][-1]  # noqa: E731
+    clean = _history(clean_zero2_run[0])
+    assert abs(last(_history(run)) - last(clean)) / last(clean) < 0.02
 
 
 def test_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher(generated_run, tiny_model, tmp_path, ray_cluster):
