@@ -113,6 +113,17 @@ class LabelCalibration:
             return out, None
         return {**relabelled, S.REFERENCE: row.get(S.REFERENCE)}, new
 
+    def margin(self, row: dict[str, Any], log_prior: np.ndarray) -> float | None:
+        """How far apart the row's two most likely labels are after calibration: the difference of
+        their probabilities normalised over the labels (0 a coin flip, 1 certain). None for a row
+        `answer` cannot read."""
+        answer = self.answer(row)
+        if answer is None:
+            return None
+        calibrated = answer.scores - log_prior
+        top = np.sort(np.exp(calibrated - np.logaddexp.reduce(calibrated)))[::-1]
+        return float(top[0] - top[1])
+
     def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""
         total, n = np.zeros(len(self.labels)), 0

@@ -80,8 +80,11 @@ class RowRules:
         """The rows (calibrated against `log_prior` first, when given, counting each change of label
         into `changes` as "old -> new"), trimmed, and their reasons."""
         rows = batch.to_pylist()
+        uncertain = [False] * len(rows)
         if log_prior is not None:
-            rows = [self._calibrated(r, log_prior, changes if changes is not None else Counter()) for r in rows]
+            changes = changes if changes is not None else Counter()
+            for i, row in enumerate(rows):
+                rows[i], uncertain[i] = self._calibrated(row, log_prior, changes)
         rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens) for r in rows]
         reasons = [row_reason(r, self.task, self.cfg) for r in rows]
         if self.cfg.relabel_wrong:
@@ -89,16 +92,21 @@ class RowRules:
                 fixed = reason == "wrong_answer" and relabel_wrong_answer(rows[i], self.task, self.encode or _no_tokens)
                 if fixed:
                     rows[i], reasons[i] = fixed, None
+        reasons = ["uncertain" if unsure and reason is None else reason for reason, unsure in zip(reasons, uncertain)]
         return rows, reasons
 
-    def _calibrated(self, row: dict[str, Any], log_prior: np.ndarray, changes: Counter) -> dict[str, Any]:
+    def _calibrated(self, row: dict[str, Any], log_prior: np.ndarray, changes: Counter) -> tuple[dict[str, Any], bool]:
+        """The row calibrated, and whether its labels are closer than `curation.min_label_margin`
+        (a label changed on such a row is not counted: the row is dropped)."""
         if self.calibration is None:  # text-only rows (no tokenizer): nothing to calibrate
-            return row
+            return row, False
+        margin = self.calibration.margin(row, log_prior) if self.cfg.min_label_margin else None
+        unsure = margin is not None and margin < self.cfg.min_label_margin
         was = self.task.extract(row.get(S.TEXT) or "")
         out, new = self.calibration.apply(row, log_prior)
-        if new is not None:
+        if new is not None and not unsure:
             changes[f"{was} -> {new}"] += 1
-        return out
+        return out, unsure
 
     def votes(self, rows: list[dict[str, Any]], reasons: list[str | None]):
         """`curation.select: majority` over a part (parts hold every sample of their prompts)."""

@@ -143,3 +143,46 @@ def test_the_config_refuses_calibration_it_cannot_do(override, message):
     with pytest.raises(ValidationError, match=message):
         RunConfig(**{"curation": {"calibrate": "batch"}, **override})
     assert RunConfig(curation={"calibrate": "batch"}).curation.calibrate == "batch"
+
+
+def test_the_margin_is_how_far_apart_the_calibrated_labels_are():
+    row = one_word("positive", 0.55)
+    assert CAL.margin(row, np.log(np.array([0.5, 0.5]))) == pytest.approx(0.1)  # no lean: |0.55 - 0.45|
+    # under a lean to "positive" (0.72) the same answer is calibrated to "negative", and surer of it
+    pos, neg = 0.55 / 0.72, 0.45 / 0.28
+    assert CAL.margin(row, np.log(np.array([0.72, 0.28]))) == pytest.approx((neg - pos) / (neg + pos))
+    assert CAL.margin({**row, "topk": 0, "topk_ids": [], "topk_logprobs": []}, np.log(np.array([0.5, 0.5]))) is None
+
+
+def test_responses_near_a_coin_flip_after_calibration_are_dropped_as_uncertain():
+    import pyarrow as pa
+    from collections import Counter
+
+    from distill.config import CurationConfig, TaskConfig
+    from distill.curate import RowRules
+
+    pool = [one_word("positive", p) for p in (0.9, 0.85, 0.8, 0.7, 0.55, 0.5)]
+    prior = log_prior(*CAL.probabilities(pool))
+    margins = [CAL.margin(r, prior) for r in pool]
+    flipped = [CAL.apply(r, prior)[1] is not None for r in pool]
+    curation = CurationConfig(calibrate="batch", min_label_margin=0.3, check_answer=False, trim_after_answer="off")
+    rules = RowRules(TaskConfig(type="classification", labels=["positive", "negative"]), curation, None,
+                     pa.Table.from_pylist(pool).schema)
+    rules.calibration, rules.encode, rules.decode = CAL, encode, decode  # the word-level tokenizer above
+    changes = Counter()
+    rows, reasons = rules.rows_and_reasons(pa.Table.from_pylist(pool), prior, changes)
+    assert reasons == ["uncertain" if m < 0.3 else None for m in margins]
+    # dropped: an answer kept as it was (0.8) and one calibration flipped (0.7); kept: the surest
+    # of both kinds
+    assert [flip for flip, why in zip(flipped, reasons) if why] == [False, True]
+    assert sum(flip for flip, why in zip(flipped, reasons) if not why) == 2
+    assert changes == {"positive -> negative": 2}  # a dropped row's change is not counted
+
+
+def test_a_label_margin_needs_calibration():
+    from pydantic import ValidationError
+
+    from distill.config import CurationConfig
+
+    with pytest.raises(ValidationError, match="set curation.calibrate=batch, or curation.min_label_margin=0"):
+        CurationConfig(min_label_margin=0.1)

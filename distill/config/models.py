@@ -436,6 +436,11 @@ class CurationConfig(Strict):
     over every response estimates that lean (Batch Calibration, `distill/calibration.py`); each
     response's label distribution at its answer is divided by it, and a response whose most
     likely label changes states the new one (`kept_relabelled`). Needs generation.top_k_logprobs."""
+    min_label_margin: float = Field(0.0, ge=0.0, lt=1.0)
+    """With calibrate=batch: drop a response as `uncertain` when its two most likely labels,
+    after calibration, are closer than this in probability (normalised over the labels). Near a
+    coin flip the teacher's answer is about as often wrong as right, and a student learns that
+    noise too. 0 keeps every response."""
     min_kept_ratio: float = Field(0.2, ge=0.0, le=1.0)
     """The stage fails, with its table, when fewer prompts than this keep a response."""
     examples_per_reason: int = Field(3, ge=0)
@@ -446,6 +451,13 @@ class CurationConfig(Strict):
         if self.relabel_to == "majority" and self.select != "majority":
             raise ValueError("curation.relabel_to=majority rewrites answers against the samples' majority: "
                              "set curation.select=majority, or drop curation.relabel_to")
+        return self
+
+    @model_validator(mode="after")
+    def _margin_needs_calibration(self) -> "CurationConfig":
+        if self.min_label_margin and self.calibrate == "off":
+            raise ValueError("curation.min_label_margin measures the calibrated label probabilities: "
+                             "set curation.calibrate=batch, or curation.min_label_margin=0")
         return self
 
     @model_validator(mode="after")
