@@ -94,8 +94,9 @@ def _add_data_commands(sub) -> None:
     synth.add_argument("--task", default="sentiment", choices=["sentiment", "nli", "math"])
     synth.add_argument("--n", type=int, default=None, help="rows (default 600; with --by-teacher: synthesis.n)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--bank", default="main", choices=["main", "shifted"],
-                       help="phrase bank: main (training data) or shifted (unseen wording)")
+    synth.add_argument("--bank", default="main", choices=["main", "shifted", "shifted_validation"],
+                       help="phrase bank: main (training data), shifted (unseen wording), shifted_validation "
+                            "(other unseen wording, to choose on; sentiment only)")
     synth.add_argument("--by-teacher", action="store_true",
                        help="the teacher writes new prompts (the config's `synthesis` section), checked by a "
                             "round trip, deduplicated and kept out of every test set")

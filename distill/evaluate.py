@@ -147,13 +147,13 @@ def model_config(cfg: RunConfig, name: str) -> tuple[RunConfig, str]:
 
 
 def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
-    """Name -> prompt rows: `test`, `shifted` (when prepared), `validation` (when asked for) and
-    the user's extra sets."""
+    """Name -> prompt rows: `test`, `shifted` (when prepared), `validation` and `shifted_validation`
+    (when asked for and prepared) and the user's extra sets."""
     from distill.prepare import read_eval_set
 
     import pyarrow.dataset as pads
 
-    splits = [*S.EVAL_SPLITS, *(["validation"] if cfg.evaluation.validation else [])]
+    splits = [*S.EVAL_SPLITS, *(S.CHOICE_SPLITS if cfg.evaluation.validation else ())]
     prompts = pads.dataset(rd.prompts.list_files(".parquet"), filesystem=rd.prompts.fs, format="parquet",
                            schema=S.PROMPT_SCHEMA).to_table(filter=pads.field(S.SPLIT).isin(splits))
     sets = {name: prompts.filter(pc.equal(prompts[S.SPLIT], name)).to_pylist() for name in splits}

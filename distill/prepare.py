@@ -152,8 +152,9 @@ def _source_rows(cfg: RunConfig) -> Iterator[tuple[str, Any]]:
     src = cfg.data.source
     if src.kind == "synth":
         main = ((f"synth:{src.name}#{i}", r) for i, r in enumerate(synth_rows(src.name, src.n, src.seed)))
-        shifted = ((f"synth:{src.name}:shifted#{i}", {**r, "split": S.SHIFTED})
-                   for i, r in enumerate(synth_rows(src.name, src.shifted_n, src.seed, bank="shifted")))
+        shifted = ((f"synth:{src.name}:{bank}#{i}", {**r, "split": bank})
+                   for bank, n in ((S.SHIFTED, src.shifted_n), (S.SHIFTED_VALIDATION, src.shifted_validation_n))
+                   for i, r in enumerate(synth_rows(src.name, n, src.seed, bank=bank)))
         return itertools.chain(main, shifted)
     return read_raw(locate(src.path))
 
@@ -299,7 +300,8 @@ def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     task = task_from_config(cfg.task)
     skipped, counts, routed = Skipped(), Counter(), Counter()
     per_file, part, parts = cfg.generation.rows_per_file, [], 0
-    for row in normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), (*S.SPLITS, S.SHIFTED), skipped):
+    named = (*S.SPLITS, S.SHIFTED, S.SHIFTED_VALIDATION)
+    for row in normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), named, skipped):
         part.append(row)
         counts[row[S.SPLIT]] += 1
         routed[row.get(S.TEACHER) or PRIMARY_TEACHER] += 1
@@ -311,7 +313,7 @@ def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     rows = sum(counts.values())
     if not rows:
         raise UserError(f"no usable rows in {cfg.data.source} ({skipped.count} skipped)")
-    splits = {s: counts[s] for s in (*S.SPLITS, S.SHIFTED)}
+    splits = {s: counts[s] for s in named if counts[s] or s != S.SHIFTED_VALIDATION}  # the choice set when made
     for line in skipped.examples:
         print(f"[prepare] skipped {line}")
     print(f"[prepare] {rows} prompts ({splits}), {skipped.count} bad rows skipped -> {rd.prompts.uri}")

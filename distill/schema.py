@@ -38,7 +38,9 @@ SAMPLED_LOGPROBS = "sampled_logprobs"
 
 SPLITS = ("train", "validation", "test")  # what a user's row may name
 SHIFTED = "shifted"  # the built-in data's test set of unseen wording (distill.builtin_data)
+SHIFTED_VALIDATION = "shifted_validation"  # other unseen wording, to choose on (evaluation.validation)
 EVAL_SPLITS = ("test", SHIFTED)  # evaluated, never generated or trained on
+CHOICE_SPLITS = ("validation", SHIFTED_VALIDATION)  # evaluated with evaluation.validation, to choose on
 TRAINED_SPLITS = ("train", "validation")
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])

@@ -130,7 +130,8 @@ def check(candidates: list[dict[str, Any]], answers: list[str | None], task, tes
 
 
 def _test_texts(cfg: RunConfig, rd: RunDir) -> list[str]:
-    """The user-visible text of every evaluation prompt: the run's test sets and the extra sets."""
+    """The user-visible text of every evaluation prompt: the run's test sets (and the set to
+    choose on, `shifted_validation`) and the extra sets."""
     import pyarrow.compute as pc
 
     from distill.prepare import read_eval_set
@@ -138,7 +139,8 @@ def _test_texts(cfg: RunConfig, rd: RunDir) -> list[str]:
     texts = []
     if rd.prompts.list_files(".parquet"):
         prompts = rd.prompts.read_table()
-        for messages in prompts.filter(pc.is_in(prompts[S.SPLIT], pa.array(S.EVAL_SPLITS)))[S.MESSAGES].to_pylist():
+        held_out = pa.array([*S.EVAL_SPLITS, S.SHIFTED_VALIDATION])
+        for messages in prompts.filter(pc.is_in(prompts[S.SPLIT], held_out))[S.MESSAGES].to_pylist():
             texts.append(messages[-1]["content"])
     for extra in cfg.evaluation.extra_sets:
         texts += [r[S.MESSAGES][-1]["content"] for r in read_eval_set(extra.path, extra.name, cfg)]

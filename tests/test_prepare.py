@@ -157,3 +157,27 @@ def test_each_prompt_goes_to_the_teacher_its_row_names(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "a", "domain": "maths"}])
     with pytest.raises(BadRow, match=r"bad.jsonl:1: `domain` is 'maths', which names no teacher of this run \(teacher, math\)"):
         run_stage("prepare", _cfg(tmp_path / "b", bad, "task.type=qa", teachers, "data.teacher_field=domain"))
+
+
+def test_the_built_in_set_to_choose_on_is_prepared_and_evaluated_only_when_choosing(tmp_path):
+    from distill.config import ConfigError
+    from distill.evaluate import eval_sets
+    from distill.rundir import RunDir
+
+    synth = ["data.source.kind=synth", "data.source.n=40", "data.source.shifted_n=6",
+             "data.source.shifted_validation_n=8"]
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *synth, "task.type=classification",
+                             "task.labels=[positive,negative]"])
+    stats = run_stage("prepare", cfg)
+    assert stats["splits"]["shifted"] == 6 and stats["splits"]["shifted_validation"] == 8
+    rows = pq.read_table(tmp_path / "run" / "prompts").to_pylist()
+    chosen_on = [r for r in rows if r["split"] == "shifted_validation"]
+    assert all(r["id"].startswith("sentiment-shifted_validation-") for r in chosen_on)
+    assert {r["reference"] for r in chosen_on} <= {"positive", "negative"}
+    assert set(eval_sets(cfg, RunDir(cfg))) == {"test", "shifted"}  # reporting: never the choice sets
+    choosing = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"validation": True})})
+    sets = eval_sets(choosing, RunDir(choosing))
+    assert set(sets) == {"test", "shifted", "validation", "shifted_validation"}
+    assert len(sets["shifted_validation"]) == 8
+    with pytest.raises(ConfigError, match="data.source.shifted_validation_n: the 'math' dataset"):
+        load_config(None, [*synth, "data.source.name=math", "task.type=math"])

@@ -7,11 +7,12 @@ Deterministic for a seed. `sentiment` (binary classification, the embedded defau
 teacher is good at it), `nli` (entailment / neutral / contradiction) and `math` (word problems
 with 1-3 operations). Rows are `{"id", "prompt", "reference", "task"}`.
 
-Each dataset has two phrase banks that share no template material: `main` makes the rows that
-are split into train/validation/test, `shifted` makes a test set worded unlike anything the
-student trains on (`prepare` writes it as the `shifted` split). A test split drawn from the
-training templates only shows that a student learned the templates; the shifted set shows
-whether it learned the task.
+Each dataset has phrase banks that share no template material: `main` makes the rows that are
+split into train/validation/test, `shifted` makes a test set worded unlike anything the student
+trains on (`prepare` writes it as the `shifted` split). A test split drawn from the training
+templates only shows that a student learned the templates; the shifted set shows whether it
+learned the task. `sentiment` has a third, `shifted_validation`: unseen wording to make choices
+on, so that `shifted` only reports.
 """
 
 from __future__ import annotations
@@ -30,17 +31,16 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random, str], dict], object]] 
     "math": ("math", math.make, math),
 }
 LABELS = {"sentiment": sentiment.LABELS, "nli": nli.LABELS}
-BANKS = ("main", "shifted")
 
 
 def synth_rows(name: str, n: int, seed: int = 0, bank: str = "main") -> Iterator[dict]:
     """`n` distinct rows of the named built-in set from one phrase bank (duplicates are redrawn)."""
     if name not in GENERATORS:
         raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(GENERATORS)}")
-    if bank not in BANKS:
-        raise ValueError(f"unknown phrase bank {bank!r}; choose one of {BANKS}")
-    task, make, _ = GENERATORS[name]
-    # the shifted bank draws from its own stream: its rows do not change when `n` of main does
+    task, make, module = GENERATORS[name]
+    if bank not in module.BANKS:
+        raise ValueError(f"the {name!r} dataset has no phrase bank {bank!r}; choose one of {tuple(module.BANKS)}")
+    # the other banks draw from their own streams: their rows do not change when `n` of main does
     rng = random.Random(seed if bank == "main" else f"{bank}:{seed}")
     prefix = name if bank == "main" else f"{name}-{bank}"
     seen: set[str] = set()

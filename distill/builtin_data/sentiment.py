@@ -165,7 +165,59 @@ SHIFTED = Bank(
     ],
 )
 
-BANKS = {"main": MAIN, "shifted": SHIFTED}
+# a third wording, shared with neither: the set to choose on (`shifted_validation`) when a choice
+# must hold on wording the student never trained on, without looking at `shifted`
+SHIFTED_VALIDATION = Bank(
+    categories={
+        "garden": (["hedge trimmer", "garden hose", "greenhouse kit", "leaf blower", "wheelbarrow"],
+                   ["nozzle", "hinges", "cord", "wheel", "trigger"]),
+        "pets": (["cat tree", "dog leash", "aquarium filter", "bird feeder", "litter tray"],
+                 ["clip", "pump", "perch", "scratching post", "buckle"]),
+        "software": (["budgeting app", "photo editor", "password manager", "language course", "antivirus suite"],
+                     ["interface", "sync", "subscription", "lessons", "updates"]),
+        "vehicles": (["e-bike", "child booster", "roof carrier", "dashcam", "tire inflator"],
+                     ["assist mode", "straps", "mounting bracket", "night footage", "gauge"]),
+        "crafts": (["sewing machine", "pottery wheel", "paint set", "knitting kit", "label maker"],
+                   ["bobbin", "pedal", "pigments", "yarn", "cartridge"]),
+    },
+    generic_aspects=["return policy", "support hotline", "instructions", "courier", "gift wrapping"],
+    adjectives={
+        "positive": ["exquisite", "sublime", "trusty", "nifty", "praiseworthy", "commendable", "tremendous",
+                     "superior", "heavenly", "sensational"],
+        "negative": ["dreadfully made", "substandard", "shabby", "inferior", "botched", "dire", "ghastly",
+                     "appalling", "rickety", "unusable"],
+    },
+    intensifiers=["utterly", "downright", "seriously", "wonderfully", "decidedly"],
+    aspect_verbs={
+        "positive": ["handles everything I throw at it", "won over the whole household", "paid for itself",
+                     "outlasted my expectations", "glides along effortlessly"],
+        "negative": ["snapped within days", "quit on me mid-task", "jams every single time",
+                     "wasted my entire afternoon", "disappointed me repeatedly"],
+    },
+    overall={
+        "positive": ["proved to be a wise investment", "made the chore a pleasure", "is a real gem",
+                     "exceeds anything else in its class", "has me smiling every time"],
+        "negative": ["proved to be money down the drain", "made the chore a misery", "is a real dud",
+                     "falls short of anything else in its class", "has me cursing every time"],
+    },
+    verdicts={
+        "positive": ["Couldn't be happier.", "A keeper.", "Full marks.", "Worth it."],
+        "negative": ["Deeply regret it.", "A lemon.", "No marks.", "Steer clear."],
+    },
+    no_complaint=["not one gripe about the {a}", "the {a} has been trouble-free"],
+    would_not_call=["the {a} is far from {adj}", "the {a} is hardly what I'd call {adj}"],
+    openers=["", "Update after six months: ", "In short, ", "Bottom line: ", "Truthfully, "],
+    mentions=["the {p} my neighbour recommended", "a {p} I got on sale", "the {p} from the local shop",
+              "the {p} my parents use"],
+    asks=[
+        "Here is a customer note. Positive or negative?\n{r}",
+        "Tell me whether this remark is positive or negative: {r}",
+        "Rate the tone of the following text as positive or negative.\n{r}",
+        "Positive or negative? {r}",
+    ],
+)
+
+BANKS = {"main": MAIN, "shifted": SHIFTED, "shifted_validation": SHIFTED_VALIDATION}
 LABELS = ["positive", "negative"]
 
 

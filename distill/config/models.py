@@ -238,6 +238,18 @@ class SynthSource(Strict):
     shifted_n: int = Field(200, ge=0)
     """Rows of the `shifted` test set, from a phrase bank that shares no template material with
     the main one; 0 = none."""
+    shifted_validation_n: int = Field(0, ge=0)
+    """Rows of `shifted_validation` (sentiment only): unseen wording from a third phrase bank,
+    shared with neither training nor `shifted`. Evaluated with evaluation.validation=true, never
+    trained on: the set to choose on when a choice must hold on wording the student never saw,
+    so that `shifted` only reports. 0 = none."""
+
+    @model_validator(mode="after")
+    def _bank_exists(self) -> "SynthSource":
+        if self.shifted_validation_n and self.name != "sentiment":
+            raise ValueError(f"data.source.shifted_validation_n: the {self.name!r} dataset has no "
+                             "shifted_validation phrase bank (sentiment has); set it to 0")
+        return self
 
 
 Source = Annotated[Union[Annotated[FileSource, Tag("file")], Annotated[SynthSource, Tag("synth")]],
@@ -664,9 +676,10 @@ class EvaluationConfig(Strict):
     @classmethod
     def _unique_names(cls, sets: list[EvalSet]) -> list[EvalSet]:
         names = [s.name for s in sets]
-        reserved = {"test", "shifted", "validation"} & set(names)
+        reserved = {"test", "shifted", "validation", "shifted_validation"} & set(names)
         if reserved or len(set(names)) != len(names):
-            raise ValueError(f"extra set names must be unique and not 'test', 'shifted' or 'validation', got {names}")
+            raise ValueError(f"extra set names must be unique and not 'test', 'shifted', 'validation' or "
+                             f"'shifted_validation', got {names}")
         return sets
 
 
