@@ -132,7 +132,8 @@ def tiny_config(run_dir: Path, model: str, **sections):
 @pytest.fixture(scope="session")
 def generated_run(tmp_path_factory, tiny_model, ray_cluster):
     """A run with prompts and teacher outputs from the tiny model (made once per session),
-    including one prompt longer than the context, which must come out as an error row.
+    including one prompt longer than the context, which must come out as an error row. The
+    teacher check runs first, with no margin to clear (its stats: test_teacher_check).
     Tests copy it with `copy_run` before changing anything."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -141,7 +142,7 @@ def generated_run(tmp_path_factory, tiny_model, ray_cluster):
     from distill.stages import run_stage
 
     run_dir = tmp_path_factory.mktemp("generated") / "run"
-    cfg = tiny_config(run_dir, tiny_model)
+    cfg = tiny_config(run_dir, tiny_model, evaluation={"teacher_check": {"prompts": 8, "min_margin": 0.0}})
     run_stage("prepare", cfg)
     prompts = pq.read_table(run_dir / "prompts")
     row = prompts.filter(pc.equal(prompts["split"], "train")).slice(0, 1).to_pylist()[0]

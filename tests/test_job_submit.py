@@ -78,13 +78,27 @@ def local_cluster(tmp_path, s3_env):
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         yield address, env
     finally:
-        for proc in (worker, head):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in (worker, head):
-            if proc is not None:
-                proc.wait(timeout=90)
+        _stop([p for p in (worker, head) if p is not None])
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop(nodes: list[subprocess.Popen], grace_s: float = 5) -> None:
+    """SIGTERM each node's process group; what still runs after the grace period is killed (a
+    graceful `ray start --block` shutdown waits on every process in turn: half a minute here)."""
+    for proc in nodes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for proc in nodes:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the node's raylet, GCS, dashboard and workers too
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
 
 
 def _wait_for_jobs(address: str, env: dict, timeout_s: float = 120) -> None:

@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster):
     strict = tiny_config(tmp_path / "run", tiny_model, evaluation={"latency_requests": 2, "sampling": {"max_tokens": 4}},
-                         training={"epochs": 1, "batch_size": 4, "precision": "fp32", "zero_stage": 0})
+                         training={"epochs": 1, "batch_size": 4, "precision": "fp32", "zero_stage": 0,
+                                   "freeze_embeddings": True})
     # the tiny teacher's outputs fail strict curation: the run stops at curate, before training
     with pytest.raises(CurationGateError):
         run(strict)
@@ -50,6 +51,15 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path, tiny_model, ray_cluster
     curated = manifest["stages"]["curate"]["table"]
     assert report["curation"]["kept"] == curated["kept"] > 0
     assert f"The student learned from {curated['kept']} of the teacher's {curated['responses']} responses" in markdown
+
+    # training.freeze_embeddings: the tied embedding (and so the output head) left as it was
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert torch.equal(student["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(student["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
     # idempotent: a finished run does nothing
     again = run(lenient)
