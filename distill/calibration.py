@@ -43,6 +43,13 @@ class Answer:
     label_ids: list[int]
     scores: np.ndarray  # log p(label | x) over the labels (normalised over them)
 
+    def margin(self, log_prior: np.ndarray) -> float:
+        """How far apart the two most likely labels are after calibration: the difference of
+        their probabilities normalised over the labels (0 a coin flip, 1 certain)."""
+        calibrated = self.scores - log_prior
+        top = np.sort(np.exp(calibrated - np.logaddexp.reduce(calibrated)))[::-1]
+        return float(top[0] - top[1])
+
 
 def _cased(label: str, like: str) -> str:
     return label.upper() if like.isupper() else label.capitalize() if like[:1].isupper() else label
@@ -83,10 +90,12 @@ class LabelCalibration:
         raw = np.array([top_lps[top_ids.index(t)] if t in top_ids else floor for t in label_ids])
         return Answer(position, label_ids, raw - np.logaddexp.reduce(raw))
 
-    def apply(self, row: dict[str, Any], log_prior: np.ndarray) -> tuple[dict[str, Any], str | None]:
+    def apply(self, row: dict[str, Any], log_prior: np.ndarray,
+              answer: Answer | None = None) -> tuple[dict[str, Any], str | None]:
         """The row calibrated against `log_prior` (log mean p(label) over the pool), and the label
-        it now states when that changed (None when unchanged or the row cannot be calibrated)."""
-        answer = self.answer(row)
+        it now states when that changed (None when unchanged or the row cannot be calibrated).
+        `answer`: the row's, when the caller has read it already."""
+        answer = answer or self.answer(row)
         if answer is None:
             return row, None
         width = row[S.TOPK]
@@ -114,15 +123,9 @@ class LabelCalibration:
         return {**relabelled, S.REFERENCE: row.get(S.REFERENCE)}, new
 
     def margin(self, row: dict[str, Any], log_prior: np.ndarray) -> float | None:
-        """How far apart the row's two most likely labels are after calibration: the difference of
-        their probabilities normalised over the labels (0 a coin flip, 1 certain). None for a row
-        `answer` cannot read."""
+        """`Answer.margin` of the row; None for a row `answer` cannot read."""
         answer = self.answer(row)
-        if answer is None:
-            return None
-        calibrated = answer.scores - log_prior
-        top = np.sort(np.exp(calibrated - np.logaddexp.reduce(calibrated)))[::-1]
-        return float(top[0] - top[1])
+        return None if answer is None else answer.margin(log_prior)
 
     def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""

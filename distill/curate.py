@@ -100,10 +100,11 @@ class RowRules:
         (a label changed on such a row is not counted: the row is dropped)."""
         if self.calibration is None:  # text-only rows (no tokenizer): nothing to calibrate
             return row, False
-        margin = self.calibration.margin(row, log_prior) if self.cfg.min_label_margin else None
-        unsure = margin is not None and margin < self.cfg.min_label_margin
+        answer = self.calibration.answer(row)  # read once: the margin and the calibration both need it
+        unsure = (bool(self.cfg.min_label_margin) and answer is not None
+                  and answer.margin(log_prior) < self.cfg.min_label_margin)
         was = self.task.extract(row.get(S.TEXT) or "")
-        out, new = self.calibration.apply(row, log_prior)
+        out, new = self.calibration.apply(row, log_prior, answer)
         if new is not None and not unsure:
             changes[f"{was} -> {new}"] += 1
         return out, unsure
