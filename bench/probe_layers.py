@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--run", default="runs/default", help="a run directory whose prompts are prepared")
     ap.add_argument("--layers", action="append", default=[], help="name=i,j,k (repeatable)")
     ap.add_argument("--out", default="bench/results/probe_layers.json")
+    ap.add_argument("--without-teacher", action="store_true", help="skip all 30 layers (the slowest subset)")
     args = ap.parse_args()
     cfg = load_config(args.config, [f"run_dir={args.run}"])
     names = list(cfg.task.labels or [])
@@ -88,14 +89,17 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rows = pq.read_table(Path(args.run) / "prompts").to_pylist()
-    sets = {s: [r for r in rows if r["split"] == s] for s in ("train", "test", "shifted")}
+    # validation and shifted_validation (when prepared) are the sets a layer choice is made on
+    sets = {s: [r for r in rows if r["split"] == s]
+            for s in ("train", "validation", "shifted_validation", "test", "shifted")}
     for extra in cfg.evaluation.extra_sets:
         sets[extra.name] = read_eval_set(extra.path, extra.name, cfg)
     sets = {s: [r for r in v if r["reference"] in names] for s, v in sets.items() if v}
     prompts = {s: [prompt_token_ids(tokenizer, r["messages"]) for r in v] for s, v in sets.items()}
     labels = {s: torch.tensor([names.index(r["reference"]) for r in v]) for s, v in sets.items()}
     n = len(model.model.layers)
-    subsets = {"student": list(getattr(cfg.student, "layers", None) or []), "teacher": list(range(n))}
+    subsets = {"student": list(getattr(cfg.student, "layers", None) or []),
+               "teacher": [] if args.without_teacher else list(range(n))}
     subsets.update({k: [int(i) for i in v.split(",")] for k, v in (a.split("=", 1) for a in args.layers)})
     results = {}
     for name, layers in subsets.items():

@@ -2,17 +2,22 @@
 `bench/train_throughput.py` in this process and in plain Ray tasks (no Ray Train, no DeepSpeed).
 
     .venv/bin/python bench/train_worker_process.py
+    .venv/bin/python bench/train_worker_process.py --threads-only --rounds 3 --steps 30
 
 Ray sets OMP_NUM_THREADS from a task's num_cpus; the third setting also puts it in the task's
-runtime env, to rule out a thread pool sized before `torch.set_num_threads`.
+runtime env, to rule out a thread pool sized before `torch.set_num_threads`. `--threads-only`
+asks the other question Ray Train raises, since it calls the training function in a thread of its
+worker: the same loop in this process's main thread and in a second thread, in turn, no Ray.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import tempfile
+import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -31,14 +36,35 @@ def run(student: str, raw: list[list[dict]], threads: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def in_thread(student: str, raw: list[list[dict]], threads: int) -> dict:
+    """`run` in a new thread of this process, as Ray Train calls a training function."""
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(run(student, raw, threads)))
+    worker.start()
+    worker.join()
+    return out
+
+
 def main() -> None:
     import ray
 
     from distill.model_files import derive_student
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads-only", action="store_true", help="main thread against a second thread, no Ray")
+    ap.add_argument("--rounds", type=int, default=3, help="with --threads-only: pairs run in turn")
+    args = ap.parse_args()
     student = str(derive_student("builtin:smollm2-135m-instruct", LAYERS, tempfile.mkdtemp() + "/student"))
-    examples = _examples(8 * 13, 64, 12, 49152)
+    examples = _examples(8 * (args.steps + 1), 64, 12, 49152)
     raw = [examples[i:i + 8] for i in range(0, len(examples), 8)]
+    if args.threads_only:
+        rounds = [{"main_thread": run(student, raw, 2)["tok_s"], "second_thread": in_thread(student, raw, 2)["tok_s"]}
+                  for _ in range(args.rounds)]
+        mean = {k: round(sum(r[k] for r in rounds) / len(rounds), 1) for k in rounds[0]}
+        print(json.dumps({"steps": args.steps, "rounds": rounds, "mean_tok_s": mean,
+                          "second_over_main": round(mean["second_thread"] / mean["main_thread"], 3)}, indent=1))
+        return
     out = {"main_process": run(student, raw, 2)}
     path = {"PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)])}
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": path})
