@@ -5,7 +5,8 @@
     .venv/bin/python bench/train_worker_process.py --threads-only --rounds 3 --steps 30
 
 Ray sets OMP_NUM_THREADS from a task's num_cpus; the third setting also puts it in the task's
-runtime env, to rule out a thread pool sized before `torch.set_num_threads`. `--threads-only`
+runtime env, to rule out a thread pool sized before `torch.set_num_threads`; the fourth runs the
+loop in a thread of the task, as Ray Train does. `--threads-only`
 asks the other question Ray Train raises, since it calls the training function in a thread of its
 worker: the same loop in this process's main thread and in a second thread, in turn, no Ray.
 """
@@ -72,6 +73,8 @@ def main() -> None:
     out["ray_task"] = ray.get(task.remote(student, raw, 2))
     out["ray_task_omp_in_runtime_env"] = ray.get(
         task.options(runtime_env={"env_vars": {**path, "OMP_NUM_THREADS": "2"}}).remote(student, raw, 2))
+    # as Ray Train calls a training function: in a thread of the worker, not its main thread
+    out["ray_task_in_thread"] = ray.get(ray.remote(num_cpus=2)(in_thread).remote(student, raw, 2))
     out["main_process_again"] = run(student, raw, 2)
     print(json.dumps(out, indent=1))
 
