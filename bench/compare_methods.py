@@ -8,7 +8,7 @@ directory, so the only difference between rows is the training method:
 
   sequence   training.method=sequence (cross-entropy on the teacher's curated text)
   logit      training.method=logit, kd_weight=1 (the teacher's stored top-k only)
-  mix        training.method=logit, kd_weight=0.5 (top-k KD + cross-entropy, the default)
+  mix        training.method=logit, kd_weight=0.25 (top-k KD + cross-entropy, the default)
   gold       the same student fine-tuned on the gold references alone (no teacher)
   on_policy  mix's epochs, then on-policy distillation: the student samples on the train prompts,
              the teacher scores every token it wrote, reverse KL on its top-k (training.on_policy)
@@ -33,7 +33,7 @@ from pathlib import Path
 VARIANTS = {
     "sequence": ["training.method=sequence"],
     "logit": ["training.method=logit", "training.kd.kd_weight=1.0"],
-    "mix": ["training.method=logit", "training.kd.kd_weight=0.5"],
+    "mix": ["training.method=logit", "training.kd.kd_weight=0.25"],
     "gold": ["training.method=sequence", "training.gold_control=true"],
     "on_policy": ["training.method=on_policy", "training.kd.kd_weight=0.5"],
 }
