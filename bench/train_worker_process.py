@@ -3,12 +3,17 @@
 
     .venv/bin/python bench/train_worker_process.py
     .venv/bin/python bench/train_worker_process.py --threads-only --rounds 3 --steps 30
+    .venv/bin/python bench/train_worker_process.py --fresh --steps 20
 
 Ray sets OMP_NUM_THREADS from a task's num_cpus; the third setting also puts it in the task's
 runtime env, to rule out a thread pool sized before `torch.set_num_threads`; the fourth runs the
 loop in a thread of the task, as Ray Train does. `--threads-only`
 asks the other question Ray Train raises, since it calls the training function in a thread of its
 worker: the same loop in this process's main thread and in a second thread, in turn, no Ray.
+`--fresh` runs each case in a process of its own: the loop in the main thread, in a second thread
+of a process whose main thread never ran OpenMP work, and in a second thread after the main thread
+ran one matrix product (GNU OpenMP then manages two thread teams on two cores and shortens its
+spin-wait for every thread).
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ def in_thread(student: str, raw: list[list[dict]], threads: int) -> dict:
     return out
 
 
+def fresh(student: str, raw: list[list[dict]], case: str) -> list[float]:
+    """Two runs of the loop in this (new) process, as `case` says (see --fresh)."""
+    import torch
+
+    if case == "after_main_ran_openmp":
+        torch.set_num_threads(2)
+        a = torch.randn(512, 512)
+        (a @ a).sum()
+    loop = (lambda: run(student, raw, 2)) if case == "main_thread" else (lambda: in_thread(student, raw, 2))
+    return [loop()["tok_s"] for _ in range(2)]
+
+
 def main() -> None:
     import ray
 
@@ -55,10 +72,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads-only", action="store_true", help="main thread against a second thread, no Ray")
     ap.add_argument("--rounds", type=int, default=3, help="with --threads-only: pairs run in turn")
+    ap.add_argument("--fresh", action="store_true", help="each thread case in a process of its own, no Ray")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # one case of --fresh, in the child process
     args = ap.parse_args()
+    if args.fresh:
+        import subprocess
+
+        out = {}
+        for case in ("main_thread", "second_thread", "after_main_ran_openmp"):
+            child = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--case", case],
+                                   capture_output=True, text=True, check=True)
+            out[case] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(json.dumps({"steps": args.steps, "tok_s": out}, indent=1))
+        return
     student = str(derive_student("builtin:smollm2-135m-instruct", LAYERS, tempfile.mkdtemp() + "/student"))
     examples = _examples(8 * (args.steps + 1), 64, 12, 49152)
     raw = [examples[i:i + 8] for i in range(0, len(examples), 8)]
+    if args.case:
+        print(json.dumps(fresh(student, raw, args.case)))
+        return
     if args.threads_only:
         rounds = [{"main_thread": run(student, raw, 2)["tok_s"], "second_thread": in_thread(student, raw, 2)["tok_s"]}
                   for _ in range(args.rounds)]
