@@ -30,7 +30,8 @@ def one_size(block_size: int, out: str) -> None:
     """In a child process: prepare the default config's prompts, run the teacher's evaluation batch."""
     from distill.config.loading import load_config
     from distill.engine import engine_env
-    from distill.evaluate import EvalWorker, eval_sets
+    from distill.eval_worker import EvalWorker
+    from distill.evaluate import eval_sets
     from distill.rundir import RunDir
     from distill.stages import run_stage
 

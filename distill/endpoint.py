@@ -275,7 +275,7 @@ def measure_endpoint(cfg, rows: list[dict[str, Any]], sampling: SamplingConfig, 
                      context=None) -> dict[str, Any]:
     """Evaluation of an endpoint teacher: its answers to every evaluation prompt (through the
     job's limits and retries), then latency one request at a time; the same figures as
-    `evaluate.EvalWorker.run`, with size and memory unknown."""
+    `eval_worker.EvalWorker.run`, with size and memory unknown."""
     import numpy as np
     import ray
 

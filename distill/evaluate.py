@@ -4,8 +4,9 @@
 
 Sets: the `test` split; for the built-in data the `shifted` set (worded from a phrase bank that
 shares nothing with training: does the student know the task, or the templates?); and every
-`evaluation.extra_sets` file. Each model runs in its own Ray actor (one at a time, so latency
-figures are not distorted by a neighbour) with the same vLLM settings and sampling: all sets in
+`evaluation.extra_sets` file. The models run one at a time in a Ray actor (so latency figures are
+not distorted by a neighbour; `distill.eval_worker` says when they share one) with the same vLLM
+settings and sampling: all sets in
 one batch (throughput), then `latency_requests` prompts one by one (p50/p95 latency) and with one
 output token (time to first token). Metrics come from the task module, against the gold
 references and against the teacher's answers (agreement), each with a 95% bootstrap interval;
@@ -17,98 +18,21 @@ Writes `eval/report.json`, `eval/report.md`, `eval/predictions.parquet` and plot
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from distill import schema as S
-from distill.config import EngineConfig, RunConfig, SamplingConfig
+from distill.config import RunConfig, SamplingConfig
 from distill.errors import DistillError, UserError
+from distill.eval_worker import EvalHosts
 from distill.rundir import RunDir
 
 
 class DistillationGateError(DistillError, RuntimeError):
     """The distilled student keeps less of the teacher's quality than `evaluation.min_kept_ratio`."""
-
-
-class EvalWorker:
-    """Holds one model's engine and measures it (a Ray actor in `evaluate`)."""
-
-    def __init__(self, model: str, engine: EngineConfig):
-        from distill.engine import make_llm
-        from distill.model_files import resolve_model
-
-        self.engine = engine
-        self.path = resolve_model(model)  # a model on object storage is fetched to this node
-        start = time.time()
-        self.llm = make_llm(self.path, self.engine)
-        self.load_s = time.time() - start
-
-    def run(self, rows: list[dict], sampling: SamplingConfig, latency_requests: int, context=None) -> dict[str, Any]:
-        """Answers to every row (one batch), then latency and time to first token on the first
-        `latency_requests` rows one at a time; `context`: the teacher's, around each prompt."""
-        import numpy as np
-
-        from distill.engine import generate_rows
-        from distill.model_files import parameter_count
-
-        sp = sampling
-        start = time.time()
-        out = generate_rows(self.llm, rows, sp, 0, self.engine, context=context)
-        batch_s = time.time() - start
-        tokens = sum(r[S.OUTPUT_TOKENS] for r in out)
-        latencies, ttft = [], []
-        first = sp.model_copy(update={"max_tokens": 1})
-        for row in rows[:latency_requests]:
-            t0 = time.time()
-            generate_rows(self.llm, [row], sp, 0, self.engine, context=context)
-            latencies.append(time.time() - t0)
-            t0 = time.time()
-            generate_rows(self.llm, [row], first, 0, self.engine, context=context)
-            ttft.append(time.time() - t0)
-        return {
-            "texts": [r[S.TEXT] for r in out],
-            "parameters": parameter_count(self.path),
-            "weights_mb": round(_weights_mb(self.path), 1),
-            "output_tokens": tokens,
-            "batch_s": round(batch_s, 3),
-            "tokens_per_s": round(tokens / batch_s, 1) if batch_s else None,
-            "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
-            "latency_p95_s": round(float(np.percentile(latencies, 95)), 4),
-            "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4),
-            "peak_memory_mb": round(_peak_memory_mb(), 1),
-            "load_s": round(self.load_s, 2),
-        }
-
-
-    def answers(self, rows: list[dict], sampling: SamplingConfig, context=None) -> list[list[str]]:
-        """Each row's `sampling.n` answers, in one batch (the teacher check, `distill tune`)."""
-        from distill.engine import generate_rows
-
-        grouped: dict[str, list[str]] = {r[S.ID]: [] for r in rows}
-        for out in generate_rows(self.llm, rows, sampling, 0, self.engine, context=context):
-            grouped[out[S.ID]].append(out[S.TEXT] or "")
-        return list(grouped.values())
-
-
-def _peak_memory_mb() -> float:
-    """GPU: the engine process's peak allocated CUDA memory; CPU: its peak resident set."""
-    import resource
-
-    from distill.hardware import cuda_available
-
-    if cuda_available():
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _weights_mb(path: str) -> float:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
 
 
 def models_to_compare(cfg: RunConfig, rd: RunDir) -> dict[str, str]:
@@ -167,45 +91,21 @@ def eval_sets(cfg: RunConfig, rd: RunDir) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
-def eval_actor(cfg: RunConfig, name: str, path: str):
-    """An EvalWorker actor for a model (teacher* or a student), with its engine's settings."""
+def answers_of(cfg: RunConfig, name: str, path: str, rows: list[dict], sampling: SamplingConfig, context,
+               hosts: EvalHosts | None = None) -> list[str]:
+    """A model's answers to `rows`, in `hosts`' actor (reused for the caller's next model) or in
+    an actor of its own, gone when this returns."""
     import ray
 
-    from distill.engine import engine_env
-
-    teacher = name.startswith("teacher")
-    engine = cfg.teacher_engine() if teacher else cfg.student.engine
-    pool = getattr(cfg.teacher, "pool", None)
-    gpus = (pool.num_gpus if pool else 0) if teacher else (1 if cfg.training.use_gpu else 0)
-    return ray.remote(EvalWorker).options(
-        num_cpus=1, num_gpus=gpus, runtime_env={"env_vars": engine_env(engine)}
-    ).remote(path, engine)
-
-
-def _measure(cfg: RunConfig, name: str, path: str, rows: list[dict], context) -> dict[str, Any]:
-    import ray
-
-    actor = eval_actor(cfg, name, path)
-    try:
-        return ray.get(actor.run.remote(rows, cfg.evaluation.sampling,
-                                        cfg.evaluation.latency_requests, context))
-    finally:
-        ray.kill(actor)
-
-
-def answers_of(cfg: RunConfig, name: str, path: str, rows: list[dict], sampling: SamplingConfig, context) -> list[str]:
-    """A model's answers to `rows` in its own actor (which is gone when this returns)."""
-    import ray
-
-    actor = eval_actor(cfg, name, path)
-    try:
+    with EvalHosts() if hosts is None else nullcontext(hosts) as used:
+        actor = used.host(cfg, name, path)
         return [texts[0] for texts in ray.get(actor.answers.remote(rows, sampling.model_copy(update={"n": 1}),
                                                                    context))]
-    finally:
-        ray.kill(actor)
 
 
 def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    import ray
+
     from distill.prepare import teacher_context
     from distill.ray_utils import connect
     from distill.report import build_report, write_report
@@ -215,20 +115,23 @@ def evaluate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     rows = [r for set_rows in sets.values() for r in set_rows]
     connect(cfg.ray)
     results: dict[str, dict[str, Any]] = {}
-    for name, path in models_to_compare(cfg, rd).items():
-        mcfg, role = model_config(cfg, name)
-        # a teacher as it generated (with its context); `teacher_bare` without it
-        with_context = (teacher_context(mcfg.teacher) or None) if role == "teacher" else None
-        print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
-              f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
-        if role.startswith("teacher") and mcfg.teacher.kind == "endpoint" and mcfg.teacher.path is None:
-            from distill.endpoint import measure_endpoint
+    with EvalHosts() as hosts:  # the models share an actor where they can (distill.eval_worker)
+        for name, path in models_to_compare(cfg, rd).items():
+            mcfg, role = model_config(cfg, name)
+            # a teacher as it generated (with its context); `teacher_bare` without it
+            with_context = (teacher_context(mcfg.teacher) or None) if role == "teacher" else None
+            print(f"[evaluate] {name}: {len(rows)} prompts in {len(sets)} sets "
+                  f"({', '.join(f'{s} {len(r)}' for s, r in sets.items())}) ({path})", flush=True)
+            if role.startswith("teacher") and mcfg.teacher.kind == "endpoint" and mcfg.teacher.path is None:
+                from distill.endpoint import measure_endpoint
 
-            measured = measure_endpoint(mcfg, rows, cfg.evaluation.sampling, cfg.evaluation.latency_requests,
-                                        with_context)
-        else:
-            measured = _measure(mcfg, role, path, rows, with_context)
-        results[name] = {**measured, "path": path}
+                measured = measure_endpoint(mcfg, rows, cfg.evaluation.sampling, cfg.evaluation.latency_requests,
+                                            with_context)
+            else:
+                actor = hosts.host(mcfg, role, path)
+                measured = ray.get(actor.run.remote(rows, cfg.evaluation.sampling,
+                                                    cfg.evaluation.latency_requests, with_context))
+            results[name] = {**measured, "path": path}
     texts = {name: m.pop("texts") for name, m in results.items()}
     table = {S.ID: [r[S.ID] for r in rows], S.SPLIT: [r[S.SPLIT] for r in rows],
              S.REFERENCE: [r[S.REFERENCE] for r in rows], **{f"{n}_text": t for n, t in texts.items()}}

@@ -48,6 +48,7 @@ def check_teacher(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     """Measure teacher and untrained student on the check prompts; raise TeacherCheckError when
     the teacher is not ahead by the margin. Returns the figures (None: no labelled prompts)."""
     from distill.prepare import teacher_context
+    from distill.eval_worker import EvalHosts
     from distill.evaluate import answers_of
     from distill.model_files import ensure_student_base, resolve_model
     from distill.ray_utils import connect
@@ -62,9 +63,11 @@ def check_teacher(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     connect(cfg.ray)
     task = task_from_config(cfg.task)
     refs = [r[S.REFERENCE] for r in rows]
-    teacher = answers_of(cfg, "teacher", resolve_model(cfg.teacher.path), rows, cfg.generation.sampling,
-                         teacher_context(cfg.teacher))
-    student = answers_of(cfg, "student", ensure_student_base(cfg, rd), rows, cfg.evaluation.sampling, None)
+    with EvalHosts() as hosts:  # one actor for both where they can share it
+        teacher = answers_of(cfg, "teacher", resolve_model(cfg.teacher.path), rows, cfg.generation.sampling,
+                             teacher_context(cfg.teacher), hosts)
+        student = answers_of(cfg, "student", ensure_student_base(cfg, rd), rows, cfg.evaluation.sampling, None,
+                             hosts)
     scores = {name: task.score(texts, refs)[task.primary] for name, texts in (("teacher", teacher), ("student", student))}
     figures = {"prompts": len(rows), "metric": task.primary, **{k: round(v, 4) for k, v in scores.items()},
                "margin": round(scores["teacher"] - scores["student"], 4), "min_margin": check.min_margin}

@@ -105,7 +105,7 @@ def tune(cfg: RunConfig, rd: RunDir, candidates_path: str, limit: int | None = N
     import ray
 
     from distill.prepare import teacher_context
-    from distill.evaluate import eval_actor
+    from distill.eval_worker import EvalHosts
     from distill.model_files import resolve_model
     from distill.ray_utils import connect
     from distill.tasks import task_from_config
@@ -124,9 +124,9 @@ def tune(cfg: RunConfig, rd: RunDir, candidates_path: str, limit: int | None = N
     metric = task.primary if references is not None else "self_agreement"
     print(f"[tune] {len(candidates)} candidates on {len(rows)} validation prompts, by {metric}", flush=True)
     connect(cfg.ray)
-    actor = eval_actor(cfg, "teacher", resolve_model(cfg.teacher.path))
     results = []
-    try:
+    with EvalHosts() as hosts:
+        actor = hosts.host(cfg, "teacher", resolve_model(cfg.teacher.path))
         for cand in candidates:
             prompt = task_from_config(cand.cfg.task).system_prompt()
             asked = [with_task_prompt(r, prompt) for r in rows]
@@ -136,8 +136,6 @@ def tune(cfg: RunConfig, rd: RunDir, candidates_path: str, limit: int | None = N
             results.append({"name": cand.name, "overrides": cand.overrides, **figures})
             print(f"[tune] {cand.name}: {metric} {figures[metric]:.3f} (parsed {figures['parsed']:.3f}, "
                   f"n={sampling.n}, temperature {sampling.temperature})", flush=True)
-    finally:
-        ray.kill(actor)
     best = max(range(len(results)), key=lambda i: (results[i][metric], -i))
     chosen = candidates[best]
     summary = {"split": "validation", "prompts": len(rows), "metric": metric, "candidates": results,
