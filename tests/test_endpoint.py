@@ -198,7 +198,7 @@ def _wait_for_the_killed_jobs_actors_to_go(timeout_s: float = 120.0) -> None:
     raise AssertionError(f"the killed job's actors are still alive after {timeout_s}s: {alive}")
 
 
-def test_an_endpoint_teacher_through_faults_a_kill_and_the_rest_of_the_pipeline(teacher_server, tiny_model, tmp_path,
+def test_an_endpoint_teacher_through_faults_a_kill_and_curation(teacher_server, tiny_model, tmp_path,
                                                                                   ray_cluster, capsys):
     import ray
     import yaml
@@ -269,12 +269,11 @@ def test_an_endpoint_teacher_through_faults_a_kill_and_the_rest_of_the_pipeline(
     manifest = (tmp_path / "run" / "manifest.json").read_text() + (tmp_path / "run" / "config.yaml").read_text()
     assert "sk-test-not-a-real-key" not in manifest  # the key is never written
 
-    # 3. the rest of the pipeline: curation drops the error rows, sequence-level KD, evaluation via the endpoint
+    # 3. curation drops the error rows (training on an endpoint's text-only rows and evaluation through
+    # the endpoint: test_two_teachers_one_vllm_one_endpoint_routed_by_a_column)
     curated = run_stage("curate", cfg)
     assert curated["table"]["dropped"]["error"] == len(failing)
-    assert run_stage("train", cfg)["method"] == "sequence"
-    report = run_stage("evaluate", cfg)
-    assert set(report["summary"]["scores"]["test"]) == {"teacher", "student"}
+    assert curated["table"]["kept"] == len(rows) - len(failing) > 0
 
 
 @pytest.mark.integration

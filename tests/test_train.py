@@ -74,11 +74,6 @@ def test_zero2_loss_falls_and_the_export_loads(clean_zero2_run):
     _check_training_and_export(*clean_zero2_run)
 
 
-def test_zero3_loss_falls_and_the_export_loads(generated_run, tiny_model, tmp_path, ray_cluster):
-    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=3)
-    _check_training_and_export(tmp_path / "run", run_stage("train", cfg))
-
-
 def test_a_failed_job_resumes_when_rerun_and_a_failed_worker_within_the_job(generated_run, tiny_model, tmp_path,
                                                                             clean_zero2_run, monkeypatch):
     """Both recoveries in two launches: the whole job dies at step 5 (no retries left); running
@@ -110,10 +105,13 @@ def test_a_failed_job_resumes_when_rerun_and_a_failed_worker_within_the_job(gene
     assert before_failure(_history(run)) == before_failure(clean) and len(before_failure(clean)) == 4
 
 
-def test_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher(generated_run, tiny_model, tmp_path, ray_cluster):
+def test_zero3_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher_and_exports(
+        generated_run, tiny_model, tmp_path, ray_cluster):
+    """Two workers under ZeRO-3 (parameters partitioned, gathered for the export), learning the
+    teacher's stored top-k in its compact form; ZeRO-2 runs in the shared clean run."""
     # the teacher is the tiny model, whose top-k is stored; the student starts from other weights
     student = make_tiny_llama(tmp_path / "student", seed=1)
-    cfg = _run(generated_run, tiny_model, tmp_path, compact=True, zero_stage=2, method="logit",
+    cfg = _run(generated_run, tiny_model, tmp_path, compact=True, zero_stage=3, method="logit",
                kd={"kd_weight": 1.0, "divergence": "forward_kl"})
     import pyarrow as pa
 
@@ -123,6 +121,7 @@ def test_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher(gene
     stats = run_stage("train", cfg)
     kd = [h["kd"] for h in _history(tmp_path / "run") if "kd" in h]
     assert stats["method"] == "logit" and kd[-1] < kd[0] * 0.8, kd
+    _check_training_and_export(tmp_path / "run", stats)
 
 
 def test_a_student_of_another_tokenizer_gets_logit_kd_on_aligned_rows(generated_run, tiny_model, tmp_path, ray_cluster):
