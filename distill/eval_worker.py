@@ -4,7 +4,7 @@ same process settings.
 
 Why reuse: on a CPU machine starting the actor and importing vLLM costs more than a small model's
 whole measurement, and `evaluate` runs three or four models one after another (bench/README.md,
-"The test suite"). The previous model's engine is shut down before the next one loads, so each
+"Evaluation's models in one actor"). The previous model's engine is shut down before the next one loads, so each
 model is still measured alone, and its peak memory is counted from its own load. Engines on GPUs keep an actor each: a GPU engine's memory is not reliably returned to the device
 within a process, and there the actor's start is small next to loading the model.
 """
@@ -96,8 +96,8 @@ class EvalWorker:
         """GPU: the peak CUDA memory allocated since the load. CPU: the process's peak resident set,
         and for a model loaded after another, the resident set the first one left behind (the
         engine runtime's own, which a process of its own would hold too) plus this model's peak
-        over what the process held before it loaded: what earlier models left behind is not
-        charged (`tests/test_eval_worker.py` holds it near a fresh process's figure)."""
+        over what the process held before it loaded: most of what earlier models left behind is
+        not charged (what is left: bench/README.md; `tests/test_eval_worker.py` bounds it)."""
         from distill.hardware import cuda_available
 
         if cuda_available():
