@@ -332,6 +332,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
                                            max_concurrent_calls_per_actor=in_flight),
         num_cpus=teacher.pool.num_cpus,
         num_gpus=teacher.pool.num_gpus or None,
+        memory=int(teacher.pool.memory_gib * 2**30) if teacher.pool.memory_gib else None,
         runtime_env={"env_vars": engine_env(teacher.engine)},
         fn_constructor_kwargs=dict(
             model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,

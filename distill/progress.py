@@ -13,6 +13,12 @@ import time
 EVERY_S = 10.0
 
 
+def loss_text(value: float | None) -> str:
+    """A loss as a log line shows it: four decimals, or "n/a" when there was none to compute
+    (no validation rows)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 class Progress:
     def __init__(self, stage: str, total: int, unit: str, every_s: float = EVERY_S, clock=time.time):
         self.stage, self.total, self.unit, self.every_s, self.clock = stage, total, unit, every_s, clock

@@ -29,6 +29,7 @@ from distill.errors import UserError
 from distill.hardware import fast_dtype
 from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
+from distill.progress import loss_text
 from distill.storage import locate
 from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp, same_tokenizer
 
@@ -329,7 +330,8 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
                    accelerator_s=round((time.time() - start) * t.workers * (1 if t.use_gpu else 0), 1))
     if on_policy:
         stats["on_policy"] = rollout_budget(locate(inputs.on_policy.rollouts_uri))
-    print(f"[train] done: loss {stats['final_loss']}, val loss {stats['val_loss']} -> {export.uri}")
+    print(f"[train] done: loss {loss_text(stats['final_loss'])}, val loss {loss_text(stats['val_loss'])} "
+          f"-> {export.uri}")
     return stats
 
 

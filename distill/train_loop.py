@@ -26,6 +26,7 @@ import torch
 from distill.config import KDLossConfig
 from distill.losses import IGNORE, distill_loss
 from distill.recipe_inputs import RecipeInputs
+from distill.progress import loss_text
 from distill.storage import locate
 from distill.train_data import Batch, bucketed_batches, collate
 
@@ -205,7 +206,7 @@ class DistillRecipe:
             state.update(epoch=epoch + 1, batch_in_epoch=0)
             val = self.validate()
             state["history"].append({"step": state["step"], "epoch": epoch + 1, "val_loss": val})
-            self.log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {val}")
+            self.log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {loss_text(val)}")
             if self.rank == 0:
                 locate(self.inputs.history_uri).write_json(state["history"])
             if epoch + 1 < epochs or t.method == "on_policy":
@@ -215,7 +216,7 @@ class DistillRecipe:
         """Validate, append the loss to the history and write it (rank 0)."""
         val = self.validate()
         self.state["history"].append({"step": self.state["step"], "epoch": self.cfg.training.epochs, "val_loss": val})
-        self.log(f"{label}: val_loss {val}")
+        self.log(f"{label}: val_loss {loss_text(val)}")
         if self.rank == 0:
             locate(self.inputs.history_uri).write_json(self.state["history"])
 

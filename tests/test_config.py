@@ -32,6 +32,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("training.epochs=two", "training.epochs: Input should be a valid integer"),
     ("teacher.kind=api", "teacher: Input tag 'api'"),
     ("teacher.pool.min=3", "teacher.pool: Value error, min (3) must be <= max (1)"),
+    ("teacher.pool.memory_gib=0", "teacher.pool.memory_gib: Input should be greater than 0"),
     ("data.split.test=0.95", "validation + test must leave room for train"),
     ("training={zero_stage: 3, lora: {r: 4}}", "training: Value error, LoRA runs with zero_stage 0-2"),
     ("generation.top_k_logprobs=50", "generation.top_k_logprobs: Input should be less than or equal to 20"),

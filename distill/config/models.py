@@ -89,6 +89,9 @@ class ActorPool(Strict):
     """CPUs each actor reserves."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs each actor reserves (tensor_parallel_size for a sharded engine)."""
+    memory_gib: float | None = Field(None, gt=0)
+    """Host memory each actor reserves, in GiB (the engine's weights, its KV cache on a CPU, and
+    the process): Ray places no more actors on a node than fit. Unset: none reserved."""
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ActorPool":
