@@ -179,7 +179,7 @@ class OnPolicyPhase:
             if record is not None:
                 entry["weights_version"] = int(record["weights_version"][0].as_py())
             state["history"].append(entry)
-            recipe.maybe_fail(state["step"])
+            recipe.maybe_fail(entry)
             if s + 1 == op.steps or (s + 1) % t.log_every_steps == 0 or s == done_at_start:
                 elapsed = max(time.time() - start, 1e-9)
                 c = self.counts

@@ -194,7 +194,7 @@ class DistillRecipe:
                 state["step"] += 1
                 step = state["step"]
                 state["history"].append({"step": step, "epoch": epoch + 1, "loss": round(loss_value, 5), **parts})
-                self.maybe_fail(step)
+                self.maybe_fail(state["history"][-1])
                 if step % t.log_every_steps == 0 or step == 1:
                     elapsed = time.time() - start
                     rate = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
@@ -220,13 +220,16 @@ class DistillRecipe:
         if self.rank == 0:
             locate(self.inputs.history_uri).write_json(self.state["history"])
 
-    def maybe_fail(self, step: int) -> None:
-        """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise at that step, once per run and step."""
+    def maybe_fail(self, entry: dict) -> None:
+        """Fault drills (`DISTILL_INJECT_FAILURE_AT_STEP`): raise after that step, once per run and
+        step. The marker keeps the step's history entry, so a drill can check that the resumed
+        run computes the same step again (weights, optimizer state and data order restored)."""
         marker = self.inputs.fail_marker
-        if self.inputs.fail_at_step and step == self.inputs.fail_at_step and not os.path.exists(marker):
+        if self.inputs.fail_at_step and entry["step"] == self.inputs.fail_at_step and not os.path.exists(marker):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
-            open(marker, "w").close()
-            raise RuntimeError(f"injected failure at step {step}")
+            with open(marker, "w") as f:
+                json.dump(entry, f)
+            raise RuntimeError(f"injected failure at step {entry['step']}")
 
     def checkpoint(self, state: dict) -> None:
         import ray.train
