@@ -27,9 +27,9 @@ from distill import schema as S
 from distill.config import RunConfig
 from distill.errors import UserError
 from distill.hardware import fast_dtype
+from distill.progress import loss_text
 from distill.recipe_inputs import RECIPE_INPUTS, OnPolicyInputs, RecipeInputs
 from distill.rundir import RunDir
-from distill.progress import loss_text
 from distill.storage import locate
 from distill.tokenizers import TokenizerMismatch, TokenizerStamp, matches, read_stamp, same_tokenizer
 

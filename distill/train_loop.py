@@ -25,8 +25,8 @@ import torch
 
 from distill.config import KDLossConfig
 from distill.losses import IGNORE, distill_loss
-from distill.recipe_inputs import RecipeInputs
 from distill.progress import loss_text
+from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
 from distill.train_data import Batch, bucketed_batches, collate
 
@@ -193,8 +193,9 @@ class DistillRecipe:
                     continue
                 state["step"] += 1
                 step = state["step"]
-                state["history"].append({"step": step, "epoch": epoch + 1, "loss": round(loss_value, 5), **parts})
-                self.maybe_fail(state["history"][-1])
+                entry = {"step": step, "epoch": epoch + 1, "loss": round(loss_value, 5), **parts}
+                state["history"].append(entry)
+                self.maybe_fail(entry)
                 if step % t.log_every_steps == 0 or step == 1:
                     elapsed = time.time() - start
                     rate = (state["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
