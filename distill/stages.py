@@ -163,6 +163,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           defines=("student", "training", "teacher.path"),
           knobs=("training.workers", "training.cpus_per_worker", "training.use_gpu", "training.zero_stage",
                  "training.checkpoint_every_steps", "training.max_failures", "training.log_every_steps",
+                 "training.cache_examples",
                  "training.on_policy.sync_via", *(f"student.engine.{k}" for k in (*_ENGINE_KNOBS, "device"))),
           extra_outputs=("student_gold", "checkpoints/train-{key}", "checkpoints/gold-{key}", "rollouts/train-{key}")),
     Stage("evaluate", "distill.evaluate:evaluate", ("train", "prepare"), "eval",

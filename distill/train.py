@@ -86,12 +86,31 @@ def resolve_method(cfg: RunConfig, rd: RunDir, student_path: str) -> str:
 
 @dataclass
 class TrainingData:
-    """The examples each worker streams: Ray Datasets read from Parquet and tokenised in Ray Data
-    (`train_data.tokenize_split`), never materialised in the driver; `rows` counts the source rows per
-    split (an upper bound on the examples: a row whose prompt fills max_seq_len is left out)."""
+    """The examples the workers read: Ray Datasets read from Parquet and tokenised in Ray Data
+    (`train_data.tokenize_split`), never pulled into the driver; `rows` counts the source rows per
+    split (an upper bound on the examples: a row whose prompt fills max_seq_len is left out);
+    `cached`: the train split was tokenised once and its blocks are kept in the object store
+    (`cache_train_examples`), else it is streamed and tokenised again each epoch."""
 
     datasets: dict[str, Any]
     rows: dict[str, int]
+    cached: bool = False
+
+
+def cache_train_examples(cfg: RunConfig, rows: int, top_k: int) -> bool:
+    """Whether to tokenise the train split once and keep it (`training.cache_examples`). Kept, the
+    tokenize tasks run once, now, in the driver's warm worker processes; streamed, they run again
+    every epoch in fresh processes of Ray Train's own (its controller has a runtime env of its own,
+    so it gets no worker the stages before warmed up; bench/README.md, "Training examples
+    tokenized once"). `auto` keeps them when their largest size fits in a quarter of the object
+    store, so a run of millions of rows still streams."""
+    import ray
+
+    mode = cfg.training.cache_examples
+    if mode != "auto":
+        return mode == "always"
+    largest = rows * cfg.training.max_seq_len * (8 + 8 * top_k)  # ids + labels, top-k ids + logprobs
+    return largest <= ray.cluster_resources().get("object_store_memory", 0) / 4
 
 
 def parquet_files(files: list[str], fs, then, **kwargs):
@@ -153,13 +172,13 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
     if align_from:
         say_coverage(cfg, source, student_path, align_from)
     files = source.list_files(".parquet")
+    top_k = cfg.generation.top_k_logprobs if method == "logit" else 0
     datasets = {}
     for split in S.TRAINED_SPLITS:
         if rows[split]:
             datasets[split] = parquet_files(files, source.fs, tokenize_split, student_path=student_path, split=split,
                                             max_seq_len=cfg.training.max_seq_len, use_teacher_ids=same, gold=gold,
-                                            align_from=align_from,
-                                            top_k=cfg.generation.top_k_logprobs if method == "logit" else 0)
+                                            align_from=align_from, top_k=top_k)
     cap = cfg.training.max_validation_rows
     if cap and rows["validation"] > cap:
         datasets["validation"] = datasets["validation"].limit(cap)
@@ -169,7 +188,10 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         # Left lazy, each pass re-ran its read and tokenize tasks, which waited for CPUs the
         # training workers held (bench/README.md, "The test suite").
         datasets["validation"] = datasets["validation"].materialize()
-    return TrainingData(datasets, rows)
+    cached = cache_train_examples(cfg, rows["train"], top_k)
+    if cached:
+        datasets["train"] = datasets["train"].materialize()
+    return TrainingData(datasets, rows, cached)
 
 
 def say_coverage(cfg: RunConfig, curated, student_path: str, teacher_tokenizer: str) -> None:
@@ -313,10 +335,14 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
                              "file the trainer writes); use sync_via=object_store")
         scorer_tok = scorer_tokenizer(cfg, base)
         datasets["prompts"] = _policy_prompts(cfg, rd, base, scorer_tok)
+        if data.cached:  # the train split's prompt ids: smaller than its examples
+            datasets["prompts"] = datasets["prompts"].materialize()
         places = _on_policy_inputs(cfg, rd, base, run_name).model_copy(update={"teacher_tokenizer": scorer_tok})
         inputs = inputs.model_copy(update={"on_policy": places})
     trainer = _trainer(cfg, inputs, datasets, run_name, storage)
-    print(f"[train] {method}-level KD: {data.rows['train']} examples, " + _plan(cfg, total_steps, on_policy))
+    print(f"[train] {method}-level KD: {data.rows['train']} examples "
+          f"({'tokenized once' if data.cached else 'streamed, tokenized each epoch'}), "
+          + _plan(cfg, total_steps, on_policy))
     start = time.time()
     try:
         trainer.fit()

@@ -162,8 +162,8 @@ def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_mode
     assert stats["method"] == "sequence"
 
 
-def test_the_validation_set_is_capped_at_max_validation_rows_and_made_once(generated_run, tiny_model, tmp_path,
-                                                                           ray_cluster):
+def test_the_validation_set_is_capped_and_made_once_and_small_train_examples_are_tokenized_once(
+        generated_run, tiny_model, tmp_path, ray_cluster):
     from ray.data.dataset import MaterializedDataset
 
     from distill.rundir import RunDir
@@ -172,14 +172,35 @@ def test_the_validation_set_is_capped_at_max_validation_rows_and_made_once(gener
     cfg = _run(generated_run, tiny_model, tmp_path)
     whole = training_data(cfg, RunDir(cfg), tiny_model, "sequence")
     assert whole.rows["validation"] > 2 and whole.datasets["validation"].count() == whole.rows["validation"]
-    capped = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_validation_rows": 2})})
+    capped = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"max_validation_rows": 2, "cache_examples": "never"})})
     data = training_data(capped, RunDir(capped), tiny_model, "sequence")
     assert data.rows["validation"] == 2 == data.datasets["validation"].count()
-    assert data.datasets["train"].count() == whole.datasets["train"].count()
-    # every worker reads the validation set after every epoch: made once, not re-run per pass;
-    # the train split streams (it can be any size)
+    # every worker reads the validation set after every epoch: made once, not re-run per pass
     assert isinstance(data.datasets["validation"], MaterializedDataset)
-    assert not isinstance(data.datasets["train"], MaterializedDataset)
+    # the train split: a few rows fit the object store many times over, so `auto` tokenizes them
+    # once; `never` streams them (any size), and both give the same examples in the same order
+    assert whole.cached and isinstance(whole.datasets["train"], MaterializedDataset)
+    assert not data.cached and not isinstance(data.datasets["train"], MaterializedDataset)
+    kept, streamed = (d.datasets["train"].to_pandas() for d in (whole, data))
+    assert len(kept) > 2 and kept.to_json() == streamed.to_json()
+
+
+def test_train_examples_are_kept_while_their_largest_size_fits_a_quarter_of_the_object_store(monkeypatch):
+    import ray
+
+    from distill.config import RunConfig
+    from distill.train import cache_train_examples
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"object_store_memory": 4 * 2**30})
+    cfg = RunConfig.model_validate({"training": {"max_seq_len": 256}})
+    per_row = 256 * (8 + 8 * 20)  # ids and labels, then the top-20 ids and logprobs, at every position
+    assert cache_train_examples(cfg, 2**30 // per_row, top_k=20)
+    assert not cache_train_examples(cfg, 2**30 // per_row + 1, top_k=20)
+    assert cache_train_examples(cfg, 2**30 // per_row + 1, top_k=0)  # text alone: 8 bytes a position
+    for mode, rows, kept in (("always", 10**9, True), ("never", 1, False)):
+        cfg.training.cache_examples = mode
+        assert cache_train_examples(cfg, rows, top_k=20) is kept
 
 
 def test_deepspeed_is_kept_from_building_its_inference_only_shm_op():

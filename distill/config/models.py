@@ -573,6 +573,12 @@ class TrainingConfig(Strict):
     at millions of rows a full pass each epoch costs more than the epoch's steps."""
     max_seq_len: int = Field(256, ge=8)
     """Prompt + response tokens per example (longer ones are cut)."""
+    cache_examples: Literal["auto", "always", "never"] = "auto"
+    """Tokenize the training examples once, before the first step, and keep them in Ray's object
+    store for every epoch (`always`), or stream them from the curated files, tokenized again in
+    each epoch (`never`: memory stays a few blocks, whatever the data's size). `auto` keeps them
+    when their largest possible size (rows x max_seq_len x (8 + 8 x top-k) bytes) fits in a
+    quarter of the cluster's object store."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     """Share of steps spent warming up."""
     weight_decay: float = Field(0.0, ge=0.0)
