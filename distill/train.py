@@ -100,11 +100,10 @@ class TrainingData:
 def cache_train_examples(cfg: RunConfig, rows: int, top_k: int) -> bool:
     """Whether to tokenise the train split once and keep it (`training.cache_examples`). Kept, the
     tokenize tasks run once, now, in the job's own worker processes (warm after the stages before
-    it in `distill run`); streamed, they run again
-    every epoch in fresh processes of Ray Train's own (its controller has a runtime env of its own,
-    so it gets no worker the stages before warmed up; bench/README.md, "Training examples
-    tokenized once"). `auto` keeps them when their largest size fits in a quarter of the object
-    store, so a run of millions of rows still streams."""
+    it in `distill run`); streamed, they run again every epoch in fresh processes of Ray Train's
+    own (its controller has a runtime env of its own, so it gets no worker the stages before
+    warmed up; bench/README.md, "Training examples tokenized once"). `auto` keeps them when their
+    largest size fits in a quarter of the object store, so a run of millions of rows still streams."""
     import ray
 
     mode = cfg.training.cache_examples
