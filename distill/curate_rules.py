@@ -159,15 +159,20 @@ def majority_votes(rows: list[dict[str, Any]], reasons: list[str | None], task: 
 
 
 def reason_table(reasons: Iterable[str | None], examples: dict[str, list[str]],
-                 prompts: int, kept_prompts: int, trimmed: int = 0, relabelled: int = 0) -> dict[str, Any]:
-    """Counts per reason (None = kept) with a few examples, and the kept ratio of prompts."""
+                 prompts: int, kept_prompts: int, trimmed: int = 0, relabelled: int = 0,
+                 order: tuple[str, ...] = REASONS) -> dict[str, Any]:
+    """Counts per reason (None = kept) in the order of `order` (curation's reasons; the written
+    prompts' checks pass theirs), with a few examples, and the kept ratio of prompts."""
     counts = Counter(r or "kept" for r in reasons)
+    unknown = set(counts) - {"kept", *order}
+    if unknown:
+        raise ValueError(f"reasons {sorted(unknown)} are not in the table's order {order}")
     return {
         "responses": sum(counts.values()),
         "kept": counts.get("kept", 0),
         "kept_trimmed": trimmed,
         "kept_relabelled": relabelled,
-        "dropped": {r: counts[r] for r in REASONS if counts.get(r)},
+        "dropped": {r: counts[r] for r in order if counts.get(r)},
         "examples": {r: ex for r, ex in examples.items() if ex},
         "prompts": prompts,
         "kept_prompts": kept_prompts,

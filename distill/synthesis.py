@@ -195,8 +195,7 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
     for c, r in zip(candidates, reasons):
         if r and len(examples_by_reason.setdefault(r, [])) < 3:
             examples_by_reason[r].append(c["text"])
-    table = reason_table(reasons, examples_by_reason, len(candidates), len(kept))
-    table["dropped"] = {r: table["dropped"].get(r, 0) for r in REASONS if table["dropped"].get(r)}
+    table = reason_table(reasons, examples_by_reason, len(candidates), len(kept), order=REASONS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for c in kept:

@@ -1,8 +1,14 @@
-"""The teacher writes prompts: the checks that decide which written prompts are kept (pure), and
-the seeds it writes from."""
+"""The teacher writes prompts: the checks that decide which written prompts are kept (pure), the
+seeds it writes from, and `distill data synth --by-teacher` end to end on the tiny model."""
 
+import json
+
+import pytest
+
+from conftest import tiny_config
 from distill.config import load_config
-from distill.synthesis import check, seeds
+from distill.curate_rules import reason_table
+from distill.synthesis import REASONS, check, seeds
 from distill.tasks import get_task
 
 TASK = get_task("nli", labels=["positive", "negative"])
@@ -45,3 +51,43 @@ def test_seeds_cover_labels_and_draw_distinct_combinations():
     shots = [{"text": f"example {i}", "label": "negative"} for i in range(5)]
     with_shots = seeds(cfg, ["negative"], shots)
     assert with_shots[0]["messages"][0]["content"].startswith("Examples:\n- example")
+
+
+def test_the_table_counts_every_check_of_the_written_prompts():
+    reasons = [None, "inconsistent", "inconsistent", "test_leak", "duplicate", None]
+    table = reason_table(reasons, {}, prompts=6, kept_prompts=2, order=REASONS)
+    assert table["dropped"] == {"inconsistent": 2, "duplicate": 1, "test_leak": 1}
+    assert table["kept"] + sum(table["dropped"].values()) == table["responses"] == 6
+    with pytest.raises(ValueError, match="inconsistent"):  # curation's order has no such reason
+        reason_table(reasons, {}, prompts=6, kept_prompts=2)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray_cluster):
+    """Both paths on real engines: labels (write, then the round trip, which the random tiny
+    teacher never passes) and few-shot from the user's rows (no round trip: its prompts are kept
+    and a run prepares them)."""
+    from distill.stages import run_stage
+    from distill.synthesis import synthesize
+
+    small = {"n": 6, "sampling": {"temperature": 0.9, "top_p": 0.95, "max_tokens": 12}}
+    labelled = tiny_config(tmp_path / "labelled", tiny_model, synthesis=small)
+    out = tmp_path / "written.jsonl"
+    table = synthesize(labelled, str(out))
+    assert table["responses"] == 6 and table["kept"] + sum(table["dropped"].values()) == 6
+    assert table["dropped"].get("inconsistent", 0) >= 1  # a random teacher does not read its own label back
+    assert len(out.read_text().splitlines()) == table["kept"]
+    assert json.loads((tmp_path / "written.jsonl.table.json").read_text()) == table
+
+    examples = tmp_path / "mine.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"What is {a} plus {a}?"}) + "\n" for a in range(5)))
+    unlabelled = tiny_config(tmp_path / "qa", tiny_model, task={"type": "qa"},
+                             synthesis={**small, "few_shot_from": str(examples)})
+    written = tmp_path / "qa.jsonl"
+    table = synthesize(unlabelled, str(written))
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert table["kept"] == len(rows) >= 1 and all(r["id"].startswith("w-") and "reference" not in r for r in rows)
+    run = tiny_config(tmp_path / "from_written", tiny_model, task={"type": "qa"},
+                      data={"source": {"kind": "file", "path": str(written)}})
+    assert sum(run_stage("prepare", run)["splits"].values()) == len(rows)
