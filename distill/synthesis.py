@@ -4,11 +4,13 @@
 
 1. write: one writer request per seed (label x topic x style x persona x length, drawn without
    repeats; with `synthesis.few_shot_from`, examples of the same label from your rows come first)
-   runs on the teacher's Ray Data + vLLM actor pool, sampled for variety;
+   runs on the teacher's Ray Data + vLLM actor pool, sampled for variety, without the teacher's
+   context (its worked examples show how to answer, not how to write);
 2. round trip: each written text becomes a prompt (one of `synthesis.questions`, the task's
-   system prompt first) and the teacher answers it greedily; a prompt whose answer is not the
-   label it was written for is dropped (`inconsistent`): the label is what the teacher itself
-   reads in the text, not only what it was asked to write;
+   system prompt first) and the teacher answers it greedily, with its context, as it will
+   generate; a prompt whose answer is not the label it was written for is dropped
+   (`inconsistent`): the label is what the teacher itself reads in the text, not only what it
+   was asked to write;
 3. checks: empty and refused writings, exact and MinHash near-duplicates of each other
    (`near_duplicate`) and of any prompt of the run's test sets or `evaluation.extra_sets`
    (`test_leak`: nothing written may leak into evaluation);
@@ -177,7 +179,10 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
         work = rd.root.join("synthesis")
         requests = seeds(cfg, labels, examples)
         print(f"[synth] the teacher writes {len(requests)} texts ({len(labels or [])} labels)", flush=True)
-        written = _generate(cfg, requests, work.join("written"), cfg.synthesis.sampling)
+        # the teacher's context (worked examples of the task) is for answering, not for writing
+        writer = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"system_prompt": None,
+                                                                                 "few_shot": []})})
+        written = _generate(writer, requests, work.join("written"), cfg.synthesis.sampling)
         candidates = [{"text": w[S.TEXT] or "", "label": r[S.REFERENCE], "error": w[S.ERROR],
                        "prompt": r["question"].format(text=(w[S.TEXT] or "").strip())}
                       for r, w in zip(requests, written)]

@@ -71,11 +71,24 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
     from distill.stages import run_stage
     from distill.synthesis import synthesize
 
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from distill.chat import prompt_token_ids
+
     small = {"n": 6, "sampling": {"temperature": 0.9, "top_p": 0.95, "max_tokens": 12}}
-    labelled = tiny_config(tmp_path / "labelled", tiny_model, synthesis=small)
+    shots = [{"prompt": "Review: the lid cracked on day one. Sentiment?", "answer": "negative"}]
+    labelled = tiny_config(tmp_path / "labelled", tiny_model, synthesis=small,
+                           teacher={"system_prompt": "Answer in one word.", "few_shot": shots})
     out = tmp_path / "written.jsonl"
     table = synthesize(labelled, str(out))
     assert table["responses"] == 6 and table["kept"] + sum(table["dropped"].values()) == 6
+    # the teacher writes without its context (worked answers) and answers the round trip with it
+    tokenizer, work = AutoTokenizer.from_pretrained(tiny_model), tmp_path / "labelled" / "synthesis"
+    for step, context in (("written", False), ("round_trip", True)):
+        rows = pq.read_table(work / step, columns=["messages", "prompt_tokens"]).to_pylist()
+        bare = [len(prompt_token_ids(tokenizer, r["messages"])) for r in rows]
+        assert len(rows) == 6 and all((r["prompt_tokens"] > n) == context for r, n in zip(rows, bare)), step
     assert table["dropped"].get("inconsistent", 0) >= 1  # a random teacher does not read its own label back
     assert len(out.read_text().splitlines()) == table["kept"]
     assert json.loads((tmp_path / "written.jsonl.table.json").read_text()) == table
