@@ -25,14 +25,20 @@ class EvalWorker:
 
     def __init__(self, model: str | None = None, engine: EngineConfig | None = None):
         self.llm = None
+        self.loaded: tuple[str, EngineConfig] | None = None  # what `llm` holds
         self.runtime_mb: float | None = None  # resident set once an engine has been shut down here
         if model is not None:
             self.load(model, engine)
 
     def load(self, model: str, engine: EngineConfig) -> None:
+        """Load `model`; the model already loaded with the same settings stays (the teacher, then
+        the same teacher bare), its peak memory counted afresh from here."""
         from distill.engine import make_llm
         from distill.model_files import resolve_model
 
+        if self.llm is not None and (model, engine) == self.loaded:
+            _reset_peak_memory()
+            return
         self.release()
         _reset_peak_memory()
         self.before_mb = _resident_mb("VmRSS")
@@ -41,6 +47,7 @@ class EvalWorker:
         start = time.time()
         self.llm = make_llm(self.path, self.engine)
         self.load_s = time.time() - start
+        self.loaded = (model, engine)
 
     def release(self) -> None:
         """Shut the current engine down and free its memory (vLLM's own cleanup between engines)."""
@@ -48,7 +55,7 @@ class EvalWorker:
             return
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        llm, self.llm = self.llm, None
+        llm, self.llm, self.loaded = self.llm, None, None
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

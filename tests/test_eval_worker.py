@@ -26,13 +26,21 @@ def test_models_take_turns_in_one_actor_and_answer_as_in_a_fresh_one(tmp_path, r
     def measure(hosts, name, path):
         return ray.get(hosts.host(cfg, name, path).run.remote(rows, sampling, 1))
 
+    def mark_engine(worker):
+        worker.llm.marked_by_test = True
+
     with EvalHosts() as hosts:
         first = measure(hosts, "teacher", small)
         actor = hosts.actor
+        ray.get(actor.__ray_call__.remote(mark_engine))
+        bare = measure(hosts, "teacher_bare", small)
+        # the same model and settings again: its engine stays
+        assert ray.get(actor.__ray_call__.remote(lambda worker: getattr(worker.llm, "marked_by_test", False)))
         other = measure(hosts, "student", large)
         again = measure(hosts, "baseline", small)
         assert hosts.actor is actor  # the same engine settings and environment: one actor throughout
-    assert first["texts"] == again["texts"] != other["texts"]
+    assert first["texts"] == bare["texts"] == again["texts"] != other["texts"]
+    assert abs(bare["peak_memory_mb"] - first["peak_memory_mb"]) < 50
     # the peak resident set restarts at each load: the small model after the large one is not charged for it
     assert again["peak_memory_mb"] < other["peak_memory_mb"] - 50
     assert abs(again["peak_memory_mb"] - first["peak_memory_mb"]) < 50, (first["peak_memory_mb"], again["peak_memory_mb"])
