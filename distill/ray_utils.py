@@ -44,6 +44,7 @@ DEEPSPEED_NOTES = ("Setting accelerator to CPU", "Attempting to get learning rat
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train would print each worker line twice
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights", "Writing model shards"
+    "TQDM_DISABLE": "1",  # plain tqdm bars: "Converting and de-quantizing GGUF tensors" (read at tqdm's import)
     "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's NUMA-binding warning in every engine process
     "PYTHONWARNINGS": "ignore::DeprecationWarning",  # libraries' notes to their own developers
 }
