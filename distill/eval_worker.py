@@ -4,9 +4,11 @@ same process settings.
 
 Why reuse: on a CPU machine starting the actor and importing vLLM costs more than a small model's
 whole measurement, and `evaluate` runs three or four models one after another (bench/README.md,
-"Evaluation's models in one actor"). The previous model's engine is shut down before the next one loads, so each
-model is still measured alone, and its peak memory is counted from its own load. Engines on GPUs keep an actor each: a GPU engine's memory is not reliably returned to the device
-within a process, and there the actor's start is small next to loading the model.
+"Evaluation's models in one actor"). The previous model's engine is shut down before the next
+one loads, so each model is still measured alone, and its peak memory is counted from its own
+load; the same model with the same settings again (the teacher, then the teacher bare) keeps its
+engine. Engines on GPUs keep an actor each: a GPU engine's memory is not reliably returned to the
+device within a process, and there the actor's start is small next to loading the model.
 """
 
 from __future__ import annotations
