@@ -161,7 +161,7 @@ def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: Samp
 
 def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]:
     """Write, check and save new prompts; returns the kept/dropped table."""
-    from distill.curate_rules import format_table, reason_table
+    from distill.curate_rules import format_table
     from distill.tasks import task_from_config
 
     if cfg.teacher.kind != "vllm":
@@ -196,11 +196,7 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
             answers = [a[S.TEXT] for a in answered]
         reasons = check(candidates, answers, task, _test_texts(cfg, rd), cfg.synthesis.near_threshold)
     kept = [c for c, r in zip(candidates, reasons) if r is None]
-    examples_by_reason: dict[str, list[str]] = {}
-    for c, r in zip(candidates, reasons):
-        if r and len(examples_by_reason.setdefault(r, [])) < 3:
-            examples_by_reason[r].append(c["text"])
-    table = reason_table(reasons, examples_by_reason, len(candidates), len(kept), order=REASONS)
+    table = written_table(candidates, reasons)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for c in kept:
@@ -210,5 +206,25 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
             f.write(json.dumps(row) + "\n")
     Path(out + ".table.json").write_text(json.dumps(table, indent=2) + "\n")
     print(format_table(table))
+    if table["kept_by_label"]:  # the round trip keeps what the teacher reads back: labels may come out unbalanced
+        print("[synth] kept per label: " + ", ".join(f"{label} {n}" for label, n in table["kept_by_label"].items()))
     print(f"[synth] kept {len(kept)} of {len(candidates)} written prompts -> {out} (table: {out}.table.json)")
+    return table
+
+
+def written_table(candidates: list[dict[str, Any]], reasons: list[str | None]) -> dict[str, Any]:
+    """The kept/dropped table of the written prompts, with a few examples per reason and the kept
+    prompts per label (labelled tasks)."""
+    from collections import Counter
+
+    from distill.curate_rules import reason_table
+
+    examples: dict[str, list[str]] = {}
+    for c, r in zip(candidates, reasons):
+        if r and len(examples.setdefault(r, [])) < 3:
+            examples[r].append(c["text"])
+    kept = [c for c, r in zip(candidates, reasons) if r is None]
+    table = reason_table(reasons, examples, len(candidates), len(kept), order=REASONS)
+    by_label = Counter(c["label"] for c in kept if c["label"] is not None)
+    table["kept_by_label"] = dict(sorted(by_label.items()))
     return table

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_config
 from distill.config import load_config
 from distill.curate_rules import reason_table
-from distill.synthesis import REASONS, check, seeds
+from distill.synthesis import check, seeds, written_table
 from distill.tasks import get_task
 
 TASK = get_task("nli", labels=["positive", "negative"])
@@ -53,11 +53,13 @@ def test_seeds_cover_labels_and_draw_distinct_combinations():
     assert with_shots[0]["messages"][0]["content"].startswith("Examples:\n- example")
 
 
-def test_the_table_counts_every_check_of_the_written_prompts():
+def test_the_table_counts_every_check_of_the_written_prompts_and_the_kept_labels():
     reasons = [None, "inconsistent", "inconsistent", "test_leak", "duplicate", None]
-    table = reason_table(reasons, {}, prompts=6, kept_prompts=2, order=REASONS)
+    labels = ["positive", "negative", "negative", "positive", "positive", "positive"]
+    table = written_table([_cand(f"text {i}", label) for i, label in enumerate(labels)], reasons)
     assert table["dropped"] == {"inconsistent": 2, "duplicate": 1, "test_leak": 1}
     assert table["kept"] + sum(table["dropped"].values()) == table["responses"] == 6
+    assert table["kept_by_label"] == {"positive": 2} and table["examples"]["inconsistent"] == ["text 1", "text 2"]
     with pytest.raises(ValueError, match="inconsistent"):  # curation's order has no such reason
         reason_table(reasons, {}, prompts=6, kept_prompts=2)
 
@@ -83,6 +85,7 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
     out = tmp_path / "written.jsonl"
     table = synthesize(labelled, str(out))
     assert table["responses"] == 6 and table["kept"] + sum(table["dropped"].values()) == 6
+    assert sum(table["kept_by_label"].values()) == table["kept"]
     # the teacher writes without its context (worked answers) and answers the round trip with it
     tokenizer, work = AutoTokenizer.from_pretrained(tiny_model), tmp_path / "labelled" / "synthesis"
     for step, context in (("written", False), ("round_trip", True)):
