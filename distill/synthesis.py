@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import pyarrow as pa
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
 from distill.config.models import LABELLED_TASKS
-from distill.curate_rules import REFUSAL_RE
+from distill.curate_rules import REFUSAL_RE, format_table, reason_table
 from distill.errors import UserError
 from distill.rundir import RunDir
 
@@ -161,7 +162,6 @@ def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: Samp
 
 def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]:
     """Write, check and save new prompts; returns the kept/dropped table."""
-    from distill.curate_rules import format_table
     from distill.tasks import task_from_config
 
     if cfg.teacher.kind != "vllm":
@@ -215,10 +215,6 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
 def written_table(candidates: list[dict[str, Any]], reasons: list[str | None]) -> dict[str, Any]:
     """The kept/dropped table of the written prompts, with a few examples per reason and the kept
     prompts per label (labelled tasks)."""
-    from collections import Counter
-
-    from distill.curate_rules import reason_table
-
     examples: dict[str, list[str]] = {}
     for c, r in zip(candidates, reasons):
         if r and len(examples.setdefault(r, [])) < 3:

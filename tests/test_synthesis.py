@@ -70,13 +70,12 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
     """Both paths on real engines: labels (write, then the round trip, which the random tiny
     teacher never passes) and few-shot from the user's rows (no round trip: its prompts are kept
     and a run prepares them)."""
-    from distill.stages import run_stage
-    from distill.synthesis import synthesize
-
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from distill.chat import prompt_token_ids
+    from distill.stages import run_stage
+    from distill.synthesis import synthesize
 
     small = {"n": 6, "sampling": {"temperature": 0.9, "top_p": 0.95, "max_tokens": 12}}
     shots = [{"prompt": "Review: the lid cracked on day one. Sentiment?", "answer": "negative"}]
