@@ -1,7 +1,7 @@
 """Student training throughput: our Ray Train + DeepSpeed recipe vs a plain PyTorch loop, and
 where the difference goes.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--prompt 64] [--response 12] [--ray-first] [overrides]
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--batch 8] [--prompt 64] [--response 12] [--ray-first] [--rounds 1] [overrides]
 
 The embedded default student (8 of SmolLM2-135M's 30 layers), batches shaped like the demo's
 examples (a prompt, then a short response that takes the loss), in the precision the recipe
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 
@@ -202,6 +203,9 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=12)
     ap.add_argument("--ray-first", action="store_true",
                     help="run (c) and (b) before this process trains anything (a, a', d)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="then measure (a') and (b) again, one after the other, until this many pairs: "
+                         "the median of (b)/(a') over pairs is what drift on a small machine moves least")
     ap.add_argument("overrides", nargs="*", help="config overrides for (b) and (d), e.g. training.zero_stage=0")
     args = ap.parse_args()
     student = str(derive_student("builtin:smollm2-135m-instruct", LAYERS, tempfile.mkdtemp() + "/student"))
@@ -218,6 +222,11 @@ def main() -> None:
     b = in_ray_train(student, raw, args.overrides, plain=False)
     if args.ray_first:
         a, a_same, d = here()
+    pairs = [(a_same, b)]
+    for _ in range(args.rounds - 1):
+        pairs.append((plain_pytorch(student, batches, like_recipe=True),
+                      in_ray_train(student, raw, args.overrides, plain=False)))
+    ratios = [round(pb["tok_s"] / pa["tok_s"], 3) for pa, pb in pairs]
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "batch": args.batch, "prompt": args.prompt,
                       "response": args.response, "steps": args.steps, "overrides": args.overrides,
                       "ray_first": args.ray_first,
@@ -228,7 +237,10 @@ def main() -> None:
                       "b_over_a_same": round(b["tok_s"] / a_same["tok_s"], 3),
                       "c_over_a_same": round(c["tok_s"] / a_same["tok_s"], 3),
                       "d_over_a_same": round(d["tok_s"] / a_same["tok_s"], 3),
-                      "b_over_d": round(b["tok_s"] / d["tok_s"], 3)}, indent=2))
+                      "b_over_d": round(b["tok_s"] / d["tok_s"], 3),
+                      "pairs": [{"a_same_tok_s": pa["tok_s"], "b_tok_s": pb["tok_s"], "b_over_a_same": r}
+                                for (pa, pb), r in zip(pairs, ratios)],
+                      "b_over_a_same_median": statistics.median(ratios)}, indent=2))
 
 
 if __name__ == "__main__":
