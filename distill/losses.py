@@ -126,3 +126,17 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: t
     kd_loss = topk_kd(student_logits, topk_ids, topk_logprobs, mask, **kd)
     loss = (1 - kd_weight) * ce + kd_weight * kd_loss
     return loss, {"ce": ce.item(), "kd": kd_loss.item()}
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Relative squared error between paired hidden states, averaged over counted tokens, then pairs.
+
+    student[i], teacher[i] [B, L, H] (the same H); mask [B, L] bool: the tokens that count. Each
+    token's error is divided by the squared norm of the teacher's state there, so that a layer
+    whose residual stream is larger, or a token with outsized states (the first one often has),
+    does not outweigh the rest; 1 is the error of a student state of zero."""
+    errors = []
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s[mask].float(), t[mask].float()
+        errors.append(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(_EPS)).mean())
+    return torch.stack(errors).mean()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from distill.config import KDLossConfig
-from distill.losses import IGNORE, distill_loss
+from distill.losses import IGNORE, distill_loss, hidden_state_loss
 from distill.progress import loss_text
 from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
@@ -43,10 +43,35 @@ class ResponseLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, positions):
-        """positions [B, L-1] bool (where labels[:, 1:] count) -> logits [1, N, V] at those positions."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.lm.get_output_embeddings()(hidden[:, :-1][positions]).unsqueeze(0)
+    def forward(self, input_ids, attention_mask, positions, hidden_states=False):
+        """positions [B, L-1] bool (where labels[:, 1:] count) -> logits [1, N, V] at those positions;
+        with `hidden_states`, (logits, every layer's states) for the hidden-state term."""
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    output_hidden_states=hidden_states)
+        logits = self.lm.get_output_embeddings()(out.last_hidden_state[:, :-1][positions]).unsqueeze(0)
+        return (logits, out.hidden_states) if hidden_states else logits
+
+
+def hidden_pairs(layers: list[int], which: str) -> list[tuple[int, int]]:
+    """(student, teacher) indices into Hugging Face `hidden_states` ([0] the embeddings, [i + 1] the
+    output of layer i, the last entry normed): `last`, the final states; `all`, also each student
+    layer i but the last with the teacher layer it was copied from, `layers[i]` (`student.layers`)."""
+    inner = [(i + 1, layer + 1) for i, layer in enumerate(layers[:-1])] if which == "all" else []
+    return [*inner, (-1, -1)]
+
+
+def state_teacher(path: str, hidden_size: int) -> torch.nn.Module:
+    """The teacher's decoder, frozen, for the hidden-state term (`training.kd.hidden_weight`)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.model_files import resolve_model
+
+    decoder = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=torch.float32).get_decoder()
+    if decoder.config.hidden_size != hidden_size:
+        raise ValueError(f"training.kd.hidden_weight: the teacher's hidden states have {decoder.config.hidden_size} "
+                         f"dimensions and the student's {hidden_size}; the term needs them equal (a student derived "
+                         "from the teacher has), or set training.kd.hidden_weight=0")
+    return decoder.eval().requires_grad_(False)
 
 
 def tied_state_dict(module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,6 +158,10 @@ class DistillRecipe:
                 _, client = self.engine.load_checkpoint(d, tag="ds")
                 self.state.update({k: client.get(k, v) for k, v in self.state.items()})
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
+        self.teacher_states = None
+        if t.kd.hidden_weight:
+            self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size)
+            self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if self.inputs.has_validation else None
 
@@ -142,10 +171,14 @@ class DistillRecipe:
         device = self.engine.device
         labels = batch.labels[:, 1:].to(device)
         positions = labels != IGNORE
-        logits = self.engine(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                             positions=positions)
-        labels = labels[positions].unsqueeze(0)  # [1, N], like the logits
         kd = kd or self.cfg.training.kd
+        input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        hidden_weight = kd.hidden_weight if self.teacher_states is not None else 0.0
+        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, positions=positions,
+                             hidden_states=bool(hidden_weight))
+        if hidden_weight:
+            logits, states = logits
+        labels = labels[positions].unsqueeze(0)  # [1, N], like the logits
         ids = vals = mask = None
         if batch.teacher is not None:
             teacher = batch.teacher.shifted().to(device)
@@ -155,6 +188,14 @@ class DistillRecipe:
         loss, parts = distill_loss(logits, labels, ids, vals, kd.kd_weight if ids is not None else 0.0,
                                    kd_mask=mask, divergence=kd.divergence, beta=kd.beta,
                                    temperature=kd.temperature)
+        if hidden_weight:
+            with torch.no_grad():
+                target = self.teacher_states(input_ids=input_ids, attention_mask=attention_mask,
+                                             output_hidden_states=True).hidden_states
+            hidden = hidden_state_loss([states[s] for s, _ in self.pairs], [target[t] for _, t in self.pairs],
+                                       attention_mask.bool())
+            loss = loss + hidden_weight * hidden
+            parts = {**parts, "hidden": hidden.item()}
         return loss, parts, int(positions.sum())
 
     def validate(self) -> float | None:

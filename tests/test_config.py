@@ -52,6 +52,19 @@ def test_on_policy_with_several_teachers_is_refused_naming_the_methods_that_work
         load_config(None, ["teachers={b: {path: x}}", "training.method=on_policy", "training.freeze_embeddings=true"])
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["teacher={kind: precomputed, outputs: x}"], "give the teacher a local model (teacher.path)"),
+    (["student={kind: pretrained, path: x}", "training.kd.hidden_layers=all"],
+     "the student must be derived from the teacher"),
+    (["student.of=x", "training.kd.hidden_layers=all"], "the student must be derived from the teacher"),
+])
+def test_the_hidden_state_term_needs_the_teachers_model_and_for_all_layers_its_layers(overrides, fragment):
+    with pytest.raises(ConfigError, match="training.kd.hidden") as e:
+        load_config(None, ["training.kd.hidden_weight=1", *overrides])
+    assert fragment in str(e.value)
+    assert load_config(None, ["training.kd.hidden_weight=1", "training.kd.hidden_layers=all"]).training.kd.hidden_weight == 1
+
+
 def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path):
     from distill.config import load_config
 

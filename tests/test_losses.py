@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distill.losses import IGNORE, distill_loss, generalised_jsd, kl, response_ce, topk_kd
+from distill.losses import IGNORE, distill_loss, generalised_jsd, hidden_state_loss, kl, response_ce, topk_kd
+from distill.train_loop import hidden_pairs
 
 B, T, V, K = 2, 5, 11, 4
 
@@ -106,3 +107,27 @@ def test_mixing_weight():
     assert half.item() == pytest.approx(0.5 * ce_only.item() + 0.5 * kd_only.item(), rel=1e-5)
     with pytest.raises(ValueError, match="unknown divergence"):
         topk_kd(logits, ids, vals, mask, "wasserstein")
+
+
+def test_the_hidden_state_term_is_zero_on_the_teachers_states_one_on_zeros_and_ignores_masked_tokens():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(B, T, 8, generator=g) * scale for scale in (1.0, 50.0)]  # a layer of larger states
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    assert hidden_state_loss(teacher, teacher, mask).item() == 0.0
+    assert hidden_state_loss([torch.zeros_like(t) for t in teacher], teacher, mask).item() == pytest.approx(1.0)
+    # relative per token: the same relative error costs the same in both layers, whatever their scale
+    assert hidden_state_loss([t * 1.5 for t in teacher], teacher, mask).item() == pytest.approx(0.25)
+    junk = [t.clone() for t in teacher]
+    for t in junk:
+        t[1, 3:] = 1e6  # padding: must not count
+    assert hidden_state_loss(junk, teacher, mask).item() == 0.0
+    student = [torch.zeros_like(t, requires_grad=True) for t in teacher]
+    hidden_state_loss(student, teacher, mask).backward()
+    assert all(torch.isfinite(s.grad).all() and s.grad[1, 3:].abs().sum() == 0 for s in student)
+
+
+def test_hidden_pairs_match_each_student_layer_with_the_teacher_layer_it_was_copied_from():
+    # hidden_states: [0] embeddings, [i + 1] after layer i, the last entry normed
+    assert hidden_pairs([0, 4, 8, 29], "all") == [(1, 1), (2, 5), (3, 9), (-1, -1)]
+    assert hidden_pairs([0, 4, 8, 29], "last") == hidden_pairs([], "last") == [(-1, -1)]

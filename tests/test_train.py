@@ -92,11 +92,13 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
 def test_zero3_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher_and_exports(
         generated_run, tiny_model, tmp_path, ray_cluster):
     """Two workers under ZeRO-3 (parameters partitioned, gathered for the export), learning the
-    teacher's stored top-k in its compact form; ZeRO-2 runs in the fault drill."""
+    teacher's stored top-k in its compact form and, with `training.kd.hidden_weight`, its final
+    hidden states, the teacher's model reading the student's input in each worker; ZeRO-2 runs in
+    the fault drill."""
     # the teacher is the tiny model, whose top-k is stored; the student starts from other weights
     student = make_tiny_llama(tmp_path / "student", seed=1)
     cfg = _run(generated_run, tiny_model, tmp_path, compact=True, zero_stage=3, method="logit",
-               kd={"kd_weight": 1.0, "divergence": "forward_kl"})
+               kd={"kd_weight": 1.0, "divergence": "forward_kl", "hidden_weight": 1.0})
     import pyarrow as pa
 
     assert pq.read_schema(next((tmp_path / "run" / "curated").glob("*.parquet"))).field(
@@ -104,7 +106,9 @@ def test_zero3_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teache
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"path": str(student)})})
     stats = run_stage("train", cfg)
     kd = [h["kd"] for h in _history(tmp_path / "run") if "kd" in h]
+    hidden = [h["hidden"] for h in _history(tmp_path / "run") if "hidden" in h]
     assert stats["method"] == "logit" and kd[-1] < kd[0] * 0.8, kd
+    assert len(hidden) == len(kd) and hidden[-1] < hidden[0] * 0.8, hidden
     _check_training_and_export(tmp_path / "run", stats)
 
 

@@ -495,6 +495,15 @@ class KDLossConfig(Strict):
     """Softens both distributions; the KD term is scaled by T^2."""
     kd_weight: float = Field(0.5, ge=0.0, le=1.0)
     """Weight of the KD term against the hard-label CE: 1 = pure logit KD, 0.5 = an even mix."""
+    hidden_weight: float = Field(0.0, ge=0.0)
+    """Weight of a hidden-state term added to the loss: the teacher (`teacher.path`, loaded in each
+    training worker) reads the student's own input, and the student's hidden states are pulled
+    toward the teacher's at every token, prompt included (relative squared error). 0: off. Needs
+    a student of the teacher's hidden size; each step also runs the teacher forward."""
+    hidden_layers: Literal["last", "all"] = "last"
+    """Which states the hidden-state term pairs: `last`, the final (normed) state, which the output
+    head reads; `all`, also each student layer's output with the output of the teacher layer it
+    was copied from (a derived student of the teacher's own layers)."""
 
 
 class LoraConfig(Strict):
@@ -867,6 +876,21 @@ class RunConfig(Strict):
         if self.generation.top_k_logprobs == 0:
             raise ValueError("curation.calibrate=batch reads the teacher's label probabilities from its stored "
                              "top-k: set generation.top_k_logprobs (e.g. 20), or curation.calibrate=off")
+        return self
+
+    @model_validator(mode="after")
+    def _hidden_states_need_the_teachers_model(self) -> "RunConfig":
+        kd = self.training.kd
+        if not kd.hidden_weight:
+            return self
+        if getattr(self.teacher, "path", None) is None:
+            raise ValueError("training.kd.hidden_weight: the hidden-state term runs the teacher's model in the "
+                             "training workers; give the teacher a local model (teacher.path), or set "
+                             "training.kd.hidden_weight=0")
+        if kd.hidden_layers == "all" and (self.student.kind != "derived" or self.student.of is not None):
+            raise ValueError("training.kd.hidden_layers=all pairs each student layer with the teacher layer it was "
+                             "copied from, so the student must be derived from the teacher (student.kind=derived, "
+                             "no student.of); use training.kd.hidden_layers=last")
         return self
 
     @model_validator(mode="after")
