@@ -158,7 +158,7 @@ class DistillRecipe:
                 _, client = self.engine.load_checkpoint(d, tag="ds")
                 self.state.update({k: client.get(k, v) for k, v in self.state.items()})
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
-        self.teacher_states = None
+        self.teacher_states, self.pairs = None, []  # the hidden-state term's teacher and its pairs of states
         if t.kd.hidden_weight:
             self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size)
             self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
