@@ -1,0 +1,121 @@
+"""The teacher under several contexts, calibrated without labels, alone and averaged in pairs.
+
+    .venv/bin/python bench/teacher_contexts.py --run runs/choice2/base   # writes bench/results/teacher_contexts.json
+
+Which context the teacher answers in (`teacher.system_prompt`, `teacher.few_shot`) is a choice,
+so it is made on the sets choices are made on (validation, `shifted_validation`); the other sets
+only report. For every prepared prompt of `--run` (and the config's `evaluation.extra_sets`) the
+teacher answers greedily in each context; each answer's label scores are read off its top-20 as
+curation reads them (`distill.calibration.LabelCalibration`), and calibrated by the context's mean
+label probability over the train split's answers (`curation.calibrate: batch`, no label used).
+A pair of contexts is their calibrated label log-probabilities averaged (a prompt ensemble); a
+prompt whose answer states no label counts as wrong. One engine, one process, about 3 minutes
+for five contexts and 1,200 prompts on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+# the system prompt the default used before `distill tune` chose today's (issue 24 named it)
+EARLIER_SYSTEM_PROMPT = "Answer with one word: positive or negative."
+REPORT_ORDER = ["validation", "shifted_validation", "test", "shifted", "handwritten"]
+
+
+def contexts(cfg):
+    from distill.chat import TeacherContext
+    from distill.prepare import teacher_context
+
+    shots = teacher_context(cfg.teacher).few_shot
+    return {
+        "bare": TeacherContext(),
+        "few_shot": TeacherContext(few_shot=shots),
+        "few_shot_reversed": TeacherContext(few_shot=tuple(reversed(shots))),
+        "earlier_system": TeacherContext(system_prompt=EARLIER_SYSTEM_PROMPT),
+        "earlier_system_few_shot": TeacherContext(system_prompt=EARLIER_SYSTEM_PROMPT, few_shot=shots),
+    }
+
+
+def label_scores(cfg, rows, named_contexts) -> dict[str, list[list[float] | None]]:
+    """Per context, each row's label log-probabilities (normalised over the labels), None when its
+    answer states no label the top-k covers."""
+    from distill.calibration import LabelCalibration
+    from distill.config.models import SamplingConfig
+    from distill.engine import generate_rows, make_llm
+    from distill.model_files import resolve_model
+    from distill.tasks import task_from_config
+
+    llm = make_llm(resolve_model(cfg.teacher.path), cfg.teacher.engine)
+    tok = llm.get_tokenizer()
+    calibration = LabelCalibration(task_from_config(cfg.task), lambda t: tok.encode(t, add_special_tokens=False),
+                                   tok.decode)
+    sampling = SamplingConfig(temperature=0.0, max_tokens=cfg.generation.sampling.max_tokens)
+    out = {}
+    for name, context in named_contexts.items():
+        answers = [calibration.answer(r) for r in generate_rows(llm, rows, sampling, 20, cfg.teacher.engine,
+                                                                 context=context)]
+        out[name] = [None if a is None else a.scores.tolist() for a in answers]
+        print(f"[contexts] {name}: {sum(a is not None for a in answers)}/{len(rows)} answers state a label", flush=True)
+    return out
+
+
+def calibrated(scores: list, splits: list[str]) -> list[np.ndarray | None]:
+    """Each row's label log-probabilities less the log of their mean probability over the train rows."""
+    train = [np.exp(s) for s, split in zip(scores, splits) if s is not None and split == "train"]
+    prior = np.log(np.mean(train, axis=0))
+    return [None if s is None else np.asarray(s) - prior for s in scores]
+
+
+def accuracy(scores: list, rows, labels: list[str]) -> dict[str, float]:
+    by_split: dict[str, list[bool]] = {}
+    for s, row in zip(scores, rows):
+        by_split.setdefault(row["split"], []).append(s is not None and labels[int(np.argmax(s))] == row["reference"])
+    return {split: float(np.mean(v)) for split, v in by_split.items() if split != "train"}
+
+
+def averaged(*scored: list) -> list[np.ndarray | None]:
+    """The contexts' calibrated log-probabilities (normalised) averaged per row, over those with one."""
+    def norm(s):
+        return s - np.logaddexp.reduce(s)
+    return [None if not (have := [norm(s) for s in row if s is not None]) else np.mean(have, axis=0)
+            for row in zip(*scored)]
+
+
+def main() -> None:
+    from distill.config import load_config
+    from distill.prepare import read_eval_set
+    from distill.storage import locate
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="a run directory whose prompts are prepared")
+    ap.add_argument("--out", default="bench/results/teacher_contexts.json")
+    args = ap.parse_args()
+    cfg = load_config(str(Path(args.run) / "config.yaml"), [f"run_dir={args.run}"])
+    rows = locate(str(Path(args.run) / "prompts")).read_table().to_pylist()
+    for extra in cfg.evaluation.extra_sets:
+        rows += read_eval_set(extra.path, extra.name, cfg)
+    labels = list(cfg.task.labels)
+    splits = [r["split"] for r in rows]
+    raw = label_scores(cfg, rows, contexts(cfg))
+    cal = {name: calibrated(s, splits) for name, s in raw.items()}
+    results = {}
+    for name in raw:
+        results[name] = accuracy(raw[name], rows, labels)
+        results[f"{name}, calibrated"] = accuracy(cal[name], rows, labels)
+    for a, b in itertools.combinations(raw, 2):
+        results[f"{a} + {b}, calibrated"] = accuracy(averaged(cal[a], cal[b]), rows, labels)
+    sets = [s for s in REPORT_ORDER if s in results["bare"]] + sorted(set(results["bare"]) - set(REPORT_ORDER))
+    Path(args.out).write_text(json.dumps({"run": args.run, "contexts": {k: repr(v) for k, v in contexts(cfg).items()},
+                                          "accuracy": results}, indent=2) + "\n")
+    print("| teacher context | " + " | ".join(sets) + " |\n|" + " --- |" * (len(sets) + 1))
+    for name, acc in results.items():
+        print(f"| {name} | " + " | ".join(f"{acc[s]:.3f}" for s in sets) + " |")
+
+
+if __name__ == "__main__":
+    main()
