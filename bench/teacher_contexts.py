@@ -45,7 +45,7 @@ def label_scores(cfg, rows, named_contexts) -> dict[str, list[list[float] | None
     """Per context, each row's label log-probabilities (normalised over the labels), None when its
     answer states no label the top-k covers."""
     from distill.calibration import LabelCalibration
-    from distill.config.models import SamplingConfig
+    from distill.config import SamplingConfig
     from distill.engine import generate_rows, make_llm
     from distill.model_files import resolve_model
     from distill.tasks import task_from_config

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
-from distill.config.models import PRIMARY_TEACHER
+from distill.config.teacher_student import PRIMARY_TEACHER
 from distill.progress import follow_parts
 from distill.prompt_blocks import PromptFiles, blocks_dataset
 from distill.rundir import RunDir

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from distill import schema as S
 from distill.chat import TeacherContext
 from distill.config import RunConfig
-from distill.config.models import PRIMARY_TEACHER
+from distill.config.teacher_student import PRIMARY_TEACHER
 from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate

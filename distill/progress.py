@@ -42,7 +42,7 @@ def follow_parts(ds, total: int, source: str = "", teacher: str | None = None) -
     (`teacher`: its name, in a run with several)."""
     import pyarrow.compute as pc
 
-    from distill.config.models import PRIMARY_TEACHER
+    from distill.config.teacher_student import PRIMARY_TEACHER
 
     label = f"teacher {teacher}" if teacher and teacher != PRIMARY_TEACHER else "teacher"
     progress, written = Progress(label, total, "responses"), 0

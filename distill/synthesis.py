@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from distill import schema as S
 from distill.config import RunConfig, SamplingConfig
-from distill.config.models import LABELLED_TASKS
+from distill.config.data import LABELLED_TASKS
 from distill.curate_rules import REFUSAL_RE, format_table, reason_table
 from distill.errors import UserError
 from distill.rundir import RunDir

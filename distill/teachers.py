@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from distill import schema as S
 from distill.config import RunConfig
-from distill.config.models import PRIMARY_TEACHER
+from distill.config.teacher_student import PRIMARY_TEACHER
 from distill.storage import Location
 
 
