@@ -66,8 +66,10 @@ def label_scores(cfg, rows, named_contexts) -> dict[str, list[list[float] | None
 
 def calibrated(scores: list, splits: list[str]) -> list[np.ndarray | None]:
     """Each row's label log-probabilities less the log of their mean probability over the train rows."""
+    from distill.calibration import log_prior
+
     train = [np.exp(s) for s, split in zip(scores, splits) if s is not None and split == "train"]
-    prior = np.log(np.mean(train, axis=0))
+    prior = log_prior(np.sum(train, axis=0), len(train))
     return [None if s is None else np.asarray(s) - prior for s in scores]
 
 
@@ -101,7 +103,8 @@ def main() -> None:
         rows += read_eval_set(extra.path, extra.name, cfg)
     labels = list(cfg.task.labels)
     splits = [r["split"] for r in rows]
-    raw = label_scores(cfg, rows, contexts(cfg))
+    named = contexts(cfg)
+    raw = label_scores(cfg, rows, named)
     cal = {name: calibrated(s, splits) for name, s in raw.items()}
     results = {}
     for name in raw:
@@ -110,7 +113,7 @@ def main() -> None:
     for a, b in itertools.combinations(raw, 2):
         results[f"{a} + {b}, calibrated"] = accuracy(averaged(cal[a], cal[b]), rows, labels)
     sets = [s for s in REPORT_ORDER if s in results["bare"]] + sorted(set(results["bare"]) - set(REPORT_ORDER))
-    Path(args.out).write_text(json.dumps({"run": args.run, "contexts": {k: repr(v) for k, v in contexts(cfg).items()},
+    Path(args.out).write_text(json.dumps({"run": args.run, "contexts": {k: repr(v) for k, v in named.items()},
                                           "accuracy": results}, indent=2) + "\n")
     print("| teacher context | " + " | ".join(sets) + " |\n|" + " --- |" * (len(sets) + 1))
     for name, acc in results.items():
