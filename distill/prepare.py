@@ -252,21 +252,15 @@ def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prom
     yield from flush()
 
 
-def read_prompt_file(path: str, field: str, cfg: RunConfig) -> list[dict[str, Any]]:
-    """A whole file of prompts beside the run's own, normalised like them (the task's system
-    prompt added); a bad row is an error that names `field`."""
-    task = task_from_config(cfg.task)
-    return list(normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
-                                 for w, r in read_raw(locate(path), field)),
-                                cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
-                                                                                           "limit": None})}),
-                                task.system_prompt(), S.SPLITS, Skipped()))
-
-
 def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
     """A user's evaluation set (`evaluation.extra_sets`), normalised like prompts, split = name.
     Every row needs a reference: a set is scored against them."""
-    rows = read_prompt_file(path, f"evaluation.extra_sets {name}", cfg)
+    task = task_from_config(cfg.task)
+    rows = list(normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
+                                 for w, r in read_raw(locate(path), f"evaluation.extra_sets {name}")),
+                                cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
+                                                                                           "limit": None})}),
+                                task.system_prompt(), S.SPLITS, Skipped()))
     missing = [r[S.ID] for r in rows if r[S.REFERENCE] is None]
     if missing:
         raise BadRow(f"evaluation.extra_sets {name} ({path}): {len(missing)} rows have no `reference` "

@@ -55,9 +55,6 @@ class RecipeInputs(BaseModel):
     fail_marker: str = ""
     """The file that says the drill's failure already happened."""
     on_policy: OnPolicyInputs | None = None
-    hidden_prompts: list[list[int]] = []
-    """`training.kd.hidden_prompts` as the student's token ids (chat template, truncated to
-    `training.max_seq_len`): text only the hidden-state term learns from."""
 
     @property
     def top_k(self) -> int:

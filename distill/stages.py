@@ -83,11 +83,6 @@ def _generate_inputs(cfg: RunConfig) -> dict[str, str]:
     return inputs
 
 
-def _train_inputs(cfg: RunConfig) -> dict[str, str]:
-    path = cfg.training.kd.hidden_prompts  # text the student trains on, though no stage made it
-    return {"training.kd.hidden_prompts": _file_hashes(path, "training.kd.hidden_prompts")} if path else {}
-
-
 def _evaluate_inputs(cfg: RunConfig) -> dict[str, str]:
     return {f"evaluation.extra_sets.{s.name}": _file_hashes(s.path, f"evaluation.extra_sets {s.name}")
             for s in cfg.evaluation.extra_sets}
@@ -170,7 +165,6 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
                  "training.checkpoint_every_steps", "training.max_failures", "training.log_every_steps",
                  "training.cache_examples",
                  "training.on_policy.sync_via", *(f"student.engine.{k}" for k in (*_ENGINE_KNOBS, "device"))),
-          inputs=_train_inputs,
           extra_outputs=("student_gold", "checkpoints/train-{key}", "checkpoints/gold-{key}", "rollouts/train-{key}")),
     Stage("evaluate", "distill.evaluate:evaluate", ("train", "prepare"), "eval",
           defines=("evaluation", "task", "teacher.path", "teacher.engine.dtype", "teacher.engine.max_model_len",

@@ -328,8 +328,7 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
         cfg=cfg, student_path=base, method=method, ds_config=deepspeed_config(cfg, total_steps),
         steps_per_epoch=steps_per_epoch, export_dir=export.path if rd.root.is_local else export.uri,
         has_validation="validation" in datasets, history_uri=history.uri,
-        fail_at_step=fail_at, fail_marker=f"{rd.checkpoints.path}/.failed-at-step-{fail_at}",
-        hidden_prompts=hidden_prompt_ids(cfg, base))
+        fail_at_step=fail_at, fail_marker=f"{rd.checkpoints.path}/.failed-at-step-{fail_at}")
     if on_policy:
         if t.on_policy.sync_via == "file" and not rd.root.is_local:
             raise UserError("training.on_policy.sync_via=file needs a local run_dir (the sampler reads the "
@@ -353,36 +352,13 @@ def _fit(cfg: RunConfig, rd: RunDir, base: str, method: str, gold: bool, run_nam
 
             for actor in (inputs.on_policy.sampler, inputs.on_policy.scorer):
                 ray.kill(actor)
-    stats = _stats(history, rows=data.rows["train"], hidden_prompts=len(inputs.hidden_prompts), method=method,
-                   student_base=base, student=export.uri,
+    stats = _stats(history, rows=data.rows["train"], method=method, student_base=base, student=export.uri,
                    accelerator_s=round((time.time() - start) * t.workers * (1 if t.use_gpu else 0), 1))
     if on_policy:
         stats["on_policy"] = rollout_budget(locate(inputs.on_policy.rollouts_uri))
     print(f"[train] done: loss {loss_text(stats['final_loss'])}, val loss {loss_text(stats['val_loss'])} "
           f"-> {export.uri}")
     return stats
-
-
-def hidden_prompt_ids(cfg: RunConfig, student_path: str) -> list[list[int]]:
-    """`training.kd.hidden_prompts` read, formatted as the student reads the task's prompts, and
-    tokenized (an empty list when unset)."""
-    path = cfg.training.kd.hidden_prompts
-    if not path:
-        return []
-    from transformers import AutoTokenizer
-
-    from distill.chat import prompt_token_ids
-    from distill.model_files import resolve_model
-    from distill.prepare import read_prompt_file
-
-    rows = read_prompt_file(path, "training.kd.hidden_prompts", cfg)
-    if not rows:
-        raise UserError(f"training.kd.hidden_prompts ({path}) has no prompts; give a file of `prompt` rows, "
-                        "or remove the field")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student_path))
-    ids = [prompt_token_ids(tokenizer, row[S.MESSAGES])[:cfg.training.max_seq_len] for row in rows]
-    print(f"[train] hidden-state term: {len(ids)} more prompts from {path}, read by the student and the teacher only")
-    return ids
 
 
 def _trainer(cfg: RunConfig, inputs: RecipeInputs, datasets: dict[str, Any], run_name: str, storage: str):

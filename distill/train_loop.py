@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ from distill.losses import IGNORE, distill_loss, hidden_state_loss
 from distill.progress import loss_text
 from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
-from distill.train_data import INPUT_IDS, LABELS, Batch, bucketed_batches, collate
+from distill.train_data import Batch, bucketed_batches, collate
 
 
 class ResponseLogits(torch.nn.Module):
@@ -152,7 +151,7 @@ class DistillRecipe:
             config=self.inputs.ds_config)
         skip_single_rank_allreduce(self.engine, self.ctx.get_world_size(), t.zero_stage)
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": [],
-                                      "on_policy_step": 0, "hidden_seen": 0}
+                                      "on_policy_step": 0}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
@@ -160,7 +159,6 @@ class DistillRecipe:
                 self.state.update({k: client.get(k, v) for k, v in self.state.items()})
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.teacher_states, self.pairs = None, []  # the hidden-state term's teacher and its pairs of states
-        self.hidden_order: tuple[int, list[int]] = (-1, [])  # (pass, order) over training.kd.hidden_prompts
         if t.kd.hidden_weight:
             self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size)
             self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
@@ -200,26 +198,6 @@ class DistillRecipe:
             parts = {**parts, "hidden": hidden.item()}
         return loss, parts, int(positions.sum())
 
-    def hidden_examples(self, n: int) -> list[dict[str, Any]]:
-        """The next `n` of `training.kd.hidden_prompts` as examples with nothing to predict (only the
-        hidden-state term reads them), in a seeded order per pass, cycling; the count is in the
-        checkpointed state, so a resumed run takes the same ones."""
-        prompts = self.inputs.hidden_prompts
-        if not prompts:
-            return []
-        start = self.state["hidden_seen"]
-        self.state["hidden_seen"] = start + n
-        taken = []
-        for k in range(start, start + n):
-            cycle, j = divmod(k, len(prompts))
-            if self.hidden_order[0] != cycle:
-                order = list(range(len(prompts)))
-                random.Random(self.cfg.training.seed * 1_000_003 + cycle).shuffle(order)
-                self.hidden_order = (cycle, order)
-            ids = prompts[self.hidden_order[1][j]]
-            taken.append({INPUT_IDS: ids, LABELS: [IGNORE] * len(ids)})
-        return taken
-
     def validate(self) -> float | None:
         if self.val_shard is None:
             return None
@@ -246,7 +224,6 @@ class DistillRecipe:
                     continue  # consumed before the restart
                 if state["step"] >= steps_total:
                     break  # training.max_steps reached within this epoch
-                examples = examples + self.hidden_examples(t.batch_size)
                 loss, parts, n_tokens = self.loss_step(collate(examples, self.pad_id, self.top_k))
                 self.engine.backward(loss)
                 self.engine.step()

@@ -65,14 +65,6 @@ def test_the_hidden_state_term_needs_the_teachers_model_and_for_all_layers_its_l
     assert load_config(None, ["training.kd.hidden_weight=1", "training.kd.hidden_layers=all"]).training.kd.hidden_weight == 1
 
 
-def test_prompts_for_the_hidden_state_term_alone_are_refused_while_the_term_is_off():
-    with pytest.raises(ConfigError, match="training.kd.hidden_prompts") as e:
-        load_config(None, ["training.kd.hidden_prompts=more.jsonl"])
-    assert "set training.kd.hidden_weight" in str(e.value)
-    on = load_config(None, ["training.kd.hidden_prompts=more.jsonl", "training.kd.hidden_weight=1"])
-    assert on.training.kd.hidden_prompts == "more.jsonl"
-
-
 def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path):
     from distill.config import load_config
 

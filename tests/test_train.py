@@ -37,15 +37,6 @@ def _history(run_dir):
 ONE_WORKER = {"zero_stage": 2, "workers": 1, "batch_size": 4}
 
 
-def _hidden_prompts(tmp_path, n=5):
-    """A file of prompts no teacher answered, for the hidden-state term alone (five: a step takes
-    a batch of them, so the passes wrap around inside steps)."""
-    path = tmp_path / "hidden_prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Review: note {i}, {'fine' if i % 2 else 'broken'} again."}) + "\n"
-                            for i in range(n)))
-    return str(path)
-
-
 def _check_training_and_export(run_dir, stats):
     history = _history(run_dir)
     losses = [h["loss"] for h in history if "loss" in h]
@@ -81,10 +72,7 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     from ray.train import TrainingFailedError
 
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "6")
-    # with prompts only the hidden-state term reads: the restart takes the same ones again
-    hidden = _hidden_prompts(tmp_path)
-    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, **ONE_WORKER,
-                  kd={"hidden_weight": 1.0, "hidden_prompts": hidden})
+    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, **ONE_WORKER)
     with pytest.raises(TrainingFailedError):
         run_stage("train", killed)
     run = tmp_path / "run"
@@ -98,7 +86,6 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     assert [h["step"] for h in history] == list(range(1, 13))  # the step counter continued through both restarts
     for before in failed.values():
         assert history[before["step"] - 1] == before and before["loss"] > 0
-    assert stats["hidden_prompts"] == 5
     _check_training_and_export(run, stats)
 
 

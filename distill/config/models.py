@@ -111,10 +111,6 @@ class RunConfig(Strict):
     def _hidden_states_need_the_teachers_model(self) -> "RunConfig":
         kd = self.training.kd
         if not kd.hidden_weight:
-            if kd.hidden_prompts:
-                raise ValueError("training.kd.hidden_prompts: only the hidden-state term learns from these prompts, "
-                                 "and it is off; set training.kd.hidden_weight (e.g. 1.0), or remove "
-                                 "training.kd.hidden_prompts")
             return self
         if getattr(self.teacher, "path", None) is None:
             raise ValueError("training.kd.hidden_weight: the hidden-state term runs the teacher's model in the "

@@ -27,14 +27,6 @@ class KDLossConfig(Strict):
     """Which states the hidden-state term pairs: `last`, the final (normed) state, which the output
     head reads; `all`, also each student layer's output with the output of the teacher layer it
     was copied from (a derived student of the teacher's own layers)."""
-    hidden_prompts: str | None = None
-    """Prompts only the hidden-state term learns from (a JSONL or Parquet file or folder of `prompt`
-    or `messages` rows, as `data.source.path` reads): text of the task's kind that no teacher
-    answers. The student reads each under the task's system prompt, and its states are pulled
-    toward the teacher's; there is no answer to learn, so a reference, if any, is ignored. Every
-    micro-batch takes `training.batch_size` of them beside its examples, in a seeded order,
-    cycling: a second batch's compute per step. Read whole by the driver (thousands, not
-    millions). Needs training.kd.hidden_weight > 0."""
 
 
 class LoraConfig(Strict):
