@@ -10,7 +10,8 @@
    system prompt first) and the teacher answers it greedily, with its context, as it will
    generate; a prompt whose answer is not the label it was written for is dropped
    (`inconsistent`): the label is what the teacher itself reads in the text, not only what it
-   was asked to write;
+   was asked to write. With `curation.calibrate: batch` the answers are read calibrated, as
+   curation will read the teacher's answers to these prompts;
 3. checks: empty and refused writings, exact and MinHash near-duplicates of each other
    (`near_duplicate`) and of any prompt of the run's test sets or `evaluation.extra_sets`
    (`test_leak`: nothing written may leak into evaluation);
@@ -32,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from distill import schema as S
@@ -150,14 +152,52 @@ def _test_texts(cfg: RunConfig, rd: RunDir) -> list[str]:
     return texts
 
 
-def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: SamplingConfig) -> list[dict]:
+def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: SamplingConfig,
+              top_k: int = 0) -> list[dict]:
+    """The teacher's rows for `rows`, in their order: id, text and error, and with `top_k` the
+    token ids and top-k too."""
     from distill.generate import run_pool
+    from distill.topk_codec import expanded_table
 
     folder.remove()
     table = pa.Table.from_pylist([{k: r.get(k) for k in S.PROMPT_SCHEMA.names} for r in rows], schema=S.PROMPT_SCHEMA)
-    run_pool(cfg, table, len(table), folder.uri, sampling, 0)
-    by_id = {r[S.ID]: r for r in folder.read_table(columns=[S.ID, S.TEXT, S.ERROR]).to_pylist()}
+    run_pool(cfg, table, len(table), folder.uri, sampling, top_k)
+    columns = [S.ID, S.TEXT, S.ERROR] + ([S.TOKEN_IDS, S.TOPK, S.TOPK_IDS, S.TOPK_LOGPROBS] if top_k else [])
+    by_id = {r[S.ID]: r for r in expanded_table(folder.read_table(columns=columns)).to_pylist()}
     return [by_id[r[S.ID]] for r in rows]
+
+
+def calibrated_answers(cfg: RunConfig, task, answered: list[dict[str, Any]]) -> list[str | None]:
+    """The round trip's answers read as curation reads the teacher (`curation.calibrate: batch`):
+    `calibrated_labels` with the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from distill.calibration import LabelCalibration
+    from distill.model_files import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
+    return calibrated_labels(LabelCalibration(task, lambda text: tok(text, add_special_tokens=False)["input_ids"],
+                                              lambda ids: tok.decode(ids, skip_special_tokens=True)), answered)
+
+
+def calibrated_labels(calibration, answered: list[dict[str, Any]]) -> list[str | None]:
+    """The label each round-trip answer states once calibrated (`distill.calibration`; the prior is
+    the teacher's mean label probability over these answers, to texts written evenly per label).
+    An answer it cannot read stays as it is. Without this the round trip keeps only what the
+    uncalibrated teacher reads back, and a teacher leaning to one label drops most of the texts
+    written for the other."""
+    from distill.calibration import log_prior
+
+    total, n = calibration.probabilities(answered)
+    if n == 0:
+        print("[synth] the round trip is read uncalibrated: no answer states a label its top-k covers", flush=True)
+        return [row[S.TEXT] for row in answered]
+    prior = log_prior(total, n)
+    print("[synth] the round trip is calibrated as curation calibrates; the teacher's mean label probability: "
+          + ", ".join(f"{label} {p:.2f}" for label, p in zip(calibration.labels, np.exp(prior))), flush=True)
+    answers = [calibration.answer(row) for row in answered]
+    return [row[S.TEXT] if a is None else calibration.labels[int(np.argmax(a.scores - prior))]
+            for row, a in zip(answered, answers)]
 
 
 def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]:
@@ -192,8 +232,10 @@ def synthesize(cfg: RunConfig, out: str, n: int | None = None) -> dict[str, Any]
             asks = [{S.ID: r[S.ID], S.SPLIT: "train", S.TASK: cfg.task.type, S.REFERENCE: r[S.REFERENCE],
                      S.MESSAGES: ([{"role": "system", "content": system}] if system else [])
                      + [{"role": "user", "content": c["prompt"]}]} for r, c in zip(requests, candidates)]
-            answered = _generate(cfg, asks, work.join("round_trip"), cfg.evaluation.sampling)
-            answers = [a[S.TEXT] for a in answered]
+            calibrate = cfg.curation.calibrate != "off"
+            answered = _generate(cfg, asks, work.join("round_trip"), cfg.evaluation.sampling,
+                                 top_k=cfg.generation.top_k_logprobs if calibrate else 0)
+            answers = calibrated_answers(cfg, task, answered) if calibrate else [a[S.TEXT] for a in answered]
         reasons = check(candidates, answers, task, _test_texts(cfg, rd), cfg.synthesis.near_threshold)
     kept = [c for c, r in zip(candidates, reasons) if r is None]
     table = written_table(candidates, reasons)

@@ -79,7 +79,8 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
 
     small = {"n": 6, "sampling": {"temperature": 0.9, "top_p": 0.95, "max_tokens": 12}}
     shots = [{"prompt": "Review: the lid cracked on day one. Sentiment?", "answer": "negative"}]
-    labelled = tiny_config(tmp_path / "labelled", tiny_model, synthesis=small,
+    # read calibrated, as the label-free default reads it (the top-k comes back with the answers)
+    labelled = tiny_config(tmp_path / "labelled", tiny_model, synthesis=small, curation={"calibrate": "batch"},
                            teacher={"system_prompt": "Answer in one word.", "few_shot": shots})
     out = tmp_path / "written.jsonl"
     table = synthesize(labelled, str(out))
@@ -91,6 +92,8 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
         rows = pq.read_table(work / step, columns=["messages", "prompt_tokens"]).to_pylist()
         bare = [len(prompt_token_ids(tokenizer, r["messages"])) for r in rows]
         assert len(rows) == 6 and all((r["prompt_tokens"] > n) == context for r, n in zip(rows, bare)), step
+    assert pq.read_table(work / "round_trip", columns=["topk"])["topk"].to_pylist() == [
+        labelled.generation.top_k_logprobs] * 6
     assert table["dropped"].get("inconsistent", 0) >= 1  # a random teacher does not read its own label back
     assert len(out.read_text().splitlines()) == table["kept"]
     assert json.loads((tmp_path / "written.jsonl.table.json").read_text()) == table
@@ -106,3 +109,18 @@ def test_the_teacher_writes_prompts_that_prepare_reads(tmp_path, tiny_model, ray
     run = tiny_config(tmp_path / "from_written", tiny_model, task={"type": "qa"},
                       data={"source": {"kind": "file", "path": str(written)}})
     assert sum(run_stage("prepare", run)["splits"].values()) == len(rows)
+
+
+def test_the_round_trip_reads_the_teacher_calibrated_so_a_lean_does_not_drop_one_label():
+    """Texts written evenly per label, all read back "positive" by a teacher that leans positive:
+    calibrated, its least sure readings are negative, as curation would read them; a row whose
+    label the top-k does not cover keeps its text."""
+    from test_calibration import CAL, one_word
+
+    from distill.synthesis import calibrated_labels
+
+    answered = [one_word("positive", p) for p in (0.9, 0.85, 0.8, 0.55, 0.5)]
+    unreadable = {**one_word("positive", 0.7), "topk_ids": None}
+    assert calibrated_labels(CAL, answered + [unreadable]) == [
+        "positive", "positive", "positive", "negative", "negative", "positive"]
+    assert calibrated_labels(CAL, [unreadable]) == ["positive"]  # nothing to calibrate with: as answered
