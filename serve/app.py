@@ -86,13 +86,19 @@ def vllm_model(path: str, engine: EngineConfig, replica: ReplicaConfig) -> Hoste
     return HostedModel({"kind": "vllm", "model": path, "engine": engine}, replica, engine_env(engine))
 
 
-def _deployment_options(replica: ReplicaConfig, env: dict[str, str]) -> dict[str, Any]:
+def _logging(serving: ServingConfig) -> dict[str, Any]:
+    """Serve's logging settings for the proxy and every replica (`serving.access_log`)."""
+    return {"enable_access_log": serving.access_log}
+
+
+def _deployment_options(replica: ReplicaConfig, env: dict[str, str], serving: ServingConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus,
                               "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": replica.max_ongoing_requests,
         "max_queued_requests": replica.max_queued_requests,
         "health_check_period_s": 10,
+        "logging_config": _logging(serving),
     }
     if replica.min_replicas == replica.max_replicas:
         opts["num_replicas"] = replica.max_replicas
@@ -114,12 +120,12 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
     handles = {}
     for name, hosted in models.items():
         deployment = ray_serve.deployment(ModelServer, name=f"model-{name}",
-                                          **_deployment_options(hosted.replica, hosted.env))
+                                          **_deployment_options(hosted.replica, hosted.env, serving))
         handles[name] = deployment.bind(name, hosted.engine_spec, serving.default_max_tokens)
-    ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
-        serving.ab_weights, shadow_to=serving.shadow.to)
-    ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
-                                   max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                  logging_config=_logging(serving)).bind(serving.ab_weights, shadow_to=serving.shadow.to)
+    ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress", max_ongoing_requests=1000,
+                                   ray_actor_options={"num_cpus": 0}, logging_config=_logging(serving))
     return ingress.bind(
         handles, ledger, serving.user_header, key_hash(api_key) if api_key else None,
         key_hash(admin_key) if admin_key else None,
@@ -180,7 +186,7 @@ def start(app, serving: ServingConfig, route_prefix: str = "/") -> str:
     """Start Serve's HTTP proxy on the configured address and deploy the app; returns the base URL."""
     from ray import serve as ray_serve
 
-    ray_serve.start(http_options={"host": serving.host, "port": serving.port})
+    ray_serve.start(http_options={"host": serving.host, "port": serving.port}, logging_config=_logging(serving))
     ray_serve.run(app, name=APP_NAME, route_prefix=route_prefix)
     return f"http://{serving.host}:{serving.port}"
 

@@ -97,13 +97,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """The session's Ray cluster; yields the port its Prometheus metrics are exported on."""
+    """The session's Ray cluster; yields the port its Prometheus metrics are exported on, and its
+    logs folder."""
     import ray
 
     metrics_port = free_port()
+    temp_dir = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield {"metrics_port": metrics_port}
+             _temp_dir=str(temp_dir))
+    yield {"metrics_port": metrics_port, "logs": temp_dir / "session_latest" / "logs"}
     ray.shutdown()
 
 

@@ -48,7 +48,7 @@ def app(ray_cluster):
                             record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False)
     task = TaskConfig(type="nli", labels=["ok", "fine"])  # the fake teacher answers "ok ...", the student "fine ..."
     url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
-    yield {"url": url, "metrics_port": ray_cluster["metrics_port"]}
+    yield {"url": url, "metrics_port": ray_cluster["metrics_port"], "logs": ray_cluster["logs"]}
     ray_serve.shutdown()
 
 
@@ -71,6 +71,26 @@ def set_weights(app, weights):
 
 def stats(app):
     return raw(app, "GET", "/admin/stats", key=ADMIN).json()
+
+
+def test_requests_are_not_access_logged_by_default(app, client):
+    """`serving.access_log` is off: neither the proxy nor the ingress writes a line per request
+    (with it on, Serve writes "POST /v1/chat/completions 200 <ms>" in both)."""
+    client.chat.completions.create(model="student", messages=MSG)
+    serve_logs = app["logs"] / "serve"
+    files = [*serve_logs.glob("proxy_*.log"), *serve_logs.glob("replica_distill_ingress_*.log")]
+    assert len(files) >= 2, sorted(p.name for p in serve_logs.iterdir())
+    assert not [f.name for f in files if "POST /v1/chat/completions" in f.read_text()]
+
+
+def test_access_log_setting_reaches_every_deployment():
+    from distill.config import ReplicaConfig, ServingConfig
+    from serve.app import _deployment_options, _logging
+
+    for on in (False, True):
+        serving = ServingConfig(access_log=on)
+        assert _logging(serving) == {"enable_access_log": on}
+        assert _deployment_options(ReplicaConfig(), {}, serving)["logging_config"] == {"enable_access_log": on}
 
 
 def test_routes_by_model_and_names_the_arm(client):

@@ -86,6 +86,10 @@ class ServingConfig(Strict):
     messages reach the models as sent."""
     replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
     """Resources and scaling per model."""
+    access_log: bool = False
+    """Ray Serve's access log: a line per request in the proxy's and every replica's log file
+    (the Ray session's logs/serve). Off, no request pays for those writes; per-arm counts and
+    latencies are in the Prometheus metrics either way."""
 
     @model_validator(mode="after")
     def _weights_name_hosted_models(self) -> "ServingConfig":
