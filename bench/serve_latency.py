@@ -1,15 +1,20 @@
 """Serving latency: each arm's engine called directly vs through our Serve app, 1 and 8 clients.
 
     python bench/serve_latency.py --run-dir runs/default --requests 16    # after `make demo`
+    python bench/serve_latency.py --run-dir runs/default serving.access_log=true   # config overrides
 
 (a) the engine called directly: vLLM's AsyncLLM in a Ray actor with the same settings, cores and
     environment as the Serve replica, requests sent from inside that actor;
 (b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica);
 (c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
-    also with a new connection per request (what the first version of this script did).
-Both arms run at once in (b), pinned to disjoint cores as `distill serve` does, so (a) measures
-each arm alone on the cores it gets there. Prints a table and writes bench/serve_latency.json.
+    also with a new connection per request (what the first version of this script did);
+(d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
+    model, with the same engine arguments, environment and cores, the same HTTP client and
+    requests as (b), after the app is shut down.
+Both arms run at once in (b) and (d), pinned to disjoint cores as `distill serve` does, so (a)
+measures each arm alone on the cores it gets there. Prints a table and writes
+bench/serve_latency.json.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +93,53 @@ def through_app(url: str, arm: str | None, prompts, max_tokens: int, concurrency
     return summary(latencies, time.perf_counter() - start)
 
 
+def vllm_serve_command(name: str, model: str, engine, port: int) -> list[str]:
+    """`vllm serve` with the arguments our engine gets (`distill.engine.engine_kwargs`), started as
+    its module: the CPU wheel's `vllm` command looks for a distribution named `vllm` and fails."""
+    from distill.engine import engine_kwargs
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+    for key, value in engine_kwargs(model, engine).items():
+        if key in ("model", "use_tqdm_on_load"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd += [flag] if value else []
+        else:
+            cmd += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return cmd
+
+
+def vllm_servers(models: dict, first_port: int, timeout_s: float = 600):
+    """(d) One `vllm serve` process per model, started together; {name: url} once all answer
+    `/health`, and the processes (to terminate)."""
+    import httpx
+
+    procs, urls = {}, {}
+    for i, (name, hosted) in enumerate(models.items()):
+        port = first_port + i
+        spec = hosted.engine_spec
+        procs[name] = subprocess.Popen(vllm_serve_command(name, spec["model"], spec["engine"], port),
+                                       env={**os.environ, **hosted.env}, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True)
+        urls[name] = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    for name, url in urls.items():
+        while True:
+            if procs[name].poll() is not None:
+                raise RuntimeError(f"vllm serve for {name} exited: {procs[name].stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve for {name} did not answer /health in {timeout_s:.0f} s")
+            time.sleep(1)
+    return urls, procs
+
+
 def main() -> None:
     import pyarrow.compute as pc
     import ray
@@ -97,16 +152,17 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/default")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--port", type=int, default=8077)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. serving.access_log=true")
     args = ap.parse_args()
 
-    cfg = load_target(args.run_dir, [f"serving.port={args.port}"])
+    cfg = load_target(args.run_dir, [f"serving.port={args.port}", *args.overrides])
     prompts_table = RunDir(cfg).prompts.read_table()
     test = prompts_table.filter(pc.equal(prompts_table["split"], "test")).slice(0, args.requests)
     prompts = [list(m) for m in test["messages"].to_pylist()]
     max_tokens = cfg.evaluation.sampling.max_tokens
     models = hosted_models(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    results: dict = {"requests": len(prompts), "max_tokens": max_tokens, "arms": {}}
+    results: dict = {"requests": len(prompts), "max_tokens": max_tokens, "overrides": args.overrides, "arms": {}}
     for arm, hosted in models.items():  # (a) one arm at a time, on the cores it gets in the app
         actor = ray.remote(DirectEngine).options(num_cpus=1, runtime_env={"env_vars": hosted.env}).remote(hosted.engine_spec)
         ray.get(actor.run.remote(prompts[:2], max_tokens, 1))  # warm-up
@@ -128,9 +184,21 @@ def main() -> None:
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+    urls, procs = vllm_servers(models, args.port + 1)  # (d) what a user would run instead
+    try:
+        for arm, url in urls.items():
+            through_app(url, arm, prompts[:2], max_tokens, 1)
+            for c in (1, 8):
+                results["arms"][arm][f"vllm_serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=60)
     for arm, r in results["arms"].items():
         for c in (1, 8):
             r[f"serve_over_direct_p50_c{c}"] = round(r[f"serve_c{c}"]["p50_s"] / r[f"direct_c{c}"]["p50_s"], 3)
+            r[f"serve_over_vllm_serve_p50_c{c}"] = round(r[f"serve_c{c}"]["p50_s"] / r[f"vllm_serve_c{c}"]["p50_s"], 3)
     arms = results["arms"]
     if "teacher" in arms and "student" in arms:
         results["student_over_teacher_p50_c1"] = round(arms["student"]["serve_c1"]["p50_s"] / arms["teacher"]["serve_c1"]["p50_s"], 3)
