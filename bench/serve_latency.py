@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,28 +117,41 @@ def vllm_servers(models: dict, first_port: int, timeout_s: float = 600):
     `/health`, and the processes (to terminate)."""
     import httpx
 
-    procs, urls = {}, {}
+    procs, urls, logs = {}, {}, {}
     for i, (name, hosted) in enumerate(models.items()):
         port = first_port + i
         spec = hosted.engine_spec
+        log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs must never block on it
         procs[name] = subprocess.Popen(vllm_serve_command(name, spec["model"], spec["engine"], port),
-                                       env={**os.environ, **hosted.env}, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE, text=True)
+                                       env={**os.environ, **hosted.env}, stdout=log, stderr=subprocess.STDOUT)
+        logs[name] = log
         urls[name] = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    for name, url in urls.items():
-        while True:
-            if procs[name].poll() is not None:
-                raise RuntimeError(f"vllm serve for {name} exited: {procs[name].stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve for {name} did not answer /health in {timeout_s:.0f} s")
-            time.sleep(1)
+    try:
+        for name, url in urls.items():
+            while True:
+                if procs[name].poll() is not None:
+                    logs[name].seek(0)
+                    raise RuntimeError(f"vllm serve for {name} exited: {logs[name].read()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vllm serve for {name} did not answer /health in {timeout_s:.0f} s")
+                time.sleep(1)
+    except BaseException:
+        stop(procs)
+        raise
     return urls, procs
+
+
+def stop(procs: dict) -> None:
+    for proc in procs.values():
+        proc.terminate()
+    for proc in procs.values():
+        proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -191,10 +205,7 @@ def main() -> None:
             for c in (1, 8):
                 results["arms"][arm][f"vllm_serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=60)
+        stop(procs)
     for arm, r in results["arms"].items():
         for c in (1, 8):
             r[f"serve_over_direct_p50_c{c}"] = round(r[f"serve_c{c}"]["p50_s"] / r[f"direct_c{c}"]["p50_s"], 3)
