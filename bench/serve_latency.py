@@ -10,8 +10,8 @@
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did);
 (d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
-    model, with the same engine arguments, environment and cores, the same HTTP client and
-    requests as (b), after the app is shut down.
+    model, with the same engine arguments, environment, cores and access log setting, the same
+    HTTP client and requests as (b), after the app is shut down.
 Both arms run at once in (b) and (d), pinned to disjoint cores as `distill serve` does, so (a)
 measures each arm alone on the cores it gets there. Prints a table and writes
 bench/serve_latency.json.
@@ -94,13 +94,14 @@ def through_app(url: str, arm: str | None, prompts, max_tokens: int, concurrency
     return summary(latencies, time.perf_counter() - start)
 
 
-def vllm_serve_command(name: str, model: str, engine, port: int) -> list[str]:
-    """`vllm serve` with the arguments our engine gets (`distill.engine.engine_kwargs`), started as
-    its module: the CPU wheel's `vllm` command looks for a distribution named `vllm` and fails."""
+def vllm_serve_command(name: str, model: str, engine, port: int, access_log: bool) -> list[str]:
+    """`vllm serve` with the arguments our engine gets (`distill.engine.engine_kwargs`) and our
+    app's access log setting, started as its module: the CPU wheel's `vllm` command looks for a
+    distribution named `vllm` and fails."""
     from distill.engine import engine_kwargs
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
-           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+           "--host", "127.0.0.1", "--port", str(port)] + ([] if access_log else ["--disable-uvicorn-access-log"])
     for key, value in engine_kwargs(model, engine).items():
         if key in ("model", "use_tqdm_on_load"):
             continue
@@ -112,7 +113,7 @@ def vllm_serve_command(name: str, model: str, engine, port: int) -> list[str]:
     return cmd
 
 
-def vllm_servers(models: dict, first_port: int, timeout_s: float = 600):
+def vllm_servers(models: dict, first_port: int, access_log: bool, timeout_s: float = 600):
     """(d) One `vllm serve` process per model, started together; {name: url} once all answer
     `/health`, and the processes (to terminate)."""
     import httpx
@@ -122,7 +123,7 @@ def vllm_servers(models: dict, first_port: int, timeout_s: float = 600):
         port = first_port + i
         spec = hosted.engine_spec
         log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs must never block on it
-        procs[name] = subprocess.Popen(vllm_serve_command(name, spec["model"], spec["engine"], port),
+        procs[name] = subprocess.Popen(vllm_serve_command(name, spec["model"], spec["engine"], port, access_log),
                                        env={**os.environ, **hosted.env}, stdout=log, stderr=subprocess.STDOUT)
         logs[name] = log
         urls[name] = f"http://127.0.0.1:{port}"
@@ -198,7 +199,7 @@ def main() -> None:
     finally:
         ray_serve.shutdown()
         ray.shutdown()
-    urls, procs = vllm_servers(models, args.port + 1)  # (d) what a user would run instead
+    urls, procs = vllm_servers(models, args.port + 1, cfg.serving.access_log)  # (d) what a user would run instead
     try:
         for arm, url in urls.items():
             through_app(url, arm, prompts[:2], max_tokens, 1)
