@@ -129,13 +129,13 @@ class LabelCalibration:
 
     def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""
-        total, n = np.zeros(len(self.labels)), 0
-        for row in rows:
-            answer = self.answer(row)
-            if answer is not None:
-                total += np.exp(answer.scores)
-                n += 1
-        return total, n
+        return label_mass([self.answer(row) for row in rows], len(self.labels))
+
+
+def label_mass(answers: list[Answer | None], labels: int) -> tuple[np.ndarray, int]:
+    """Sum of p(label | x) over the answers read (None: unreadable) and how many there were."""
+    read = [np.exp(a.scores) for a in answers if a is not None]
+    return (np.sum(read, axis=0) if read else np.zeros(labels)), len(read)
 
 
 def log_prior(total: np.ndarray, rows: int) -> np.ndarray:

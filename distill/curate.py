@@ -60,13 +60,9 @@ class RowRules:
         self.calibration = None
         if tokenizer is not None and (self.cfg.trim_after_answer != "off" or self.cfg.relabel_wrong
                                       or self.cfg.calibrate != "off"):
-            from transformers import AutoTokenizer
+            from distill.tokenizers import text_codec
 
-            from distill.model_files import resolve_model
-
-            tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
-            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
-            self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+            self.encode, self.decode = text_codec(tokenizer)
             if self.cfg.calibrate != "off":
                 from distill.calibration import LabelCalibration
 

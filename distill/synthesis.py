@@ -170,14 +170,10 @@ def _generate(cfg: RunConfig, rows: list[dict[str, Any]], folder, sampling: Samp
 def calibrated_answers(cfg: RunConfig, task, answered: list[dict[str, Any]]) -> list[str | None]:
     """The round trip's answers read as curation reads the teacher (`curation.calibrate: batch`):
     `calibrated_labels` with the teacher's tokenizer."""
-    from transformers import AutoTokenizer
-
     from distill.calibration import LabelCalibration
-    from distill.model_files import resolve_model
+    from distill.tokenizers import text_codec
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
-    return calibrated_labels(LabelCalibration(task, lambda text: tok(text, add_special_tokens=False)["input_ids"],
-                                              lambda ids: tok.decode(ids, skip_special_tokens=True)), answered)
+    return calibrated_labels(LabelCalibration(task, *text_codec(cfg.teacher.path)), answered)
 
 
 def calibrated_labels(calibration, answered: list[dict[str, Any]]) -> list[str | None]:
@@ -186,16 +182,16 @@ def calibrated_labels(calibration, answered: list[dict[str, Any]]) -> list[str |
     An answer it cannot read stays as it is. Without this the round trip keeps only what the
     uncalibrated teacher reads back, and a teacher leaning to one label drops most of the texts
     written for the other."""
-    from distill.calibration import log_prior
+    from distill.calibration import label_mass, log_prior
 
-    total, n = calibration.probabilities(answered)
+    answers = [calibration.answer(row) for row in answered]
+    total, n = label_mass(answers, len(calibration.labels))
     if n == 0:
         print("[synth] the round trip is read uncalibrated: no answer states a label its top-k covers", flush=True)
         return [row[S.TEXT] for row in answered]
     prior = log_prior(total, n)
     print("[synth] the round trip is calibrated as curation calibrates; the teacher's mean label probability: "
           + ", ".join(f"{label} {p:.2f}" for label, p in zip(calibration.labels, np.exp(prior))), flush=True)
-    answers = [calibration.answer(row) for row in answered]
     return [row[S.TEXT] if a is None else calibration.labels[int(np.argmax(a.scores - prior))]
             for row, a in zip(answered, answers)]
 

@@ -5,7 +5,8 @@ Token ids and top-k ids mean something only in the vocabulary that wrote them. T
 stamps every part it writes with the teacher's tokenizer; curation carries the stamp over; the
 train stage compares it with the student's tokenizer before it uses a single id, and either uses
 the ids (same fingerprint), falls back by name (sequence-level KD on the text), or stops.
-Parts without a stamp carry text only.
+Parts without a stamp carry text only. `text_codec` gives a model's tokenizer as the (encode,
+decode) pair that curation and calibration read stored responses with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 
@@ -66,6 +68,18 @@ def read_stamp(loc, any_part: bool = False) -> TokenizerStamp | None:
         if stamp is not None:
             return stamp
     return None
+
+
+def text_codec(name: str) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) in the tokenizer of the model `name`: a text's ids without special tokens,
+    and ids back to text without them (how curation and calibration read stored responses)."""
+    from transformers import AutoTokenizer
+
+    from distill.model_files import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    return (lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            lambda ids: tok.decode(ids, skip_special_tokens=True))
 
 
 def same_tokenizer(a, b) -> bool:

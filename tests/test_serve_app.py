@@ -83,7 +83,7 @@ def test_requests_are_not_access_logged_by_default(app, client):
     assert not [f.name for f in files if "POST /v1/chat/completions" in f.read_text()]
 
 
-def test_access_log_setting_reaches_every_deployment():
+def test_access_log_setting_is_what_serve_is_given():
     from distill.config import ReplicaConfig, ServingConfig
     from serve.app import _deployment_options, _logging
 
