@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
 from distill import schema as S
 from distill.chat import TeacherContext, prompt_token_ids
 from distill.config import EngineConfig, SamplingConfig
+from distill.errors import UserError
 from distill.hardware import cuda_available, fast_dtype
 
 
@@ -47,17 +49,50 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
         if bind == "all":
             bind = f"0-{(os.cpu_count() or 1) - 1}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        env["OMP_NUM_THREADS"] = str(_count_cores(bind))
+        env["OMP_NUM_THREADS"] = str(len(_cores(bind)))
     return env
 
 
-def _count_cores(bind: str) -> int:
+def _cores(bind: str) -> set[int]:
     """Cores in a binding like "0-3" or "0,2,4-5" (vLLM's syntax; "|" separates ranks)."""
-    total = 0
+    cores: set[int] = set()
     for part in bind.split("|")[0].split(","):
         lo, _, hi = part.partition("-")
-        total += int(hi) - int(lo) + 1 if hi else 1
-    return total
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+def bound_cores(cfg: EngineConfig) -> set[int] | None:
+    """The cores a CPU engine is pinned to, or None: a GPU engine, or no pinning asked ("all", null)."""
+    bind = cfg.cpu_threads_bind
+    if not bind or bind == "all" or resolve_device(cfg) != "cpu":
+        return None
+    return _cores(bind)
+
+
+@contextmanager
+def _pinned(cfg: EngineConfig, keep: bool) -> Iterator[None]:
+    """Run the engine's start on the cores `cpu_threads_bind` names. vLLM reads that binding only
+    in its multi-process executor; with the engine's one worker in its own process ("uni", ours on
+    the CPU) nothing pins it, and two engines on one machine share every core. Linux hands a
+    thread's CPU affinity to the threads and processes it starts: AsyncLLM's engine core process
+    inherits it (`keep=False`: this thread gets its cores back after the start), and so do the
+    OpenMP threads of an engine that runs in this process (`keep=True`)."""
+    cores = bound_cores(cfg)
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError:
+        raise UserError(f"engine.cpu_threads_bind {cfg.cpu_threads_bind!r} names cores this machine does not "
+                        f"give this process (it may use {sorted(before)}): name cores from that list, or 'all'") from None
+    try:
+        yield
+    finally:
+        if not keep:
+            os.sched_setaffinity(0, before)
 
 
 def engine_kwargs(model: str, cfg: EngineConfig) -> dict[str, Any]:
@@ -115,7 +150,8 @@ def make_llm(model: str, cfg: EngineConfig):
     host_process(cfg)
     from vllm import LLM
 
-    return LLM(**engine_kwargs(model, cfg))
+    with _pinned(cfg, keep=True):
+        return LLM(**engine_kwargs(model, cfg))
 
 
 def make_async_llm(model: str, cfg: EngineConfig):
@@ -124,7 +160,8 @@ def make_async_llm(model: str, cfg: EngineConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
+    with _pinned(cfg, keep=False):
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, cfg)))
 
 
 def request_seed(row_id: str, seed: int) -> int:

@@ -75,3 +75,49 @@ def test_after_a_stop_string_the_rows_ids_and_top_k_spell_only_the_text():
                           2, tok)[0]
         assert out["token_ids"] == expected and out["output_tokens"] == len(expected)
         assert list(out["topk_ids"][::2]) == expected and len(out["sampled_logprobs"]) == len(expected)
+
+
+def test_an_engine_start_pins_what_it_starts_to_its_cores_and_gives_the_caller_its_own_back():
+    """vLLM's CPU binding is not applied with one worker in the engine process, so `_pinned` does
+    it: a process started inside (AsyncLLM's engine core) keeps the engine's cores; the caller gets
+    its own back, or keeps the engine's when the engine runs in its process."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import pytest
+
+    from distill.engine import _pinned, bound_cores
+    from distill.errors import UserError
+
+    def child_cores() -> set[int]:
+        out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                             capture_output=True, text=True, check=True).stdout
+        return set(eval(out))
+
+    assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="all")) is None
+    assert bound_cores(EngineConfig(device="cuda", cpu_threads_bind="0")) is None
+    assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="0,2-3|4-5")) == {0, 2, 3}
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        pytest.skip("needs two cores to tell a pinned process from the caller")
+    core = max(mine)
+    result = {}
+
+    def start(keep):  # on a thread of its own: affinity is per thread, and a failure must not pin pytest
+        with _pinned(EngineConfig(device="cpu", cpu_threads_bind=str(core)), keep=keep):
+            result[keep] = (child_cores(), os.sched_getaffinity(0))
+        result[keep] += (os.sched_getaffinity(0),)
+
+    for keep in (False, True):
+        t = threading.Thread(target=start, args=(keep,))
+        t.start()
+        t.join()
+    assert result[False] == ({core}, {core}, mine)
+    assert result[True] == ({core}, {core}, {core})
+    assert os.sched_getaffinity(0) == mine
+    with pytest.raises(UserError, match="cpu_threads_bind '4096'"):
+        with _pinned(EngineConfig(device="cpu", cpu_threads_bind="4096"), keep=False):
+            pass
+    assert os.sched_getaffinity(0) == mine

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from conftest import free_port, make_tiny_llama, tiny_config
+from distill.engine import bound_cores
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -25,6 +26,18 @@ def serving_processes() -> set[int]:
         text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
         if "ServeReplica:distill" in text or "EngineCore" in text:
             found.add(p.pid)
+    return found
+
+
+def engine_core_affinities() -> list[list[int]]:
+    """The cores the threads of each of our model replicas' vLLM engine-core processes may run on
+    (every thread of one process alike)."""
+    found = []
+    for p in psutil.process_iter(["name"]):
+        if "EngineCore" in (p.info["name"] or "") and "ServeReplica:distill" in " ".join(p.parent().cmdline()):
+            per_thread = {frozenset(os.sched_getaffinity(t.id)) for t in p.threads()}
+            assert len(per_thread) == 1, f"engine core {p.pid}'s threads differ: {per_thread}"
+            found.append(sorted(per_thread.pop()))
     return found
 
 
@@ -64,6 +77,9 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         url = start(build_app(models, cfg.serving, task=cfg.task), cfg.serving)
         running = serving_processes()
         assert len(running) >= 2
+        if (os.cpu_count() or 1) >= 2:  # and each engine's threads run on its cores only
+            wanted = sorted(sorted(bound_cores(m.engine_spec["engine"])) for m in models.values())
+            assert sorted(engine_core_affinities()) == wanted
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         msg = [{"role": "user", "content": "Review: great film. Sentiment?"}]
         for name in ("teacher", "student"):
