@@ -63,9 +63,10 @@ def _cores(bind: str) -> set[int]:
 
 
 def bound_cores(cfg: EngineConfig) -> set[int] | None:
-    """The cores a CPU engine is pinned to, or None: a GPU engine, or no pinning asked ("all", null)."""
+    """The cores we pin a CPU engine to, or None: a GPU engine, no pinning asked ("all", null), or
+    tensor parallelism, whose worker processes vLLM pins itself, one rank's cores each."""
     bind = cfg.cpu_threads_bind
-    if not bind or bind == "all" or resolve_device(cfg) != "cpu":
+    if not bind or bind == "all" or resolve_device(cfg) != "cpu" or cfg.tensor_parallel_size > 1:
         return None
     return _cores(bind)
 

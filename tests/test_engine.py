@@ -98,7 +98,8 @@ def test_an_engine_start_pins_what_it_starts_to_its_cores_and_gives_the_caller_i
 
     assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="all")) is None
     assert bound_cores(EngineConfig(device="cuda", cpu_threads_bind="0")) is None
-    assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="0,2-3|4-5")) == {0, 2, 3}
+    assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="0,2-3")) == {0, 2, 3}
+    assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="0|1", tensor_parallel_size=2)) is None
     mine = os.sched_getaffinity(0)
     if len(mine) < 2:
         pytest.skip("needs two cores to tell a pinned process from the caller")
