@@ -10,10 +10,11 @@
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did);
 (d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
-    model, with the same engine arguments, environment, cores and access log setting, the same
-    HTTP client and requests as (b), after the app is shut down.
-Both arms run at once in (b) and (d), pinned to disjoint cores as `distill serve` does, so (a)
-measures each arm alone on the cores it gets there. Prints a table and writes
+    model, with the same engine arguments, environment and access log setting, the same HTTP
+    client and requests as (b), after the app is shut down. vLLM's own server does not apply the
+    core binding with one worker per engine, so its engines run unpinned, as a user's would.
+Both arms run at once in (b) and (d); in (b) they are pinned to disjoint cores as `distill serve`
+does, so (a), started the same way, measures each arm alone on the cores it gets there. Prints a table and writes
 bench/serve_latency.json.
 """
 
