@@ -81,6 +81,7 @@ def test_an_engine_start_pins_what_it_starts_to_its_cores_and_gives_the_caller_i
     """vLLM's CPU binding is not applied with one worker in the engine process, so `_pinned` does
     it: a process started inside (AsyncLLM's engine core) keeps the engine's cores; the caller gets
     its own back, or keeps the engine's when the engine runs in its process."""
+    import json
     import os
     import subprocess
     import sys
@@ -94,7 +95,7 @@ def test_an_engine_start_pins_what_it_starts_to_its_cores_and_gives_the_caller_i
     def child_cores() -> set[int]:
         out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                              capture_output=True, text=True, check=True).stdout
-        return set(eval(out))
+        return set(json.loads(out))
 
     assert bound_cores(EngineConfig(device="cpu", cpu_threads_bind="all")) is None
     assert bound_cores(EngineConfig(device="cuda", cpu_threads_bind="0")) is None
