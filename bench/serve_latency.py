@@ -9,6 +9,9 @@
 (c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did);
+(e) where the CPU goes, at 1 client (Linux, from /proc): each process's CPU milliseconds per
+    request while (a) and (b) run, the engine core named by the process that started it; on a
+    machine with few cores, what the serving path burns is taken from the engine beside it;
 (d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
     model, with the same engine arguments, environment and access log setting, the same HTTP
     client and requests as (b), after the app is shut down. vLLM's own server does not apply the
@@ -60,6 +63,46 @@ class DirectEngine:
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return summary(latencies, time.perf_counter() - start)
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (name, CPU seconds so far)} of every process on this machine, all threads counted; a
+    vLLM engine core is named by the process that started it. Empty where there is no /proc."""
+    if not os.path.isdir("/proc"):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, titles = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                titles[int(pid)] = f.read().split(b"\0")[0].decode(errors="replace").strip() or stat[stat.index("(") + 1:stat.rindex(")")]
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    out = {}
+    for pid, (ppid, seconds) in stats.items():
+        name = titles[pid]
+        if name.startswith("VLLM::EngineCore"):
+            name = f"{name} (of {titles.get(ppid, '?')})"
+        out[pid] = (os.path.basename(name) if name.startswith("/") else name, seconds)
+    return out
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int, top: int = 8) -> dict[str, float]:
+    """CPU milliseconds per request by process name between two `cpu_seconds` readings: the `top`
+    names, and the rest of the machine together."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent = seconds - before.get(pid, (name, 0.0))[1]
+        if spent > 0:
+            used[name] = used.get(name, 0.0) + spent
+    ranked = sorted(used.items(), key=lambda kv: -kv[1])
+    out = {name: round(1000 * s / requests, 2) for name, s in ranked[:top]}
+    out["everything else"] = round(1000 * sum(s for _, s in ranked[top:]) / requests, 2)
+    return out
 
 
 def summary(latencies: list[float], wall_s: float) -> dict:
@@ -182,16 +225,22 @@ def main() -> None:
     for arm, hosted in models.items():  # (a) one arm at a time, on the cores it gets in the app
         actor = ray.remote(DirectEngine).options(num_cpus=1, runtime_env={"env_vars": hosted.env}).remote(hosted.engine_spec)
         ray.get(actor.run.remote(prompts[:2], max_tokens, 1))  # warm-up
-        for c in (1, 8):
-            results["arms"].setdefault(arm, {})[f"direct_c{c}"] = ray.get(actor.run.remote(prompts, max_tokens, c))
+        before = cpu_seconds()
+        direct = results["arms"].setdefault(arm, {})
+        direct["direct_c1"] = ray.get(actor.run.remote(prompts, max_tokens, 1))
+        direct["direct_c1"]["cpu_ms_per_request"] = cpu_ms_per_request(before, cpu_seconds(), len(prompts))  # (e)
+        direct["direct_c8"] = ray.get(actor.run.remote(prompts, max_tokens, 8))
         ray.kill(actor)
     zero = HostedModel({"kind": "fake", "delay_s": 0.0, "max_model_len": 4096})
     url = start(build_app({**models, "zero": zero}, cfg.serving), cfg.serving)
     try:
         for arm in models:  # (b) through the app
             through_app(url, arm, prompts[:2], max_tokens, 1)
-            for c in (1, 8):
-                results["arms"][arm][f"serve_c{c}"] = through_app(url, arm, prompts, max_tokens, c)
+            before = cpu_seconds()
+            served = results["arms"][arm]
+            served["serve_c1"] = through_app(url, arm, prompts, max_tokens, 1)
+            served["serve_c1"]["cpu_ms_per_request"] = cpu_ms_per_request(before, cpu_seconds(), len(prompts))  # (e)
+            served["serve_c8"] = through_app(url, arm, prompts, max_tokens, 8)
         through_app(url, "zero", prompts[:2], max_tokens, 1)
         results["fixed_cost_c1"] = {"health": through_app(url, None, prompts, max_tokens, 1),  # (c)
                                     "zero_engine": through_app(url, "zero", prompts, max_tokens, 1),
