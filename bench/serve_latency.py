@@ -9,16 +9,16 @@
 (c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
     `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did);
-(e) where the CPU goes, at 1 client (Linux, from /proc): each process's CPU milliseconds per
-    request while (a) and (b) run, the engine core named by the process that started it; on a
-    machine with few cores, what the serving path burns is taken from the engine beside it;
 (d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
     model, with the same engine arguments, environment and access log setting, the same HTTP
     client and requests as (b), after the app is shut down. vLLM's own server does not apply the
     core binding with one worker per engine, so its engines run unpinned, as a user's would.
+(e) where the CPU goes, at 1 client (Linux, from /proc): each process's CPU milliseconds per
+    request while (a) and (b) run, the engine core named by the process that started it; on a
+    machine with few cores, what the serving path burns is taken from the engine beside it.
 Both arms run at once in (b) and (d); in (b) they are pinned to disjoint cores as `distill serve`
-does, so (a), started the same way, measures each arm alone on the cores it gets there. Prints a table and writes
-bench/serve_latency.json.
+does, so (a), started the same way, measures each arm alone on the cores it gets there. Prints
+the results as JSON and writes them to bench/serve_latency.json.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                titles[int(pid)] = f.read().split(b"\0")[0].decode(errors="replace").strip() or stat[stat.index("(") + 1:stat.rindex(")")]
+                title = f.read().split(b"\0")[0].decode(errors="replace").strip()
         except OSError:  # the process ended meanwhile
             continue
+        titles[int(pid)] = title or stat[stat.index("(") + 1:stat.rindex(")")]  # a kernel thread: its name
         fields = stat[stat.rindex(")") + 2:].split()
         stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
     out = {}
