@@ -95,6 +95,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_on(port: int) -> list[str]:
+    """Which Serve processes listen on a TCP port: "ingress" (its replica), "proxy", or others' titles."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:" not in title and "ProxyActor" not in title:
+            continue
+        try:
+            sockets = p.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets):
+            found.append("proxy" if "ProxyActor" in title else title.split(":")[-1].split(".")[0].strip())
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """The session's Ray cluster; yields the port its Prometheus metrics are exported on, and its

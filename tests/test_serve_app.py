@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import free_port
+from conftest import free_port, listening_on
 from distill.config import TaskConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -91,6 +91,23 @@ def test_access_log_setting_is_what_serve_is_given():
         serving = ServingConfig(access_log=on)
         assert _logging(serving) == {"enable_access_log": on}
         assert _deployment_options(ReplicaConfig(), {}, serving)["logging_config"] == {"enable_access_log": on}
+
+
+def test_the_ingress_replica_itself_answers_on_the_port(app, client):
+    """`serving.direct_ingress` (on by default): what listens on `serving.port` is the ingress
+    replica, not Serve's proxy, and it answers there."""
+    port = int(app["url"].rsplit(":", 1)[1])
+    assert listening_on(port) == ["ingress"]
+    assert client.chat.completions.create(model="student", messages=MSG).model == "student"
+
+
+def test_direct_ingress_settings_name_the_port():
+    from serve.app import direct_ingress_env
+
+    env = direct_ingress_env(8123)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Serve's port range is [min, max): one port, this one
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
 
 
 def test_routes_by_model_and_names_the_arm(client):

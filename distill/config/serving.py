@@ -90,6 +90,12 @@ class ServingConfig(Strict):
     """Ray Serve's access log: a line per request in the proxy's and every replica's log file
     (the Ray session's logs/serve). Off, no request pays for those writes; per-arm counts and
     latencies are in the Prometheus metrics either way."""
+    direct_ingress: bool = True
+    """`distill serve` starts Ray Serve in its throughput-optimised mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED`,
+    given to Serve's controller as it starts): the ingress replica answers HTTP on `port` itself, a
+    hop shorter than through Serve's proxy (which moves to a free port), with request handlers on
+    the replica's event loop and gRPC between replicas. Off: Serve's proxy on `port`. Under `serve
+    run` or a RayService, and where a Serve instance already runs, the cluster's settings decide."""
 
     @model_validator(mode="after")
     def _weights_name_hosted_models(self) -> "ServingConfig":
