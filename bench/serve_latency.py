@@ -5,9 +5,10 @@
 
 (a) the engine called directly: vLLM's AsyncLLM in a Ray actor with the same settings, cores and
     environment as the Serve replica, requests sent from inside that actor;
-(b) through the app: HTTP to the OpenAI endpoint (proxy, ingress, A/B ledger, model replica);
-(c) where (b)'s extra time goes, at 1 client: `GET /health` (proxy and ingress only), and a
-    `zero` arm whose engine answers at once (proxy, ingress, handle call, replica, no model),
+(b) through the app: HTTP to the OpenAI endpoint (the ingress replica, A/B ledger, model
+    replica; Serve's proxy in front too with `serving.direct_ingress=false`);
+(c) where (b)'s extra time goes, at 1 client: `GET /health` (HTTP and the ingress only), and a
+    `zero` arm whose engine answers at once (ingress, handle call, replica, no model),
     also with a new connection per request (what the first version of this script did);
 (d) what a user would run instead of our app: one `vllm serve` (vLLM's own OpenAI server) per
     model, with the same engine arguments, environment and access log setting, the same HTTP
@@ -114,7 +115,7 @@ def summary(latencies: list[float], wall_s: float) -> dict:
 def through_app(url: str, arm: str | None, prompts, max_tokens: int, concurrency: int, keep_alive: bool = True) -> dict:
     """Requests over HTTP, each client on its own kept-alive connection (as the OpenAI client
     keeps one; `keep_alive=False`: a new connection per request); `arm` None: `GET /health`
-    instead (the proxy and the ingress, no model)."""
+    instead (HTTP and the ingress, no model)."""
     import threading
 
     import httpx
