@@ -117,21 +117,29 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
     from serve.ledger import Ledger
     from serve.model_server import ModelServer
 
-    handles = {}
+    handles, local = {}, serving.colocated()
+    local = local if local in models else None
     for name, hosted in models.items():
+        if name == local:
+            continue
         deployment = ray_serve.deployment(ModelServer, name=f"model-{name}",
                                           **_deployment_options(hosted.replica, hosted.env, serving))
         handles[name] = deployment.bind(name, hosted.engine_spec, serving.default_max_tokens)
     ledger = ray_serve.deployment(Ledger, name="ledger", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                   logging_config=_logging(serving)).bind(serving.ab_weights, shadow_to=serving.shadow.to)
-    ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress", max_ongoing_requests=1000,
-                                   ray_actor_options={"num_cpus": 0}, logging_config=_logging(serving))
+    # a co-located model's engine lives in the ingress (`serving.colocate`): it takes that model's
+    # resources and environment; the ingress itself never limits requests, the engine queues them
+    options = (_deployment_options(models[local].replica, models[local].env, serving) if local is not None else
+               {"ray_actor_options": {"num_cpus": 0}, "logging_config": _logging(serving)})
+    ingress = ray_serve.deployment(ray_serve.ingress(api)(Ingress), name="ingress",
+                                   **{**options, "max_ongoing_requests": 1000, "max_queued_requests": -1})
     return ingress.bind(
         handles, ledger, serving.user_header, key_hash(api_key) if api_key else None,
         key_hash(admin_key) if admin_key else None,
         admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
         max_body_bytes=serving.max_body_bytes, shadow=serving.shadow, task=task,
-        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task))
+        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task),
+        local={local: (models[local].engine_spec, serving.default_max_tokens)} if local is not None else None)
 
 
 def task_prompt(serving: ServingConfig, task: TaskConfig | None) -> str | None:

@@ -80,12 +80,19 @@ class Ingress:
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: ShadowConfig | None = None, task: TaskConfig | None = None,
-                 record_prompts: bool = False, system_prompt: str | None = None):
+                 record_prompts: bool = False, system_prompt: str | None = None,
+                 local: dict[str, tuple[dict[str, Any], int]] | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
         from ray.serve.metrics import Counter, Histogram
 
-        self.models, self.ledger = models, ledger
+        from serve.model_server import LocalModel, ModelServer
+
+        # models whose engine runs in this process (`serving.colocate`), called as the others' handles are
+        local_models = {name: LocalModel(ModelServer(name, spec, max_tokens))
+                        for name, (spec, max_tokens) in (local or {}).items()}
+        self.models, self.ledger = {**models, **local_models}, ledger
+        self._local = list(local_models.values())
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
         self.shadow = Shadow(shadow or ShadowConfig(), task, record_prompts)
@@ -101,6 +108,11 @@ class Ingress:
         self.m_latency = Histogram("distill_serve_latency_seconds", "request latency", buckets, tag_keys=tags)
         self.m_ttft = Histogram("distill_serve_ttft_seconds", "time to first token", buckets, tag_keys=tags)
         self.m_tokens = Counter("distill_serve_output_tokens", "generated tokens", tag_keys=tags)
+
+    def __del__(self):
+        # Serve calls this when the replica stops: a co-located engine's core process goes with it
+        for model in getattr(self, "_local", []):
+            model.server.shutdown()
 
     # ------------------------------------------------------------------ helpers
 

@@ -96,8 +96,56 @@ class ModelServer:
         """Requests the engine is working on now (the fake engine counts; tests check aborts)."""
         return getattr(self.engine, "active", 0)
 
-    def __del__(self):
-        # Serve calls this when the replica stops: the engine core process goes with it
-        engine = getattr(self, "engine", None)
+    def shutdown(self) -> None:
+        """Stop the engine and its core process (once; later calls do nothing)."""
+        engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.shutdown()
+
+    def __del__(self):
+        # Serve calls this when the replica stops: the engine core process goes with it
+        self.shutdown()
+
+
+class LocalModel:
+    """A ModelServer in the caller's own process (`serving.colocate`), called the way its deployment
+    handle is: `m.complete.remote(req)` is awaited, `m.options(stream=True).stream.remote(req)` is
+    iterated and `cancel()`ed. No actor hop, no Serve queue: the engine queues for itself."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    def options(self, **_: Any) -> "LocalModel":
+        return self
+
+    def __getattr__(self, method: str) -> "_LocalMethod":
+        return _LocalMethod(getattr(self.server, method))
+
+
+class _LocalMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        import inspect
+
+        out = self.fn(*args)  # a coroutine (awaited by the caller) or an async generator (iterated)
+        return _LocalStream(out) if inspect.isasyncgen(out) else out
+
+
+class _LocalStream:
+    """An async generator with the `cancel()` of a streaming handle's response."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def __aiter__(self) -> "_LocalStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.gen.__anext__()
+
+    def cancel(self) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.gen.aclose())  # closing it aborts the engine's request

@@ -1,6 +1,7 @@
 """The Serve app over real HTTP with fake engines (same interface as vLLM's), driven by the
 official openai client: routing, the A/B split, streaming, metrics, auth, errors, backpressure,
-and a bounded fuzz of hostile requests. The real engines are in test_serve_real.py."""
+and a bounded fuzz of hostile requests; the student co-located in the ingress (`serving.colocate`).
+The real engines are in test_serve_real.py."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def app(ray_cluster):
     }
     # the fake engines count the words they are sent: the task's system prompt stays out here (its
     # test, with real engines, is in test_serve_real)
+    # the student's engine lives in the ingress's process (serving.colocate, the default), the
+    # others' behind handles: every test below that asks the student goes through the co-located path
     serving = ServingConfig(port=free_port(), shadow={"fraction": 1.0, "to": "teacher", "max_in_flight": 8},
-                            record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False)
+                            record_prompts=True, max_body_bytes=1 << 20, apply_task_prompt=False, colocate="student")
     task = TaskConfig(type="nli", labels=["ok", "fine"])  # the fake teacher answers "ok ...", the student "fine ..."
     url = start(build_app(models, serving, api_key=KEY, admin_key=ADMIN, task=task), serving)
     yield {"url": url, "metrics_port": ray_cluster["metrics_port"], "logs": ray_cluster["logs"]}
@@ -99,6 +102,14 @@ def test_the_ingress_replica_itself_answers_on_the_port(app, client):
     port = int(app["url"].rsplit(":", 1)[1])
     assert listening_on(port) == ["ingress"]
     assert client.chat.completions.create(model="student", messages=MSG).model == "student"
+
+
+def test_the_co_located_student_has_no_deployment_of_its_own(app, client):
+    from ray import serve as ray_serve
+
+    assert set(ray_serve.status().applications["distill"].deployments) == {
+        "ingress", "ledger", "model-teacher", "model-slow", "model-metered"}
+    assert client.chat.completions.create(model="student", messages=MSG).choices[0].message.content.startswith("fine")
 
 
 def test_direct_ingress_settings_name_the_port():

@@ -1,5 +1,6 @@
-"""`distill serve`'s path with two real vLLM engines (tiny models) over HTTP, and a clean shutdown:
-no engine or replica process and no shared-memory file left behind."""
+"""`distill serve`'s path with two real vLLM engines (tiny models) over HTTP, the student's in the
+ingress's process and the teacher's in a replica of its own, and a clean shutdown: no engine or
+replica process and no shared-memory file left behind."""
 
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
 
     student = make_tiny_llama(tmp_path / "student", layers=1, seed=1)
     run_dir = finished_run(tmp_path, tiny_model, str(student))
+    # as by default, the student's engine in the ingress's process (serving.colocate), the teacher's
+    # in its own replica
     cfg = load_target(str(run_dir), [f"serving.port={free_port()}",
                                      "serving.replicas={teacher: {num_cpus: 1}, student: {num_cpus: 1}}"])
     models = hosted_models(cfg)

@@ -167,6 +167,16 @@ def test_serving_config_rejects_weights_for_models_not_hosted():
         load_config(None, ["serving.replicas={student: {min_replicas: 3, max_replicas: 2}}"])
 
 
+def test_the_student_is_co_located_when_hosted_with_one_replica():
+    from distill.config import ServingConfig
+
+    assert ServingConfig().colocated() == "student"
+    assert ServingConfig(models=["teacher"], ab_weights={"teacher": 1}).colocated() is None
+    assert ServingConfig(replicas={"student": {"max_replicas": 2}}).colocated() is None  # it may scale: its own
+    assert ServingConfig(colocate="teacher").colocated() == "teacher"
+    assert ServingConfig(colocate=None).colocated() is None
+
+
 def test_shadow_agreement_is_recorded_with_its_interval_and_verdict():
     ledger = Ledger({"teacher": 1, "student": 1}, shadow_to="teacher")
     for i in range(40):
@@ -276,3 +286,34 @@ def test_the_model_server_answers_errors_as_typed_values():
     assert isinstance(asyncio.run(first_item()), ErrorResponse)
     ok = asyncio.run(server.complete({**long, "messages": [{"role": "user", "content": "hi"}]}))
     assert not isinstance(ok, ErrorResponse) and ok["choices"][0]["text"].startswith("ok")
+
+
+def test_a_co_located_model_is_called_as_its_handle_is_and_a_cancelled_stream_stops_the_engine():
+    """`serving.colocate`: the ingress calls a LocalModel with the handle's calls; a client that
+    hangs up cancels the stream, and the engine's request ends with it, as through Serve."""
+    import asyncio
+
+    from serve.model_server import LocalModel, ModelServer
+
+    server = ModelServer("student", {"kind": "fake", "delay_s": 0.05, "max_model_len": 64, "reply": "fine"})
+    model = LocalModel(server)
+    req = {"request_id": "r1", "messages": [{"role": "user", "content": "one two three four"}],
+           "params": {"max_tokens": 40}}
+
+    async def scenario():
+        done = await model.complete.remote({**req, "params": {"max_tokens": 2}})
+        gen = model.options(stream=True).stream.remote(req)
+        head = await gen.__anext__()
+        first = await gen.__anext__()
+        busy = server.active_requests()
+        gen.cancel()
+        for _ in range(50):
+            if server.active_requests() == 0:
+                break
+            await asyncio.sleep(0.01)
+        return done, head, first, busy, server.active_requests()
+
+    done, head, first, busy, after = asyncio.run(scenario())
+    assert done["choices"][0]["text"].startswith("fine") and done["completion_tokens"] == 2
+    assert head == {"prompt_tokens": 4} and first["text"].startswith("fine")
+    assert (busy, after) == (1, 0)

@@ -96,6 +96,13 @@ class ServingConfig(Strict):
     hop shorter than through Serve's proxy (which moves to a free port), with request handlers on
     the replica's event loop and gRPC between replicas. Off: Serve's proxy on `port`. Under `serve
     run` or a RayService, and where a Serve instance already runs, the cluster's settings decide."""
+    colocate: HostedModel | None = "student"
+    """A model whose engine runs in the ingress replica's own process instead of a deployment of
+    its own, when it is hosted with one replica: no handle call and no replica queue between the
+    ingress and the engine, the largest fixed cost per request left for a small, fast student. The
+    ingress then takes that model's `replicas` settings (CPUs, GPUs, its engine's environment). A
+    model that may scale (`max_replicas` > 1) keeps a deployment of its own. null: every model
+    in a deployment of its own."""
 
     @model_validator(mode="after")
     def _weights_name_hosted_models(self) -> "ServingConfig":
@@ -111,3 +118,9 @@ class ServingConfig(Strict):
 
     def replica(self, model: str) -> ReplicaConfig:
         return self.replicas.get(model, ReplicaConfig())
+
+    def colocated(self) -> HostedModel | None:
+        """The model whose engine runs in the ingress (`colocate`, if hosted with one replica)."""
+        if self.colocate in self.models and self.replica(self.colocate).max_replicas == 1:
+            return self.colocate
+        return None
