@@ -37,6 +37,10 @@ QUIET_LOGGERS = (
     "ray.train.torch.config",
     "vllm.triton_utils.importing",  # logged at import, before vLLM's own log level applies
 )
+# loggers whose INFO lines are Ray's notes at start-up (their warnings show): Serve's "Started
+# Serve", "Connecting to existing Serve app", and "ready at" the proxy's port, which is not the
+# one `distill serve` answers on with direct ingress (it prints its own)
+NOTES_LOGGERS = ("ray.serve",)
 # DeepSpeed's warnings that say nothing to act on: its accelerator found no GPU (on a CPU machine,
 # expected; a GPU machine does not log it), and the recipe's step-0 learning-rate read
 DEEPSPEED_NOTES = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
@@ -60,6 +64,8 @@ def quiet_process() -> None:
         os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in NOTES_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     # a filter on the logger object outlasts DeepSpeed's own setup of it at import
     deepspeed = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropMessages) for f in deepspeed.filters):

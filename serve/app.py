@@ -224,7 +224,7 @@ def start(app, serving: ServingConfig, route_prefix: str = "/") -> str:
 
 def serve_forever(cfg: RunConfig) -> None:
     """`distill serve`: deploy, print how to call it, keep serving until Ctrl-C or SIGTERM."""
-    from ray import serve as ray_serve
+    from ray import serve as ray_serve  # before connect(), which quiets Serve's notes once it has set its level
 
     from distill.ray_utils import connect
 

@@ -148,3 +148,17 @@ def test_deepspeeds_notes_without_an_action_are_dropped_and_its_other_warnings_k
     out = done.stdout + done.stderr
     assert "a warning to keep" in out
     assert "Setting accelerator to CPU" not in out and "Attempting to get learning rate" not in out
+
+
+def test_serves_start_up_notes_are_dropped_and_its_warnings_kept():
+    # "Application 'distill' is ready at" names Serve's proxy, not the port `distill serve` answers on
+    import subprocess
+    import sys
+
+    # as in `distill serve`: Serve is imported (which sets its logger's level), then connect() quiets
+    code = ("import logging; import ray.serve; from distill.ray_utils import quiet_process; quiet_process(); "
+            "log = logging.getLogger('ray.serve'); log.info('Started Serve'); log.warning('a warning to keep')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "a warning to keep" in out and "Started Serve" not in out
