@@ -208,6 +208,24 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Serve binds without SO_REUSEADDR, so a port that a server closed less than a minute ago
+    (its connections in TIME_WAIT) fails as one in use, after the engines have loaded and with
+    Ray's traceback. Bound the same way here first, it fails at once, naming the field."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise UserError(f"serving.port {port} on {host} is in use, or was closed less than a minute ago "
+                            "(its connections wait out TIME_WAIT): set another, e.g. serving.port="
+                            f"{_free_port(host)}, or wait") from None
+
+
 def start(app, serving: ServingConfig, route_prefix: str = "/") -> str:
     """Start Serve on the configured address and deploy the app; returns the base URL. With
     `serving.direct_ingress` the ingress replica takes `serving.port` and Serve's proxy a free port."""
@@ -229,6 +247,7 @@ def serve_forever(cfg: RunConfig) -> None:
     from distill.ray_utils import connect
 
     api_key, admin_key = keys_from_env(cfg.serving)  # an open public bind fails here, before any work
+    check_port_free(cfg.serving.host, cfg.serving.port)  # and a port in use
     models = hosted_models(cfg)
     connect(cfg.ray)
     print(f"[serve] starting {', '.join(models)} (engine start takes a while on the CPU)", flush=True)

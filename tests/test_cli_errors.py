@@ -89,3 +89,16 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_keeps_it_with_verbose(monkey
     monkeypatch.setenv("DISTILL_VERBOSE", "1")
     with pytest.raises(UserError):
         main(["prepare"])
+
+
+def test_distill_serve_on_a_port_in_use_stops_before_any_work(capsys):
+    import socket
+    from pathlib import Path
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        config = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+        code, err = _run(capsys, "serve", str(config), f"serving.port={port}")
+    assert code == 1 and f"serving.port {port} on 127.0.0.1 is in use" in err and len(err.strip().splitlines()) == 1

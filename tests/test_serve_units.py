@@ -133,6 +133,29 @@ def test_a_public_bind_without_a_key_is_refused(monkeypatch):
     assert keys_from_env(load_config(None, ["serving.host=0.0.0.0"]).serving)[0] == "k"
 
 
+def test_a_port_in_use_or_just_closed_is_refused_naming_the_field():
+    import socket
+
+    from distill.errors import UserError
+    from serve.app import check_port_free
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    with pytest.raises(UserError, match=f"serving.port {port} on 127.0.0.1 is in use"):
+        check_port_free("127.0.0.1", port)
+    # a server that closed its side of a connection first leaves it in TIME_WAIT on its port
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()
+    listener.close()
+    client.close()
+    with pytest.raises(UserError, match="set another, e.g. serving.port="):
+        check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", 0)  # a free port passes
+
+
 def test_ledger_figures_feedback_and_weights():
     ledger = Ledger({"teacher": 1, "student": 1}, window=100)
     for i in range(10):
