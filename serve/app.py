@@ -226,13 +226,21 @@ def check_port_free(host: str, port: int) -> None:
                             f"{_free_port(host)}, or wait") from None
 
 
+def uses_direct_ingress(serving: ServingConfig, alive_nodes: int) -> bool:
+    """`serving.direct_ingress` on one node only: on several, the ingress replica could bind the
+    port on another node than the one `distill serve` prints, where Serve's proxies, one per node,
+    all answer on it."""
+    return serving.direct_ingress and alive_nodes == 1
+
+
 def start(app, serving: ServingConfig, route_prefix: str = "/") -> str:
     """Start Serve on the configured address and deploy the app; returns the base URL. With
-    `serving.direct_ingress` the ingress replica takes `serving.port` and Serve's proxy a free port."""
+    direct ingress the ingress replica takes `serving.port` and Serve's proxy a free port."""
+    import ray
     from ray import serve as ray_serve
 
     options: dict[str, Any] = {"http_options": {"host": serving.host, "port": serving.port}}
-    if serving.direct_ingress:
+    if uses_direct_ingress(serving, sum(1 for node in ray.nodes() if node["Alive"])):
         options = {"http_options": {"host": serving.host, "port": _free_port(serving.host)},
                    "controller_options": {"runtime_env": {"env_vars": direct_ingress_env(serving.port)}}}
     ray_serve.start(logging_config=_logging(serving), **options)

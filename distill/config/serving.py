@@ -94,8 +94,9 @@ class ServingConfig(Strict):
     """`distill serve` starts Ray Serve in its throughput-optimised mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED`,
     given to Serve's controller as it starts): the ingress replica answers HTTP on `port` itself, a
     hop shorter than through Serve's proxy (which moves to a free port), with request handlers on
-    the replica's event loop and gRPC between replicas. Off: Serve's proxy on `port`. Under `serve
-    run` or a RayService, and where a Serve instance already runs, the cluster's settings decide."""
+    the replica's event loop and gRPC between replicas. On a Ray cluster of one node only: on
+    several, Serve's proxy on every node takes `port`, as when this is off. Under `serve run` or a
+    RayService, and where a Serve instance already runs, the cluster's settings decide."""
     colocate: HostedModel | None = "student"
     """A model whose engine runs in the ingress replica's own process instead of a deployment of
     its own, when it is hosted with one replica: no handle call and no replica queue between the
