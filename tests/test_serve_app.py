@@ -112,24 +112,6 @@ def test_the_co_located_student_has_no_deployment_of_its_own(app, client):
     assert client.chat.completions.create(model="student", messages=MSG).choices[0].message.content.startswith("fine")
 
 
-def test_direct_ingress_on_one_node_only():
-    from distill.config import ServingConfig
-    from serve.app import uses_direct_ingress
-
-    assert uses_direct_ingress(ServingConfig(), 1)
-    assert not uses_direct_ingress(ServingConfig(), 3)  # the ingress could bind the port on another node
-    assert not uses_direct_ingress(ServingConfig(direct_ingress=False), 1)
-
-
-def test_direct_ingress_settings_name_the_port():
-    from serve.app import direct_ingress_env
-
-    env = direct_ingress_env(8123)
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    # Serve's port range is [min, max): one port, this one
-    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
-
-
 def test_routes_by_model_and_names_the_arm(client):
     for name, first_word in (("teacher", "ok"), ("student", "fine")):
         resp = client.chat.completions.with_raw_response.create(model=name, messages=MSG)

@@ -340,3 +340,21 @@ def test_a_co_located_model_is_called_as_its_handle_is_and_a_cancelled_stream_st
     assert done["choices"][0]["text"].startswith("fine") and done["completion_tokens"] == 2
     assert head == {"prompt_tokens": 4} and first["text"].startswith("fine")
     assert (busy, after) == (1, 0)
+
+
+def test_direct_ingress_on_one_node_only():
+    from distill.config import ServingConfig
+    from serve.app import uses_direct_ingress
+
+    assert uses_direct_ingress(ServingConfig(), 1)
+    assert not uses_direct_ingress(ServingConfig(), 3)  # the ingress could bind the port on another node
+    assert not uses_direct_ingress(ServingConfig(direct_ingress=False), 1)
+
+
+def test_direct_ingress_settings_name_the_port():
+    from serve.app import direct_ingress_env
+
+    env = direct_ingress_env(8123)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # Serve's port range is [min, max): one port, this one
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
