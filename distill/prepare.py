@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill import schema as S
+from distill.augment import is_copy, load_neighbours, with_copies
 from distill.chat import TeacherContext
 from distill.config import RunConfig
 from distill.config.teacher_student import PRIMARY_TEACHER
@@ -296,14 +297,29 @@ def _routed_teacher(raw: dict[str, Any], cfg: RunConfig) -> str | None:
         raise BadRow(str(e)) from None
 
 
+def _neighbours(cfg: RunConfig):
+    """The student's word neighbours for `data.augment`: the embeddings it reads with."""
+    from distill.model_files import resolve_model, student_source
+
+    source = student_source(cfg)
+    if source is None:
+        raise UserError("data.augment needs the student's model (student.path, or student.of for a derived "
+                        "student) to find neighbouring words; set data.augment.copies=0 to go without")
+    return load_neighbours(resolve_model(source), cfg.data.augment, cfg.task.labels or ())
+
+
 def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     task = task_from_config(cfg.task)
-    skipped, counts, routed = Skipped(), Counter(), Counter()
+    skipped, counts, routed, copies = Skipped(), Counter(), Counter(), 0
     per_file, part, parts = cfg.generation.rows_per_file, [], 0
     named = (*S.SPLITS, S.SHIFTED, S.SHIFTED_VALIDATION)
-    for row in normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), named, skipped):
+    rows = normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), named, skipped)
+    if cfg.data.augment.copies:
+        rows = with_copies(rows, cfg.data.augment, _neighbours(cfg))
+    for row in rows:
         part.append(row)
         counts[row[S.SPLIT]] += 1
+        copies += is_copy(row[S.ID])
         routed[row.get(S.TEACHER) or PRIMARY_TEACHER] += 1
         if len(part) == per_file:
             rd.prompts.write_part(pa.Table.from_pylist(part, schema=S.PROMPT_SCHEMA), f"part-{parts:05d}")
@@ -318,6 +334,9 @@ def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         print(f"[prepare] skipped {line}")
     print(f"[prepare] {rows} prompts ({splits}), {skipped.count} bad rows skipped -> {rd.prompts.uri}")
     stats = {"rows": rows, "splits": splits, "skipped": skipped.count, "skipped_examples": skipped.examples}
+    if cfg.data.augment.copies:
+        stats["reworded_copies"] = copies
+        print(f"[prepare] of the train prompts, {copies} are reworded copies (data.augment)")
     if cfg.teachers:
         stats["teachers"] = {name: routed[name] for name in [PRIMARY_TEACHER, *cfg.teachers]}
         print("[prepare] prompts per teacher: " + ", ".join(f"{n} {c}" for n, c in stats["teachers"].items()))

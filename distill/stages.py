@@ -58,11 +58,15 @@ def _file_hashes(uri: str, field: str) -> str:
 
 
 def _prepare_inputs(cfg: RunConfig) -> dict[str, str]:
+    from distill.model_files import student_source
+
     src = cfg.data.source
+    # reworded copies draw their words from the student's embeddings: another student, other copies
+    words = {"data.augment.model": str(student_source(cfg))} if cfg.data.augment.copies else {}
     if src.kind == "synth":  # the generator's code is its input: a changed phrase bank is new data
         code = sorted(Path(__file__).parent.joinpath("builtin_data").glob("*.py"))
-        return {"synth_code": _digest([p.read_text() for p in code])}
-    return {"data.source.path": _file_hashes(src.path, "data.source.path")}
+        return {"synth_code": _digest([p.read_text() for p in code]), **words}
+    return {"data.source.path": _file_hashes(src.path, "data.source.path"), **words}
 
 
 def _generate_inputs(cfg: RunConfig) -> dict[str, str]:

@@ -8,7 +8,7 @@
 from distill.config.loading import (ConfigError, dump_config, format_validation_error, load_config,
                                     parse_overrides, read_yaml)
 from distill.config.curation import CurationConfig
-from distill.config.data import DataConfig, SplitConfig, SynthSource, TaskConfig
+from distill.config.data import AugmentConfig, DataConfig, SplitConfig, SynthSource, TaskConfig
 from distill.config.evaluation import EvalSet, EvaluationConfig
 from distill.config.generation import GenerationConfig, SamplingConfig, SynthesisConfig
 from distill.config.models import RayConfig, RunConfig
@@ -17,7 +17,7 @@ from distill.config.teacher_student import (ActorPool, DerivedStudent, EndpointT
                                             PretrainedStudent, VllmTeacher)
 from distill.config.training import KDLossConfig, LoraConfig, TrainingConfig
 
-__all__ = ["ActorPool", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EndpointTeacher", "EngineConfig",
+__all__ = ["ActorPool", "AugmentConfig", "ConfigError", "CurationConfig", "DataConfig", "DerivedStudent", "EndpointTeacher", "EngineConfig",
            "EvalSet", "EvaluationConfig", "GenerationConfig", "KDLossConfig", "LoraConfig",
            "PrecomputedTeacher", "PretrainedStudent", "RayConfig", "ReplicaConfig", "RunConfig",
            "SamplingConfig", "ServingConfig", "ShadowConfig", "SplitConfig", "SynthesisConfig", "SynthSource", "TaskConfig", "TrainingConfig",

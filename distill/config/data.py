@@ -67,6 +67,20 @@ class SplitConfig(Strict):
         return self
 
 
+class AugmentConfig(Strict):
+    """Reworded copies of the train prompts (`distill/augment.py`): words swapped for their nearest
+    neighbours in the student's input embeddings; the teacher answers the copies, no label is read."""
+
+    copies: int = Field(0, ge=0)
+    """Reworded copies per train prompt (0: none)."""
+    replace: float = Field(0.4, gt=0.0, le=1.0)
+    """Chance that each content word of a copy is replaced."""
+    neighbours: int = Field(8, ge=1)
+    """A word is replaced by one of this many nearest words."""
+    seed: int = 0
+    """Which words are replaced, and by what (per prompt id: the same copies on every run)."""
+
+
 class DataConfig(Strict):
     source: Source = FileSource()
     """Where the prompts come from."""
@@ -76,6 +90,8 @@ class DataConfig(Strict):
     """A malformed input row stops `prepare` (naming file:line) or is skipped and counted."""
     limit: int | None = Field(None, ge=1)
     """Use only the first N rows."""
+    augment: AugmentConfig = AugmentConfig()
+    """Reworded copies of the train prompts, answered by the teacher like any prompt."""
     teacher_field: str = "teacher"
     """With several teachers (`teachers`): the input rows' field that names the teacher a prompt
     goes to (a row without it goes to `teacher`)."""
