@@ -10,7 +10,8 @@ times "terrific"), as TinyBERT's task-specific augmentation does. No label is re
 copy has no reference, and the teacher answers it as it answers any prompt, so a replacement that
 turns a review around is labelled by the teacher's reading of the new text. Validation, test and
 the shifted sets are never copied. The task's label words are never replaced ("positive or
-negative" stays in the question).
+negative" stays in the question), and neither is the first line of a message of several lines, which
+is read as the instruction ("Is this review positive or negative?") over the text to reword.
 
 The embeddings are the student's (for a derived student, the teacher's own), so this works with
 any teacher, an API teacher included; they are read once, on the process that prepares.
@@ -113,8 +114,17 @@ def with_copies(rows: Iterable[dict[str, Any]], cfg: AugmentConfig,
             continue
         rng = random.Random(f"{cfg.seed}:{row[S.ID]}")
         *context, last = row[S.MESSAGES]
+        instruction, body = split_instruction(last["content"])
         for c in range(cfg.copies):
-            text = neighbours.reword(last["content"], cfg.replace, rng)
-            if text != last["content"]:
+            text = neighbours.reword(body, cfg.replace, rng)
+            if text != body:
                 yield {**row, S.ID: f"{row[S.ID]}{COPY_MARK}{c}", S.REFERENCE: None,
-                       S.MESSAGES: [*context, {**last, "content": text}]}
+                       S.MESSAGES: [*context, {**last, "content": instruction + text}]}
+
+
+def split_instruction(message: str) -> tuple[str, str]:
+    """(the instruction, with its newline; the text to reword): a message of several lines is read
+    as an instruction on its first line over the text it asks about ("Is this review positive or
+    negative?\n..."), and the instruction stays as written; a one-line message is all text."""
+    first, newline, rest = message.partition("\n")
+    return (first + newline, rest) if newline and rest.strip() else ("", message)

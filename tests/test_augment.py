@@ -5,7 +5,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from distill.augment import FUNCTION_WORDS, WordNeighbours, is_copy, with_copies
+from distill.augment import FUNCTION_WORDS, WordNeighbours, is_copy, split_instruction, with_copies
 from distill.config import AugmentConfig
 
 
@@ -58,6 +58,13 @@ def test_reword_replaces_content_words_only_and_keeps_the_rest(tokenizer):
     assert nb.reword("the of and", 1.0, random.Random(0)) == "the of and"
 
 
+def test_the_first_line_of_several_is_the_instruction_and_stays():
+    assert split_instruction("Is this review positive?\nThe blender is terrible.") == \
+        ("Is this review positive?\n", "The blender is terrible.")
+    assert split_instruction("The blender is terrible.") == ("", "The blender is terrible.")
+    assert split_instruction("Rate it:\n") == ("", "Rate it:\n")  # nothing under it: all text
+
+
 def _rows():
     system = {"role": "system", "content": "Decide."}
     return [{"id": f"r{i}", "split": split, "task": "classification", "teacher": None, "reference": "negative",
@@ -75,7 +82,8 @@ def test_copies_are_of_train_rows_only_without_reference_and_stable_per_id(token
     for r in copies:
         assert r["split"] == "train" and r["reference"] is None
         assert r["messages"][0] == {"role": "system", "content": "Decide."}
-        assert r["messages"][1]["content"] != "Review 0: the blender is terrible and loud."
+        assert r["messages"][1]["content"].startswith("Review")  # one line: all of it is text to reword
+        assert r["messages"][1]["content"] not in {x["messages"][1]["content"] for x in _rows()}
     # a row's copies depend on its id and the seed alone, not on the rows streamed before it
     alone = list(with_copies(_rows()[2:3], cfg, nb))
     assert alone == [r for r in out if r["id"].startswith("r2")]
@@ -102,8 +110,9 @@ def test_prepare_writes_the_copies_as_train_prompts(tmp_path, tiny_model):
     for r in copies:
         source = train[r["id"].split("#")[0]]
         assert r["messages"][0] == source["messages"][0]  # the system prompt is the task's, as it was
-        words = set(r["messages"][-1]["content"].lower().split()) & set(source["messages"][-1]["content"].lower().split())
-        assert words  # a rewording, not another text
+        ask, _, review = r["messages"][-1]["content"].partition("\n")
+        assert ask == source["messages"][-1]["content"].partition("\n")[0]  # the question as it was
+        assert review != source["messages"][-1]["content"].partition("\n")[2]
     assert {"positive", "negative"} <= set(" ".join(r["messages"][-1]["content"] for r in copies).replace("?", " ").split())
     assert not FUNCTION_WORDS & {"positive", "negative"}
 
