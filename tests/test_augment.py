@@ -127,3 +127,16 @@ def test_augmenting_needs_a_student_model(tmp_path):
                              "student.kind=derived", "data.augment.copies=1"])
     with pytest.raises(UserError, match="data.augment"):
         run_stage("prepare", cfg)
+
+
+def test_another_student_makes_other_copies_so_prepare_reruns(tmp_path):
+    from distill.config import load_config
+    from distill.stages import _prepare_inputs
+
+    def inputs(*extra):
+        return _prepare_inputs(load_config(None, [f"run_dir={tmp_path}", "data.source.kind=synth", *extra]))
+
+    assert "data.augment.model" not in inputs()  # no copies: the student plays no part in prepare
+    one = inputs("data.augment.copies=1", "student.kind=pretrained", "student.path=/models/a")
+    other = inputs("data.augment.copies=1", "student.kind=pretrained", "student.path=/models/b")
+    assert one["data.augment.model"] == "/models/a" and one != other
