@@ -1,6 +1,6 @@
 """Reworded copies of the train prompts, so the student reads more wording than the prompts hold.
 
-    distill run -c configs/default.yaml data.augment.copies=3
+    distill run -c my.yaml data.augment.copies=3       # configs/default.yaml has it on
 
 A student trained on a few hundred prompts learns their words; on wording it never saw (the
 `shifted` sets) it falls back to the answer it gives most. Each copy of a train prompt replaces
