@@ -87,7 +87,8 @@ class WordNeighbours:
             ends_word = not nxt or nxt.startswith(WORD_START) or not nxt[0].isalpha()
             if ends_word and (near := self.near(t)) and rng.random() < replace:
                 out[i] = rng.choice(near)
-        return text if out == ids else self.tok.decode(out)[1:]
+        # the space put in front comes back from byte-level BPE, not from SentencePiece
+        return text if out == ids else self.tok.decode(out).removeprefix(" ")
 
 
 def load_neighbours(model_dir: str, cfg: AugmentConfig, labels: Iterable[str]) -> WordNeighbours:

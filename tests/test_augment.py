@@ -58,6 +58,20 @@ def test_reword_replaces_content_words_only_and_keeps_the_rest(tokenizer):
     assert nb.reword("the of and", 1.0, random.Random(0)) == "the of and"
 
 
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_reword_keeps_the_first_character_with_either_kind_of_tokenizer(kind):
+    import torch
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer(kind, vocab_size=2000)  # large enough for whole-word tokens
+    torch.manual_seed(0)
+    nb = WordNeighbours(tok, torch.randn(len(tok), 16), 3)
+    text = "The blender is terrible and the kettle leaks."
+    out = nb.reword(text, 1.0, random.Random(0))
+    assert out != text and out.startswith("The ")
+
+
 def test_the_first_line_of_several_is_the_instruction_and_stays():
     assert split_instruction("Is this review positive?\nThe blender is terrible.") == \
         ("Is this review positive?\n", "The blender is terrible.")
