@@ -330,10 +330,15 @@ def run_stage(name: str, cfg: RunConfig, force: bool = False, cfg_path: str | No
         return stats
 
 
+def _stale(existing: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Made under the same key with another value of a field: a default changed in code since."""
+    return any(existing.get("fields", {}).get(p, v) != v for p, v in record["fields"].items())
+
+
 def _run(stage: Stage, cfg: RunConfig, rd: RunDir, record: dict[str, Any]) -> dict[str, Any]:
     existing = rd.key_record(stage.output)
     old_version = existing and (existing.get("version") or existing.get("key") or "unversioned")
-    stale = existing and any(existing.get("fields", {}).get(p, v) != v for p, v in record["fields"].items())
+    stale = existing and _stale(existing, record)
     if existing and stale and old_version == record["version"]:  # same key, a default changed in code
         old_version = f"{old_version}-{_digest(existing.get('fields'))[:6]}"
     if existing and (old_version != record["version"] or stale):
@@ -342,11 +347,15 @@ def _run(stage: Stage, cfg: RunConfig, rd: RunDir, record: dict[str, Any]) -> di
               f"output is kept in {kept.uri} (restored if you change back)")
         existing = None
     if existing is None and rd.restore(stage.output, record["version"]):
-        print(f"[{stage.name}] restored the output made earlier under this config")
         existing = rd.key_record(stage.output)
-        marker = rd.marker(stage.output)
-        if marker and marker.get("key") == record["key"]:
-            return marker["stats"]
+        if existing and _stale(existing, record):  # kept under this key before a default changed: not this config's
+            rd.set_aside(stage.output, f"{record['version']}-{_digest(existing.get('fields'))[:6]}")
+            existing = None
+        else:
+            print(f"[{stage.name}] restored the output made earlier under this config")
+            marker = rd.marker(stage.output)
+            if marker and marker.get("key") == record["key"]:
+                return marker["stats"]
     if existing is not None and not stage.resumable:
         rd.root.join(stage.output).remove()  # an unfinished attempt under this key: redo it whole
     rd.write_key(stage.output, record)

@@ -151,6 +151,28 @@ def test_a_default_changed_in_code_redoes_the_stage_and_keeps_the_old_output(tmp
     assert is_done("prepare", cfg, RunDir(cfg))
 
 
+def test_an_output_kept_before_a_default_changed_is_not_restored_as_this_configs(tmp_path, capsys):
+    """A kept version's key leaves out fields at their default, so after a default changes in code
+    an output made under the old default has the current key: restoring it would hand the old
+    default's rows on as the new one's."""
+    _write(tmp_path)
+    cfg = _cfg(tmp_path)
+    run_stage("prepare", cfg)
+    prompts = tmp_path / "run" / "prompts"
+    for name in ("_SUCCESS.json", "_KEY.json"):  # as if made when the default was 0.3
+        record = json.loads((prompts / name).read_text())
+        record["fields"]["data.split.test"] = 0.3
+        (prompts / name).write_text(json.dumps(record))
+    run_stage("prepare", _cfg(tmp_path, "data.split.test=0.25"))  # another config: the output is set aside
+    key = current_record("prepare", cfg, RunDir(cfg))["key"]
+    assert (tmp_path / "run" / "_versions" / f"prompts-{key}").exists()
+    capsys.readouterr()
+    run_stage("prepare", cfg)  # back to the default (0.2): made again, not restored
+    assert "restored the output" not in capsys.readouterr().out
+    assert json.loads((prompts / "_SUCCESS.json").read_text())["fields"]["data.split.test"] == 0.2
+    assert is_done("prepare", cfg, RunDir(cfg))
+
+
 def test_force_removes_the_training_run_folders_whatever_their_layout_suffix(tmp_path):
     """`--force train` must start over, not resume from Ray Train's `train-<key>-w1z2` folder."""
     from distill.stages import remove_outputs
