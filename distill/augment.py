@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import schema as S
+from distill.chat import split_instruction
 from distill.config import AugmentConfig
 
 WORD_START = ("Ġ", "▁")  # a token that begins a word after a space: byte-level BPE, SentencePiece
@@ -121,11 +122,3 @@ def with_copies(rows: Iterable[dict[str, Any]], cfg: AugmentConfig,
             if text != body:
                 yield {**row, S.ID: f"{row[S.ID]}{COPY_MARK}{c}", S.REFERENCE: None,
                        S.MESSAGES: [*context, {**last, "content": instruction + text}]}
-
-
-def split_instruction(message: str) -> tuple[str, str]:
-    """(the instruction, with its newline; the text to reword): a message of several lines is read
-    as an instruction on its first line over the text it asks about ("Is this review positive or
-    negative?\n..."), and the instruction stays as written; a one-line message is all text."""
-    first, newline, rest = message.partition("\n")
-    return (first + newline, rest) if newline and rest.strip() else ("", message)

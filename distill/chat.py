@@ -55,3 +55,12 @@ class TeacherContext:
         shots = [m for prompt, answer in self.few_shot
                  for m in ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})]
         return [*system, *shots, *turns]
+
+
+def split_instruction(message: str) -> tuple[str, str]:
+    """(the instruction, with its newline; the text it asks about): a message of several lines is
+    read as an instruction on its first line over the text it asks about ("Is this review positive
+    or negative?\n..."); a one-line message is all text. `data.augment` rewords the text only;
+    `curation.calibrate: instruction` estimates the teacher's lean per instruction."""
+    first, newline, rest = message.partition("\n")
+    return (first + newline, rest) if newline and rest.strip() else ("", message)

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill import schema as S
+from distill.calibration import Priors, calibration_table
 from distill.config import CurationConfig, RunConfig, TaskConfig
 from distill.curate_keys import PartKeys, exact_drops, near_drops, part_keys, selection_drops
 from distill.curate_rules import (CurationGateError, format_table, majority_votes, reason_table, relabel_wrong_answer,
@@ -71,16 +72,16 @@ class RowRules:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.table(*self.rows_and_reasons(batch))
 
-    def rows_and_reasons(self, batch: pa.Table, log_prior: np.ndarray | None = None,
+    def rows_and_reasons(self, batch: pa.Table, priors: Priors | None = None,
                          changes: Counter | None = None) -> tuple[list[dict[str, Any]], list[str | None]]:
-        """The rows (calibrated against `log_prior` first, when given, counting each change of label
-        into `changes` as "old -> new"), trimmed, and their reasons."""
+        """The rows (calibrated against their prior in `priors` first, when given, counting each
+        change of label into `changes` as "old -> new"), trimmed, and their reasons."""
         rows = batch.to_pylist()
         uncertain = [False] * len(rows)
-        if log_prior is not None:
+        if priors is not None:
             changes = changes if changes is not None else Counter()
             for i, row in enumerate(rows):
-                rows[i], uncertain[i] = self._calibrated(row, log_prior, changes)
+                rows[i], uncertain[i] = self._calibrated(row, priors.of(row), changes)
         rows = [trim_after_answer(r, self.task, self.cfg.trim_after_answer, self.decode or _no_tokens) for r in rows]
         reasons = [row_reason(r, self.task, self.cfg) for r in rows]
         if self.cfg.relabel_wrong:
@@ -133,17 +134,24 @@ def _rules(task: TaskConfig, curation: CurationConfig, tokenizer: str | None, sc
 # ----------------------------------------------------------------------------- the tasks
 
 
-def _label_probabilities(src: Location, path: str, cfg: RunConfig, tokenizer: str | None) -> tuple[np.ndarray, int]:
-    """Round 0 for one teacher part (`curation.calibrate`): its rows' label probabilities added up."""
+def _label_probabilities(src: Location, path: str, cfg: RunConfig, tokenizer: str | None) -> tuple:
+    """Round 0 for one teacher part (`curation.calibrate`): its rows' label probabilities added up,
+    how many rows had them, and with `calibrate: instruction` the same per instruction."""
+    from distill.calibration import label_mass, label_mass_by_instruction
+
     table = pq.read_table(path, filesystem=src.fs)
     rules = _rules(cfg.task, cfg.curation, tokenizer, table.schema)
     if rules.calibration is None:
-        return np.zeros(len(getattr(rules.task, "labels", []))), 0
-    return rules.calibration.probabilities(table.to_pylist())
+        return np.zeros(len(getattr(rules.task, "labels", []))), 0, {}
+    rows = table.to_pylist()
+    answers = [rules.calibration.answer(row) for row in rows]
+    labels = len(rules.calibration.labels)
+    groups = label_mass_by_instruction(rows, answers, labels) if cfg.curation.calibrate == "instruction" else {}
+    return (*label_mass(answers, labels), groups)
 
 
 def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: RunConfig,
-                tokenizer: str | None, log_prior: np.ndarray | None = None) -> tuple[Counter, Counter]:
+                tokenizer: str | None, priors: Priors | None = None) -> tuple[Counter, Counter]:
     """Round 1 for one teacher part: calibration, the per-row rules (and majority votes), the
     staged part and its compact keys written; returns its prompts' agreement counts and its
     calibration's label changes."""
@@ -151,7 +159,7 @@ def _stage_part(src: Location, path: str, part: int, staging: Location, cfg: Run
     table = pq.read_table(path, filesystem=src.fs)
     rules = _rules(cfg.task, c, tokenizer, table.schema)
     changes = Counter()
-    rows, reasons = rules.rows_and_reasons(table, log_prior, changes)
+    rows, reasons = rules.rows_and_reasons(table, priors, changes)
     agreement = Counter()
     if c.select == "majority":
         rows, reasons, agreement = rules.votes(rows, reasons)
@@ -290,9 +298,10 @@ def _progress(label: str):
     return lambda done, total: print(f"[curate] {label}: {done}/{total} parts", flush=True)
 
 
-def _log_priors(cfg: RunConfig, parts: list[tuple], task) -> dict[str, np.ndarray]:
-    """Round 0 (`curation.calibrate`): each teacher's log mean label probability over its rows,
-    from a sum per part (a vector per part reaches the driver, not the rows)."""
+def _log_priors(cfg: RunConfig, parts: list[tuple], task) -> dict[str, Priors]:
+    """Round 0 (`curation.calibrate`): each teacher's log mean label probability over its rows, and
+    with `calibrate: instruction` over the rows of each instruction with `calibrate_min_rows` of
+    them, from sums per part (vectors per part reach the driver, not the rows)."""
     import ray
 
     from distill.calibration import log_prior
@@ -300,17 +309,26 @@ def _log_priors(cfg: RunConfig, parts: list[tuple], task) -> dict[str, np.ndarra
 
     sums = submit_bounded(lambda i: task(_label_probabilities).remote(parts[i][0], parts[i][1], cfg, parts[i][2]),
                           range(len(parts)), task_window(), _progress("label probabilities"))
-    priors = {}
-    for (_, _, _, _, name), (total, rows) in zip(parts, ray.get(sums)):
-        have, n = priors.get(name, (0.0, 0))
-        priors[name] = (have + total, n + rows)
-    unread = [name for name, (_, n) in priors.items() if n == 0]
-    if len(unread) == len(priors):  # nothing to calibrate anywhere: say why
+    pooled, grouped = {}, {}
+    for (_, _, _, _, name), (total, rows, groups) in zip(parts, ray.get(sums)):
+        _add(pooled, name, total, rows)
+        for key, (t, n) in groups.items():
+            _add(grouped, (name, key), t, n)
+    unread = [name for name, (_, n) in pooled.items() if n == 0]
+    if len(unread) == len(pooled):  # nothing to calibrate anywhere: say why
         log_prior(np.zeros(0), 0)
     if unread:  # e.g. an endpoint teacher that returns text only
         print(f"[curate] calibration: no label probabilities in the rows of teacher {', '.join(unread)}; "
               "its rows are kept as they are", flush=True)
-    return {name: log_prior(total, n) for name, (total, n) in priors.items() if n}
+    least = cfg.curation.calibrate_min_rows
+    return {name: Priors(log_prior(total, n), {key: log_prior(t, m) for (teacher, key), (t, m) in grouped.items()
+                                               if teacher == name and m >= least})
+            for name, (total, n) in pooled.items() if n}
+
+
+def _add(sums: dict, key, total: np.ndarray, rows: int) -> None:
+    have, n = sums.get(key, (0.0, 0))
+    sums[key] = (have + total, n + rows)
 
 
 def _gate(table: dict[str, Any], min_kept_ratio: float, rd: RunDir) -> None:
@@ -377,9 +395,7 @@ def curate(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     table = reason_table(total.reasons.elements(), total.examples, prompts, kept_prompts,
                          total.trimmed, total.relabelled)
     if priors:  # each teacher's label prior, and the labels calibration changed
-        table["calibration"] = {"prior": {name: dict(zip(cfg.task.labels or [], np.exp(p).round(4).tolist()))
-                                          for name, p in priors.items()},
-                                "changed": dict(changes)}
+        table["calibration"] = calibration_table(priors, cfg.task.labels or [], changes)
     if agreement:  # how many prompts' samples agreed how much (select=majority)
         table["agreement"] = dict(sorted(agreement.items(), key=lambda kv: -_share(kv[0])))
     if c.check_answer and total.unreferenced:

@@ -190,10 +190,9 @@ def format_table(table: dict[str, Any]) -> str:
     lines += [f"{r:<16}{n:>10}" for r, n in table["dropped"].items()]
     lines.append(f"prompts kept: {table['kept_prompts']}/{table['prompts']} ({table['kept_ratio']:.1%})")
     if table.get("calibration"):
-        priors = "; ".join(f"{teacher}: " + ", ".join(f"{label} {p:.2f}" for label, p in prior.items())
-                           for teacher, prior in table["calibration"]["prior"].items())
-        changed = ", ".join(f"{change} {n}" for change, n in table["calibration"]["changed"].items())
-        lines.append(f"calibration: the teacher's mean label probability ({priors}); labels changed: {changed or 'none'}")
+        from distill.calibration import describe
+
+        lines.append(f"calibration: {describe(table['calibration'])}")
     if table.get("agreement"):
         lines.append("samples agreeing with their prompt's winning answer: "
                      + ", ".join(f"{share} in {n} prompts" for share, n in table["agreement"].items()))

@@ -142,11 +142,9 @@ def curation_line(c: dict[str, Any]) -> str:
             f"`curated/_table.json`), {c.get('kept_relabelled') or 0} of them with their label rewritten.")
     calibration = c.get("calibration")
     if calibration:
-        priors = "; ".join(f"{teacher}: " + ", ".join(f"{label} {p:.2f}" for label, p in prior.items())
-                           for teacher, prior in calibration["prior"].items())
-        changed = ", ".join(f"{change} {n}" for change, n in calibration["changed"].items()) or "none"
-        line += (f" Calibrated (`curation.calibrate`) against the teacher's mean label probability ({priors}); "
-                 f"labels changed: {changed}.")
+        from distill.calibration import describe
+
+        line += f" Calibrated (`curation.calibrate`) against {describe(calibration)}."
     return line
 
 

@@ -5,7 +5,8 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from distill.augment import WordNeighbours, is_copy, split_instruction, with_copies
+from distill.augment import WordNeighbours, is_copy, with_copies
+from distill.chat import split_instruction
 from distill.config import AugmentConfig
 
 

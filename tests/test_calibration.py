@@ -1,10 +1,10 @@
-"""Batch calibration of a classifying teacher (`curation.calibrate: batch`), on rows made by hand
-with a word-level tokenizer: what it changes, and what it must leave alone."""
+"""Batch calibration of a classifying teacher (`curation.calibrate`: pooled and per instruction), on
+rows made by hand with a word-level tokenizer: what it changes, and what it must leave alone."""
 
 import numpy as np
 import pytest
 
-from distill.calibration import LabelCalibration, log_prior
+from distill.calibration import LabelCalibration, Priors, log_prior
 from distill.errors import UserError
 from distill.tasks import get_task
 
@@ -170,7 +170,7 @@ def test_responses_near_a_coin_flip_after_calibration_are_dropped_as_uncertain()
                      pa.Table.from_pylist(pool).schema)
     rules.calibration, rules.encode, rules.decode = CAL, encode, decode  # the word-level tokenizer above
     changes = Counter()
-    rows, reasons = rules.rows_and_reasons(pa.Table.from_pylist(pool), prior, changes)
+    rows, reasons = rules.rows_and_reasons(pa.Table.from_pylist(pool), Priors(prior), changes)
     assert reasons == ["uncertain" if m < 0.3 else None for m in margins]
     # dropped: an answer kept as it was (0.8) and one calibration flipped (0.7); kept: the surest
     # of both kinds
@@ -186,3 +186,44 @@ def test_a_label_margin_needs_calibration():
 
     with pytest.raises(ValidationError, match="set curation.calibrate=batch, or curation.min_label_margin=0"):
         CurationConfig(min_label_margin=0.1)
+
+
+def _asked(row: dict, message: str, system: str = "Be brief.") -> dict:
+    return {**row, "messages": [{"role": "system", "content": system}, {"role": "user", "content": message}]}
+
+
+def test_an_instruction_is_the_system_prompt_and_the_question_line_not_the_text():
+    from distill.calibration import instruction_of
+
+    row = one_word("positive", 0.8)
+    a = instruction_of(_asked(row, "Is it positive?\nThe kettle is fine."))
+    assert a == instruction_of(_asked(row, "Is it positive?\nThe lid broke."))  # another text, one instruction
+    assert a != instruction_of(_asked(row, "Rate it:\nThe kettle is fine."))  # another question
+    assert a != instruction_of(_asked(row, "Is it positive?\nThe kettle is fine.", system="Be kind."))
+    # one-line prompts have no question line of their own: they share their system prompt's
+    assert instruction_of(_asked(row, "The kettle is fine.")) == instruction_of(_asked(row, "Positive? The lid broke."))
+
+
+def test_label_mass_per_instruction_adds_up_each_instructions_answers_and_keeps_the_largest():
+    from distill.calibration import instruction_of, label_mass_by_instruction
+
+    rows = ([_asked(one_word("positive", p), "Is it positive?\ntext") for p in (0.9, 0.7)]
+            + [_asked(one_word("positive", 0.6), "Rate it:\ntext")])
+    answers = [CAL.answer(r) for r in rows]
+    groups = label_mass_by_instruction(rows, answers, 2)
+    is_it, rate = instruction_of(rows[0]), instruction_of(rows[2])
+    assert groups[is_it][1] == 2 and groups[rate][1] == 1
+    assert groups[is_it][0] == pytest.approx(np.exp(answers[0].scores) + np.exp(answers[1].scores))
+    assert list(label_mass_by_instruction(rows, answers, 2, most=1)) == [is_it]  # the bounded table
+
+
+def test_each_instruction_with_a_prior_is_calibrated_against_it_and_others_against_the_pooled_one():
+    from distill.calibration import Priors, instruction_of
+
+    is_it, rate, other = (_asked(one_word("positive", 0.7), m) for m in ("Is it positive?\nx", "Rate it:\nx", "Why?\nx"))
+    pooled, leaning = np.log(np.array([0.6, 0.4])), np.log(np.array([0.8, 0.2]))
+    priors = Priors(pooled, {instruction_of(is_it): leaning})
+    assert priors.of(is_it) is leaning and priors.of(rate) is pooled and priors.of(other) is pooled
+    # p(positive) 0.7 is above the pooled lean (0.6) and below the instruction's own (0.8)
+    assert CAL.apply(is_it, priors.of(is_it))[1] == "negative" and CAL.apply(rate, priors.of(rate))[1] is None
+    assert Priors(pooled).of(is_it) is pooled

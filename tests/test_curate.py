@@ -1,6 +1,7 @@
 """curate on real teacher outputs (tiny model through Ray + vLLM): outputs, table and gate."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -88,28 +89,26 @@ def test_tasks_are_submitted_a_window_at_a_time_and_come_back_in_order(ray_clust
     assert 1 <= ray.get(gauge.peak.remote()) <= 3
 
 
-def test_calibration_balances_a_teacher_that_leans_to_one_label(generated_run, tiny_model, tmp_path):
-    """`curation.calibrate: batch` through the stage: the prior is added up over every part by the
-    driver, and each part's rows are calibrated against it (the tiny model states no label, so
-    its rows are rewritten as a teacher that answers "positive" to everything, surer on some)."""
+def _leaning_teacher(run: Path, tiny_model: str, p_pos) -> tuple[list[dict], int, int]:
+    """The run's teacher rows rewritten as a teacher that answers "positive" to everything, with
+    `p_pos(i, rows)` its probability on the i-th row, in two parts; the rows and the two label ids
+    (the tiny model itself states no label)."""
     import math
 
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
-                   curation={"check_answer": False, "dedup_exact": False, "calibrate": "batch"})
     tok = AutoTokenizer.from_pretrained(tiny_model)
     pos, neg = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("positive", "negative"))
-    folder = tmp_path / "run" / "teacher"
+    folder = run / "teacher"
     parts = sorted(folder.glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
     for p in parts:
         p.unlink()
     rows = [r for r in table.to_pylist() if not r["error"]]
     k = rows[0]["topk"]
-    p_pos = [0.95 - 0.5 * i / (len(rows) - 1) for i in range(len(rows))]  # 0.95 down to 0.45
-    for r, p in zip(rows, p_pos):
+    for i, r in enumerate(rows):
+        p = p_pos(i, len(rows))
         others = [t for t in range(100, 100 + k - 2)]
         r.update(text="positive", token_ids=[pos, tok.eos_token_id], output_tokens=2, finish_reason="stop",
                  topk_ids=[pos, neg, *others] + [tok.eos_token_id] * k,
@@ -118,18 +117,68 @@ def test_calibration_balances_a_teacher_that_leans_to_one_label(generated_run, t
     half = len(rows) // 2
     for i, chunk in enumerate((rows[:half], rows[half:])):  # two parts: the prior spans both
         pq.write_table(pa.Table.from_pylist(chunk, schema=table.schema), folder / f"part-{i}.parquet")
+    return rows, pos, neg
+
+
+def _flips(p_pos: list[float]) -> int:
+    """How many answers Batch Calibration turns to "negative" in a pool with these p(positive)."""
+    prior = sum(p_pos) / len(p_pos)
+    return sum(p / prior < (1 - p) / (1 - prior) for p in p_pos)
+
+
+def test_calibration_balances_a_teacher_that_leans_to_one_label(generated_run, tiny_model, tmp_path):
+    """`curation.calibrate: batch` through the stage: the prior is added up over every part by the
+    driver, and each part's rows are calibrated against it."""
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
+                   curation={"check_answer": False, "dedup_exact": False, "calibrate": "batch"})
+    rows, pos, neg = _leaning_teacher(tmp_path / "run", tiny_model, lambda i, n: 0.95 - 0.5 * i / (n - 1))
+    p_pos = [0.95 - 0.5 * i / (len(rows) - 1) for i in range(len(rows))]  # 0.95 down to 0.45
+    k = rows[0]["topk"]
 
     stats = run_stage("curate", cfg)
-    prior = sum(p_pos) / len(p_pos)
-    flips = sum(p / prior < (1 - p) / (1 - prior) for p in p_pos)
+    flips = _flips(p_pos)
     calibration = stats["table"]["calibration"]
-    assert calibration["prior"]["teacher"]["positive"] == pytest.approx(prior, abs=1e-3)
+    assert calibration["prior"]["teacher"]["positive"] == pytest.approx(sum(p_pos) / len(p_pos), abs=1e-3)
     assert calibration["changed"] == {"positive -> negative": flips} and 0 < flips < len(rows)
     assert stats["table"]["kept_relabelled"] == flips
     curated = pq.read_table(tmp_path / "run" / "curated").to_pylist()
     negative = [r for r in curated if r["text"] == "negative"]
     assert len(negative) == flips and all(r["token_ids"] == [neg] and len(r["topk_ids"]) == k for r in negative)
     assert all(r["topk_ids"][1] == pos for r in negative)  # " negative" leads at the answer now
+
+
+def test_calibration_per_instruction_uses_each_instructions_own_lean(generated_run, tiny_model, tmp_path,
+                                                                    capsys):
+    """`curation.calibrate: instruction`: rows asked one way lean further to "positive" than rows
+    asked another way, and each group is calibrated against its own mean, not the pooled one."""
+    import pyarrow as pa
+
+    cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
+                   curation={"check_answer": False, "dedup_exact": False, "calibrate": "instruction",
+                             "calibrate_min_rows": 4})
+    # even rows asked "Is it positive?", odd rows "Rate it:"; the first lean harder
+    asks = ["Is it positive?\n", "Rate it:\n"]
+    lean = {0: lambda j, n: 0.95 - 0.3 * j / n, 1: lambda j, n: 0.75 - 0.5 * j / n}
+    rows, _, _ = _leaning_teacher(tmp_path / "run", tiny_model, lambda i, n: lean[i % 2](i // 2, n // 2))
+    for part in sorted((tmp_path / "run" / "teacher").glob("*.parquet")):
+        table = pq.read_table(part).to_pylist()
+        for r in table:
+            i = next(j for j, row in enumerate(rows) if row["id"] == r["id"] and row["sample"] == r["sample"])
+            *context, last = r["messages"]
+            r["messages"] = [*context, {**last, "content": asks[i % 2] + last["content"]}]
+        pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(part)), part)
+    p_pos = [lean[i % 2](i // 2, len(rows) // 2) for i in range(len(rows))]
+    per_group = _flips(p_pos[0::2]) + _flips(p_pos[1::2])
+    assert per_group != _flips(p_pos)  # the pooled prior would flip a different number
+
+    stats = run_stage("curate", cfg)
+    calibration = stats["table"]["calibration"]
+    assert calibration["by_instruction"]["teacher"]["instructions"] == 2
+    lo, hi = calibration["by_instruction"]["teacher"]["range"]["positive"]
+    assert lo == pytest.approx(sum(p_pos[1::2]) / len(p_pos[1::2]), abs=1e-3)
+    assert hi == pytest.approx(sum(p_pos[0::2]) / len(p_pos[0::2]), abs=1e-3)
+    assert calibration["changed"] == {"positive -> negative": per_group}
+    assert "teacher per instruction (2 instructions): positive" in capsys.readouterr().out  # the printed table
 
 
 def test_a_teacher_without_label_probabilities_is_left_as_it_is_beside_one_with_them(generated_run, tiny_model,

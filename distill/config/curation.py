@@ -59,14 +59,20 @@ class CurationConfig(Strict):
     relabel_to: Literal["majority"] | None = None
     """With select=majority: rewrite a minority answer's label to the majority's (the label-free
     twin of relabel_wrong) instead of dropping it as `minority`."""
-    calibrate: Annotated[Literal["off", "batch"], BeforeValidator(_yaml_off)] = "off"
+    calibrate: Annotated[Literal["off", "batch", "instruction"], BeforeValidator(_yaml_off)] = "off"
     """`batch` (nli and classification; no labels needed): remove the teacher's lean towards
     some labels before the student learns them. The teacher's mean probability of each label
     over every response estimates that lean (Batch Calibration, `distill/calibration.py`); each
     response's label distribution at its answer is divided by it, and a response whose most
-    likely label changes states the new one (`kept_relabelled`). Needs generation.top_k_logprobs."""
+    likely label changes states the new one (`kept_relabelled`). `instruction`: the same, with
+    one mean per instruction (the system prompt and the first line of a message of several
+    lines), since a teacher leans differently with how a question is put; instructions with
+    fewer than `calibrate_min_rows` responses share the pooled mean. Needs
+    generation.top_k_logprobs."""
+    calibrate_min_rows: int = Field(32, ge=1)
+    """With calibrate=instruction: the responses an instruction needs for a mean of its own."""
     min_label_margin: float = Field(0.0, ge=0.0, lt=1.0)
-    """With calibrate=batch: drop a response as `uncertain` when its two most likely labels,
+    """With calibrate on: drop a response as `uncertain` when its two most likely labels,
     after calibration, are closer than this in probability (normalised over the labels). Near a
     coin flip the teacher's answer is about as often wrong as right, and a student learns that
     noise too. 0 keeps every response."""

@@ -99,11 +99,11 @@ class RunConfig(Strict):
         if self.curation.calibrate == "off":
             return self
         if self.task.type not in LABELLED_TASKS:
-            raise ValueError(f"curation.calibrate=batch calibrates the teacher's label probabilities, which "
+            raise ValueError(f"curation.calibrate={self.curation.calibrate} calibrates the teacher's label probabilities, which "
                              f"task.type={self.task.type} has not: use it with "
                              f"{' or '.join(LABELLED_TASKS)}, or set curation.calibrate=off")
         if self.generation.top_k_logprobs == 0:
-            raise ValueError("curation.calibrate=batch reads the teacher's label probabilities from its stored "
+            raise ValueError(f"curation.calibrate={self.curation.calibrate} reads the teacher's label probabilities from its stored "
                              "top-k: set generation.top_k_logprobs (e.g. 20), or curation.calibrate=off")
         return self
 
