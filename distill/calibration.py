@@ -17,12 +17,12 @@ the calibrated distribution (a teacher without a lean is left as it was). When t
 label differs, the response states it instead (as `relabel_wrong` does with a gold label), the
 top-k kept up to the answer's position.
 
-The lean depends on how a question is put as well as on the teacher: SmolLM2-135M's mean
-probability of "positive" ranges from 0.46 to 0.61 over the six question forms of the default's
-bank. `curation.calibrate: instruction` estimates one prior per instruction (the system prompt and
-the first line of a message of several lines, `distill.chat.split_instruction`), as Batch
-Calibration does per prompt template, for each instruction with `curation.calibrate_min_rows`
-responses; every other response is calibrated against the pooled prior.
+The lean depends on how a question is put as well as on the teacher (the default's six question
+forms: `bench/calibration_by_instruction.py`). `curation.calibrate: instruction` estimates one
+prior per instruction (the system prompt and the first line of a message of several lines,
+`distill.chat.split_instruction`), as Batch Calibration does per prompt template, for each
+instruction with `curation.calibrate_min_rows` responses; every other response is calibrated
+against the pooled prior.
 
 Pure functions and small classes, no Ray: `distill.curate` computes the priors over every part,
 then applies them per row.
