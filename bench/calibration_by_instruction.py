@@ -44,9 +44,8 @@ def main() -> None:
         if answer is not None:
             groups.setdefault(instruction_of(row), []).append((row, answer))
 
-    def right(pairs, prior=None) -> int:
-        return sum(task.labels[int(np.argmax(a.scores - (0 if prior is None else prior)))] == r["reference"]
-                   for r, a in pairs if r.get("reference"))
+    def right(pairs, prior=0.0) -> int:
+        return sum(task.labels[int(np.argmax(a.scores - prior))] == r["reference"] for r, a in pairs if r.get("reference"))
 
     out, total = [], np.zeros(4, int)
     print(f"{'instruction':<60} {'answers':>7} {'p(' + task.labels[0] + ')':>14} {'referenced':>10} "

@@ -137,10 +137,6 @@ class LabelCalibration:
         answer = self.answer(row)
         return None if answer is None else answer.margin(log_prior)
 
-    def probabilities(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
-        """Sum over `rows` of p(label | x) (normalised over the labels) and how many rows had one."""
-        return label_mass([self.answer(row) for row in rows], len(self.labels))
-
 
 def instruction_of(row: dict[str, Any]) -> str:
     """A digest of what the row's prompt asks, without the text it asks about: its system messages
@@ -210,7 +206,7 @@ def label_mass(answers: list[Answer | None], labels: int) -> tuple[np.ndarray, i
 
 
 def log_prior(total: np.ndarray, rows: int) -> np.ndarray:
-    """log mean p(label) over the pool, from `LabelCalibration.probabilities` added up."""
+    """log mean p(label) over the pool, from `label_mass` added up."""
     if rows == 0:
         raise UserError("curation.calibrate: no teacher response states a label that its stored top-k covers; "
                         "calibration needs generation.top_k_logprobs > 0, a teacher that returns token ids, "

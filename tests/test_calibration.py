@@ -4,7 +4,7 @@ rows made by hand with a word-level tokenizer: what it changes, and what it must
 import numpy as np
 import pytest
 
-from distill.calibration import LabelCalibration, Priors, log_prior
+from distill.calibration import LabelCalibration, Priors, label_mass, log_prior
 from distill.errors import UserError
 from distill.tasks import get_task
 
@@ -30,6 +30,11 @@ def decode(ids) -> str:
 CAL = LabelCalibration(TASK, encode, decode)
 
 
+def mass(rows: list[dict]) -> tuple:
+    """The rows' label probabilities added up, as curation's first round adds them."""
+    return label_mass([CAL.answer(row) for row in rows], len(TASK.labels))
+
+
 def one_word(label: str, p_pos: float, p_other: float = 0.1) -> dict:
     """A one-word answer and EOS; at the answer, the teacher's top-3 holds both labels and a third token."""
     ids = [POS if label == "positive" else NEG, EOS]
@@ -53,7 +58,7 @@ def test_a_teacher_leaning_to_one_label_is_balanced_and_the_weakest_of_its_answe
     # every answer is "positive", but the last two are the least sure of it: under the pool's
     # lean (mean p(positive) 0.72) they are the negative ones
     pool = [one_word("positive", p) for p in (0.9, 0.85, 0.8, 0.55, 0.5)]
-    total, n = CAL.probabilities(pool)
+    total, n = mass(pool)
     assert n == 5 and total == pytest.approx([3.6, 1.4])
     prior = log_prior(total, n)
     out = [CAL.apply(r, prior) for r in pool]
@@ -77,7 +82,7 @@ def test_a_teacher_leaning_to_one_label_is_balanced_and_the_weakest_of_its_answe
 
 def test_a_balanced_teacher_is_left_as_it_is():
     pool = [one_word("positive", p) for p in (0.9, 0.6)] + [one_word("negative", p) for p in (0.4, 0.1)]
-    prior = log_prior(*CAL.probabilities(pool))
+    prior = log_prior(*mass(pool))
     assert np.exp(prior) == pytest.approx([0.5, 0.5])
     for row in pool:
         out, new = CAL.apply(row, prior)
@@ -113,10 +118,10 @@ def test_an_answer_inside_a_sentence_is_found_and_relabelled_there():
 def test_rows_without_a_readable_label_are_not_calibrated_or_counted(change):
     row = {**one_word("positive", 0.5), **change}
     assert CAL.answer(row) is None
-    assert CAL.probabilities([row]) == (pytest.approx([0, 0]), 0)
+    assert mass([row]) == (pytest.approx([0, 0]), 0)
     assert CAL.apply(row, np.log(np.array([0.9, 0.1]))) == (row, None)
     with pytest.raises(UserError, match="curation.calibrate"):
-        log_prior(*CAL.probabilities([row]))
+        log_prior(*mass([row]))
 
 
 def test_labels_whose_first_tokens_are_the_same_cannot_be_told_apart():
@@ -162,7 +167,7 @@ def test_responses_near_a_coin_flip_after_calibration_are_dropped_as_uncertain()
     from distill.curate import RowRules
 
     pool = [one_word("positive", p) for p in (0.9, 0.85, 0.8, 0.7, 0.55, 0.5)]
-    prior = log_prior(*CAL.probabilities(pool))
+    prior = log_prior(*mass(pool))
     margins = [CAL.margin(r, prior) for r in pool]
     flipped = [CAL.apply(r, prior)[1] is not None for r in pool]
     curation = CurationConfig(calibrate="batch", min_label_margin=0.3, check_answer=False, trim_after_answer="off")

@@ -89,10 +89,10 @@ def test_tasks_are_submitted_a_window_at_a_time_and_come_back_in_order(ray_clust
     assert 1 <= ray.get(gauge.peak.remote()) <= 3
 
 
-def _leaning_teacher(run: Path, tiny_model: str, p_pos) -> tuple[list[dict], int, int]:
+def _leaning_teacher(run: Path, tiny_model: str, p_pos, ask=lambda i: "") -> tuple[list[dict], int, int]:
     """The run's teacher rows rewritten as a teacher that answers "positive" to everything, with
-    `p_pos(i, rows)` its probability on the i-th row, in two parts; the rows and the two label ids
-    (the tiny model itself states no label)."""
+    `p_pos(i, rows)` its probability on the i-th row and `ask(i)` a line put before its prompt, in
+    two parts; the rows and the two label ids (the tiny model itself states no label)."""
     import math
 
     import pyarrow as pa
@@ -110,7 +110,8 @@ def _leaning_teacher(run: Path, tiny_model: str, p_pos) -> tuple[list[dict], int
     for i, r in enumerate(rows):
         p = p_pos(i, len(rows))
         others = [t for t in range(100, 100 + k - 2)]
-        r.update(text="positive", token_ids=[pos, tok.eos_token_id], output_tokens=2, finish_reason="stop",
+        *context, last = r["messages"]
+        r.update(messages=[*context, {**last, "content": ask(i) + last["content"]}], text="positive", token_ids=[pos, tok.eos_token_id], output_tokens=2, finish_reason="stop",
                  topk_ids=[pos, neg, *others] + [tok.eos_token_id] * k,
                  topk_logprobs=[math.log(0.9 * p), math.log(0.9 * (1 - p))] + [-6.0] * (k - 2) + [-0.01] * k,
                  sampled_logprobs=[math.log(0.9 * p), -0.01])
@@ -151,22 +152,14 @@ def test_calibration_per_instruction_uses_each_instructions_own_lean(generated_r
                                                                     capsys):
     """`curation.calibrate: instruction`: rows asked one way lean further to "positive" than rows
     asked another way, and each group is calibrated against its own mean, not the pooled one."""
-    import pyarrow as pa
-
     cfg = copy_run(generated_run[0], tmp_path / "run", tiny_model,
                    curation={"check_answer": False, "dedup_exact": False, "calibrate": "instruction",
                              "calibrate_min_rows": 4})
     # even rows asked "Is it positive?", odd rows "Rate it:"; the first lean harder
     asks = ["Is it positive?\n", "Rate it:\n"]
     lean = {0: lambda j, n: 0.95 - 0.3 * j / n, 1: lambda j, n: 0.75 - 0.5 * j / n}
-    rows, _, _ = _leaning_teacher(tmp_path / "run", tiny_model, lambda i, n: lean[i % 2](i // 2, n // 2))
-    for part in sorted((tmp_path / "run" / "teacher").glob("*.parquet")):
-        table = pq.read_table(part).to_pylist()
-        for r in table:
-            i = next(j for j, row in enumerate(rows) if row["id"] == r["id"] and row["sample"] == r["sample"])
-            *context, last = r["messages"]
-            r["messages"] = [*context, {**last, "content": asks[i % 2] + last["content"]}]
-        pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(part)), part)
+    rows, _, _ = _leaning_teacher(tmp_path / "run", tiny_model, lambda i, n: lean[i % 2](i // 2, n // 2),
+                                  lambda i: asks[i % 2])
     p_pos = [lean[i % 2](i // 2, len(rows) // 2) for i in range(len(rows))]
     per_group = _flips(p_pos[0::2]) + _flips(p_pos[1::2])
     assert per_group != _flips(p_pos)  # the pooled prior would flip a different number
