@@ -55,7 +55,7 @@ def main() -> None:
         referenced = sum(bool(r.get("reference")) for r, _ in pairs)
         counts = [referenced, right(pairs), right(pairs, pooled), right(pairs, own)]
         total += counts
-        asked = split_instruction(pairs[0][0]["messages"][-1]["content"])[0].strip() or "(one-line prompts)"
+        asked = split_instruction(pairs[0][0]["messages"][-1]["content"]).instruction.strip() or "(one-line prompts)"
         out.append({"instruction": asked, "answers": len(pairs), "prior": dict(zip(task.labels, np.exp(own).round(4).tolist())),
                     **dict(zip(["referenced", "as_generated", "pooled", "own"], counts))})
         print(f"{asked[:60]:<60} {len(pairs):>7} {float(np.exp(own[0])):>14.2f} {counts[0]:>10} "

@@ -10,8 +10,9 @@ times "terrific"), as TinyBERT's task-specific augmentation does. No label is re
 copy has no reference, and the teacher answers it as it answers any prompt, so a replacement that
 turns a review around is labelled by the teacher's reading of the new text. Validation, test and
 the shifted sets are never copied. The task's label words are never replaced ("positive or
-negative" stays in the question), and neither is the first line of a message of several lines, which
-is read as the instruction ("Is this review positive or negative?") over the text to reword.
+negative" stays in the question), and neither is the instruction of a message of several lines
+(`distill.chat.split_instruction`: "Is this review positive or negative?" on the first line or,
+after a blank line, on the last).
 
 The embeddings are the student's (for a derived student, the teacher's own), so this works with
 any teacher, an API teacher included; they are read once, on the process that prepares.
@@ -116,9 +117,9 @@ def with_copies(rows: Iterable[dict[str, Any]], cfg: AugmentConfig,
             continue
         rng = random.Random(f"{cfg.seed}:{row[S.ID]}")
         *context, last = row[S.MESSAGES]
-        instruction, body = split_instruction(last["content"])
+        asked = split_instruction(last["content"])
         for c in range(cfg.copies):
-            text = neighbours.reword(body, cfg.replace, rng)
-            if text != body:
+            text = neighbours.reword(asked.text, cfg.replace, rng)
+            if text != asked.text:
                 yield {**row, S.ID: f"{row[S.ID]}{COPY_MARK}{c}", S.REFERENCE: None,
-                       S.MESSAGES: [*context, {**last, "content": instruction + text}]}
+                       S.MESSAGES: [*context, {**last, "content": asked.asking(text)}]}

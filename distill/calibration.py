@@ -19,7 +19,7 @@ top-k kept up to the answer's position.
 
 The lean depends on how a question is put as well as on the teacher (the default's six question
 forms: `bench/calibration_by_instruction.py`). `curation.calibrate: instruction` estimates one
-prior per instruction (the system prompt and the first line of a message of several lines,
+prior per instruction (the system prompt and the instruction line of a message of several lines,
 `distill.chat.split_instruction`), as Batch Calibration does per prompt template, for each
 instruction with `curation.calibrate_min_rows` responses; every other response is calibrated
 against the pooled prior.
@@ -142,7 +142,7 @@ def instruction_of(row: dict[str, Any]) -> str:
     """A digest of what the row's prompt asks, without the text it asks about: its system messages
     and the instruction line of its last message (`distill.chat.split_instruction`)."""
     *context, last = row[S.MESSAGES]
-    asked = [m["content"] for m in context if m["role"] == "system"] + [split_instruction(last["content"])[0]]
+    asked = [m["content"] for m in context if m["role"] == "system"] + [split_instruction(last["content"]).instruction]
     return hashlib.sha1("\x00".join(asked).encode()).hexdigest()[:16]
 
 

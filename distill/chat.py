@@ -9,7 +9,7 @@ this, with the model's own chat template and the assistant turn opened.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 # A base model has no chat template: its turns are written as plain text, the way few-shot
@@ -57,10 +57,36 @@ class TeacherContext:
         return [*system, *shots, *turns]
 
 
-def split_instruction(message: str) -> tuple[str, str]:
-    """(the instruction, with its newline; the text it asks about): a message of several lines is
-    read as an instruction on its first line over the text it asks about ("Is this review positive
-    or negative?\n..."); a one-line message is all text. `data.augment` rewords the text only;
-    `curation.calibrate: instruction` estimates the teacher's lean per instruction."""
+class Asked(NamedTuple):
+    """A user message read as an instruction and the text it asks about (`split_instruction`)."""
+
+    before: str  # the instruction on the first line, with its newline; or ""
+    text: str
+    after: str   # the blank line and the instruction on the last line; or ""
+
+    @property
+    def instruction(self) -> str:
+        """The instruction where it stands: first and last line are two instructions to calibrate."""
+        return self.before + self.after
+
+    def asking(self, text: str, moved: bool = False) -> str:
+        """The message with `text` in place of the text; `moved`: the instruction at the other end."""
+        if moved and self.before:
+            return text.strip("\n") + "\n\n" + self.before.rstrip("\n")
+        if moved and self.after:
+            return self.after.lstrip("\n") + "\n" + text.strip("\n")
+        return self.before + text + self.after
+
+
+def split_instruction(message: str) -> Asked:
+    """A message read as an instruction and the text it asks about. The instruction is the first
+    line, over text ("Is this review positive or negative?\nThe lid broke."), or the last line after
+    a blank line when it asks and the first line does not ("The lid broke.\n\nPositive or
+    negative?"); a message without either is all text."""
     first, newline, rest = message.partition("\n")
-    return (first + newline, rest) if newline and rest.strip() else ("", message)
+    head = bool(newline and rest.strip())
+    text, blank, last = message.rpartition("\n\n")
+    tail = bool(blank and text.strip() and last.strip() and "\n" not in last.strip())
+    if tail and (not head or (last.rstrip().endswith("?") and not first.rstrip().endswith("?"))):
+        return Asked("", text, blank + last)
+    return Asked(first + newline, rest, "") if head else Asked("", message, "")

@@ -73,11 +73,30 @@ def test_reword_keeps_the_first_character_with_either_kind_of_tokenizer(kind):
     assert out != text and out.startswith("The ")
 
 
-def test_the_first_line_of_several_is_the_instruction_and_stays():
+def test_the_instruction_is_the_first_line_over_the_text_or_the_last_line_under_it():
     assert split_instruction("Is this review positive?\nThe blender is terrible.") == \
-        ("Is this review positive?\n", "The blender is terrible.")
-    assert split_instruction("The blender is terrible.") == ("", "The blender is terrible.")
-    assert split_instruction("Rate it:\n") == ("", "Rate it:\n")  # nothing under it: all text
+        ("Is this review positive?\n", "The blender is terrible.", "")
+    assert split_instruction("The blender is terrible.\n\nIt leaks.\n\nPositive or negative?") == \
+        ("", "The blender is terrible.\n\nIt leaks.", "\n\nPositive or negative?")
+    assert split_instruction("The blender is terrible.") == ("", "The blender is terrible.", "")
+    assert split_instruction("Rate it:\n") == ("", "Rate it:\n", "")  # nothing under it: all text
+    # two one-line paragraphs: the last is the instruction only when it asks and the first does not
+    assert split_instruction("Rate it.\n\nFine.").before == "Rate it.\n"
+    assert split_instruction("Fine.\n\nRate it.").before == "Fine.\n"
+    assert split_instruction("Is it good?\n\nWho would buy this?").before == "Is it good?\n"
+    # one instruction in two places is two instructions (the teacher may lean differently)
+    first, last = split_instruction("Is it good?\nFine."), split_instruction("Fine.\n\nIs it good?")
+    assert first.instruction.strip() == last.instruction.strip() and first.instruction != last.instruction
+
+
+def test_moving_the_instruction_puts_it_at_the_other_end_and_back():
+    asked = split_instruction("Is it good?\nThe lid broke.")
+    moved = asked.asking("The lid cracked.", moved=True)
+    assert moved == "The lid cracked.\n\nIs it good?"
+    assert split_instruction(moved).asking("The lid cracked.", moved=True) == "Is it good?\nThe lid cracked."
+    assert split_instruction("Rate it.\n\nFine.").asking("Good.", moved=True) == "Good.\n\nRate it."
+    assert asked.asking("The lid cracked.") == "Is it good?\nThe lid cracked."
+    assert split_instruction("No question.").asking("No answer.", moved=True) == "No answer."
 
 
 def _rows():

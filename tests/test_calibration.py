@@ -205,6 +205,8 @@ def test_an_instruction_is_the_system_prompt_and_the_question_line_not_the_text(
     assert a == instruction_of(_asked(row, "Is it positive?\nThe lid broke."))  # another text, one instruction
     assert a != instruction_of(_asked(row, "Rate it:\nThe kettle is fine."))  # another question
     assert a != instruction_of(_asked(row, "Is it positive?\nThe kettle is fine.", system="Be kind."))
+    below = instruction_of(_asked(row, "The kettle is fine.\n\nIs it positive?"))
+    assert below == instruction_of(_asked(row, "The lid broke.\n\nIs it positive?")) and below != a  # asked below
     # one-line prompts have no question line of their own: they share their system prompt's
     assert instruction_of(_asked(row, "The kettle is fine.")) == instruction_of(_asked(row, "Positive? The lid broke."))
 
