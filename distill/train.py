@@ -178,7 +178,8 @@ def training_data(cfg: RunConfig, rd: RunDir, student_path: str, method: str, go
         if rows[split]:
             datasets[split] = parquet_files(files, source.fs, tokenize_split, student_path=student_path, split=split,
                                             max_seq_len=cfg.training.max_seq_len, use_teacher_ids=same, gold=gold,
-                                            align_from=align_from, top_k=top_k)
+                                            align_from=align_from, top_k=top_k,
+                                            move_instruction=cfg.training.move_instruction, seed=cfg.training.seed)
     cap = cfg.training.max_validation_rows
     if cap and rows["validation"] > cap:
         datasets["validation"] = datasets["validation"].limit(cap)

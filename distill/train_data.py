@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distill import schema as S
-from distill.chat import prompt_token_ids
+from distill.chat import prompt_token_ids, split_instruction
 from distill.losses import IGNORE
 from distill.token_alignment import TokenizerPair, aligned_topk
 
@@ -64,8 +64,18 @@ def _teacher_rows(teacher, i: int, response: list[int], teacher_ids: list[int], 
             np.concatenate([lp_values[lo:lo + take].astype(np.float32), np.full(pad, np.nan, np.float32)]))
 
 
+def instruction_moved(messages: list[dict[str, str]], row_id: str, chance: float, seed: int) -> list[dict[str, str]]:
+    """The messages as the student reads them (`training.move_instruction`): with `chance`, drawn
+    per row id and seed, the last message's instruction at the other end of its text."""
+    if not chance or random.Random(f"{seed}:{row_id}:move").random() >= chance:
+        return messages
+    *context, last = messages
+    asked = split_instruction(last["content"])
+    return [*context, {**last, "content": asked.asking(asked.text, moved=True)}]
+
+
 def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids: bool, top_k: int,
-                   align: TokenizerPair | None = None) -> pa.Table:
+                   align: TokenizerPair | None = None, move_instruction: float = 0.0, seed: int = 0) -> pa.Table:
     """Curated rows -> training examples (EXAMPLE_SCHEMA), truncated to max_seq_len; a row whose
     prompt alone fills max_seq_len is left out (nothing to learn).
 
@@ -74,10 +84,12 @@ def examples_table(table: pa.Table, tokenizer, max_seq_len: int, use_teacher_ids
     along only through `align` (another tokenizer's rows moved onto the student's tokens,
     `distill.token_alignment`). The top-k is sliced as numpy views of the Arrow buffers: response
     position j of an example has the teacher's row j, and positions without one (an appended
-    EOS) are NaN."""
+    EOS) are NaN. `move_instruction`, `seed`: `instruction_moved`."""
     eos = tokenizer.eos_token_id
     names = table.column_names
     messages, texts = table[S.MESSAGES].to_pylist(), table[S.TEXT].to_pylist()
+    if move_instruction:
+        messages = [instruction_moved(m, i, move_instruction, seed) for m, i in zip(messages, table[S.ID].to_pylist())]
     finish = table[S.FINISH_REASON].to_pylist()
     token_ids = table[S.TOKEN_IDS].to_pylist() if S.TOKEN_IDS in names else [None] * len(table)
     with_kd = bool(top_k and (use_teacher_ids or align) and S.TOPK_IDS in names)
@@ -199,12 +211,14 @@ def student_fingerprint(path: str) -> str:
 
 
 def tokenize_split(batch: pa.Table, student_path: str, split: str, max_seq_len: int, use_teacher_ids: bool,
-                   top_k: int, gold: bool = False, align_from: str | None = None) -> pa.Table:
+                   top_k: int, gold: bool = False, align_from: str | None = None,
+                   move_instruction: float = 0.0, seed: int = 0) -> pa.Table:
     """Ray Data UDF (tasks, not actors: nothing holds a CPU between batches): a batch of curated
     rows (or, `gold`, of prompts) -> the examples of one split. `use_teacher_ids` and
     `align_from` (the teacher tokenizer the top-k is in, when it is not the student's:
     cross-tokenizer logit KD) are the run's; a batch read from a stamped part decides them from
-    its own stamp, so each teacher's rows of a run with several use their own signal."""
+    its own stamp, so each teacher's rows of a run with several use their own signal.
+    `move_instruction` applies to the train split only (`examples_table`)."""
     from distill.tokenizers import TokenizerStamp
     from distill.topk_codec import expanded_table
 
@@ -215,7 +229,8 @@ def tokenize_split(batch: pa.Table, student_path: str, split: str, max_seq_len: 
     batch = batch.filter(pc.equal(batch[S.SPLIT], split))
     batch = gold_table(batch) if gold else expanded_table(batch)
     align = pair_for(align_from, student_path) if align_from and top_k else None
-    return examples_table(batch, tokenizer_for(student_path), max_seq_len, use_teacher_ids, top_k, align)
+    return examples_table(batch, tokenizer_for(student_path), max_seq_len, use_teacher_ids, top_k, align,
+                          move_instruction if split == "train" else 0.0, seed)
 
 
 def length_buckets(examples: list[dict[str, Any]], batch_size: int, seed: int) -> Iterator[list[dict]]:

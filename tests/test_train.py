@@ -188,6 +188,16 @@ def test_the_validation_set_is_capped_and_made_once_and_small_train_examples_are
     assert not data.cached and not isinstance(data.datasets["train"], MaterializedDataset)
     kept, streamed = (d.datasets["train"].to_pandas() for d in (whole, data))
     assert len(kept) > 2 and kept.to_json() == streamed.to_json()
+    # training.move_instruction: the train split's prompts as the student reads them, through the
+    # same Ray Data step; the answers it learns and the validation split are the teacher's as they were
+    moved_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"move_instruction": 1.0})})
+    moved = training_data(moved_cfg, RunDir(moved_cfg), tiny_model, "sequence")
+    before, after = kept.to_dict("records"), moved.datasets["train"].to_pandas().to_dict("records")
+    assert len(after) == len(before)
+    assert sum(list(a["input_ids"]) != list(b["input_ids"]) for a, b in zip(after, before)) >= len(before) // 2
+    assert sorted(tuple(t for t in a["labels"] if t >= 0) for a in after) == \
+        sorted(tuple(t for t in b["labels"] if t >= 0) for b in before)
+    assert moved.datasets["validation"].to_pandas().to_json() == whole.datasets["validation"].to_pandas().to_json()
 
 
 def test_train_examples_are_kept_while_their_largest_size_fits_a_quarter_of_the_object_store(monkeypatch):

@@ -104,6 +104,33 @@ def test_examples_line_the_teachers_top_k_up_with_the_response_as_flat_arrow_col
     assert full[1][KD_LOGPROBS] == pytest.approx([-0.5 - j / 100 for j in range(len(resp) * k)], abs=1e-6)
 
 
+def test_a_moved_instruction_changes_the_students_prompt_and_keeps_the_teachers_answer():
+    import pyarrow as pa
+
+    from distill import schema as S
+    from distill.chat import prompt_token_ids
+    from distill.train_data import KD_IDS, LABELS, examples_table, instruction_moved, tokenizer_for
+
+    tok = tokenizer_for("builtin:smollm2-135m-instruct")
+    resp = tok("positive", add_special_tokens=False)["input_ids"]
+    rows = [{S.ID: f"r{i}", S.SPLIT: "train", S.MESSAGES: [{"role": "user", "content": f"Positive or negative?\nReview {i}."}],
+             S.TEXT: "positive", S.TOKEN_IDS: resp, S.FINISH_REASON: "length", S.TOPK: 1,
+             S.TOPK_IDS: list(range(len(resp))), S.TOPK_LOGPROBS: [-0.1] * len(resp)} for i in range(40)]
+    asis = examples_table(pa.Table.from_pylist(rows), tok, 512, True, 1).to_pylist()
+    half = examples_table(pa.Table.from_pylist(rows), tok, 512, True, 1, move_instruction=0.5, seed=3).to_pylist()
+    moved = [i for i, (a, b) in enumerate(zip(asis, half)) if a["input_ids"] != b["input_ids"]]
+    assert 8 < len(moved) < 32  # about half, drawn per row
+    for i in moved:
+        below = [{"role": "user", "content": f"Review {i}.\n\nPositive or negative?"}]
+        assert half[i]["input_ids"] == prompt_token_ids(tok, below) + resp
+        assert half[i][LABELS][-len(resp):] == resp and half[i][KD_IDS] == asis[i][KD_IDS]  # the teacher's, as they were
+    assert instruction_moved(rows[0][S.MESSAGES], "r0", 0.0, 3) is rows[0][S.MESSAGES]
+    again = examples_table(pa.Table.from_pylist(rows), tok, 512, True, 1, move_instruction=0.5, seed=3).to_pylist()
+    assert again == half  # the same examples every epoch and run
+    other = examples_table(pa.Table.from_pylist(rows), tok, 512, True, 1, move_instruction=0.5, seed=4).to_pylist()
+    assert other != half
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_files_read_a_task_each_come_in_the_order_read_parquet_gives(tmp_path, ray_cluster):

@@ -105,6 +105,12 @@ class TrainingConfig(Strict):
     at millions of rows a full pass each epoch costs more than the epoch's steps."""
     max_seq_len: int = Field(256, ge=8)
     """Prompt + response tokens per example (longer ones are cut)."""
+    move_instruction: float = Field(0.0, ge=0.0, le=1.0)
+    """Chance that a train example's prompt reaches the student with its instruction at the other
+    end of the text ("Positive or negative?" under the review, not above it;
+    `distill.chat.split_instruction`), drawn per example by `seed`. The teacher answered it as asked:
+    its answer and top-k stay. A student that only saw the question in one place answers it
+    elsewhere by where it stands, not by the text."""
     cache_examples: Literal["auto", "always", "never"] = "auto"
     """Tokenize the training examples once, before the first step, and keep them in Ray's object
     store for every epoch (`always`), or stream them from the curated files, tokenized again in
