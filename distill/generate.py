@@ -326,7 +326,10 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     bs, in_flight = gen.batch_size, gen.blocks_in_flight
     ds = blocks_dataset(prompts, bs).map_batches(
         teacher_workers.AsyncTeacherWorker if in_flight > 1 else teacher_workers.TeacherWorker,
-        batch_size=bs,
+        # each planned block is one batch, whatever order the reads finish in: `batch_size=bs`
+        # re-cut the blocks when the short last one arrived early, so a prompt's batch-mates (and
+        # on the CPU the rounding of its logprobs) changed between runs (bench/README.md)
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max,
                                            max_concurrent_calls_per_actor=in_flight),
