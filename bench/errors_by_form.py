@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/errors_by_form.py runs/default [more runs] [--sets handwritten,shifted]
 
-Reads each run's `eval/predictions.parquet` and the prompts it was asked (the run's prepared
-prompts and its `evaluation.extra_sets` files) and prints, per set and per question form (the
+Reads each run's `eval/predictions.parquet` and the prompts it was asked (`distill.evaluate.eval_sets`)
+and prints, per set and per question form (the
 instruction, `distill.chat.split_instruction`, and where it stands; one-line prompts by their
 first four words), how many prompts each reference label has and the student's accuracy. A form
 whose prompts all carry one label scores a student's lean toward that label, not its reading.
@@ -12,7 +12,6 @@ whose prompts all carry one label scores a student's lean toward that label, not
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +31,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from distill.config import load_config
+    from distill.evaluate import eval_sets
+    from distill.rundir import RunDir
     from distill.tasks import task_from_config
 
     ap = argparse.ArgumentParser()
@@ -41,12 +42,8 @@ def main() -> None:
     for run in map(Path, args.runs):
         cfg = load_config(str(run / "config.yaml"), [])
         task = task_from_config(cfg.task)
-        asked = {r["id"]: r["messages"][-1]["content"] for r in pq.read_table(run / "prompts").to_pylist()}
-        for extra in cfg.evaluation.extra_sets:
-            for line in Path(extra.path).read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    asked[row["id"]] = row["prompt"] if "prompt" in row else row["messages"][-1]["content"]
+        asked = {r["id"]: r["messages"][-1]["content"]
+                 for rows in eval_sets(cfg, RunDir(cfg)).values() for r in rows}
         groups = defaultdict(list)
         for p in pq.read_table(run / "eval" / "predictions.parquet").to_pylist():
             if p["reference"] is not None and (not args.sets or p["split"] in args.sets.split(",")):
