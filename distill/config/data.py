@@ -73,7 +73,7 @@ class AugmentConfig(Strict):
 
     copies: int = Field(0, ge=0)
     """Reworded copies per train prompt (0: none)."""
-    replace: float = Field(0.7, gt=0.0, le=1.0)
+    replace: float = Field(0.9, gt=0.0, le=1.0)
     """Chance that each content word of a copy is replaced."""
     neighbours: int = Field(8, ge=1)
     """A word is replaced by one of this many nearest words."""
