@@ -4,7 +4,7 @@
 
 Rows are matched by prompt id (and sample). For each stored teacher column it prints how many
 rows differ; for the top-k logprobs also how many values and by how much at most; for every
-model's answers in `eval/predictions` how many of the prompts got another answer. Curated rows
+model's answers in `eval/predictions` how many of the prompts both runs asked got another answer. Curated rows
 are compared in the order training reads them (`_in_training_order`): whether the same
 (id, sample) rows come in the same order, and how many of them differ in any stored column. What the README
 says about two demos giving the same answers comes from this command.
@@ -69,10 +69,15 @@ def compare(a: Path, b: Path) -> dict:
     if keys[0] == keys[1]:
         rows = [list(zip(*(c[col].to_pylist() for col in CURATED_COLUMNS))) for c in (ca, cb)]
         out["curated"]["rows_differing"] = sum(x != y for x, y in zip(*rows))
-    pa_, pb = (_sorted(_read(r / "eval", "predictions"), ["id"]) for r in (a, b))
+    pa_, pb = (_read(r / "eval", "predictions") for r in (a, b))
+    # the prompts both runs asked: a run evaluated with `evaluation.validation` asks two sets more
+    ids_a, ids_b = (t["id"].to_pylist() for t in (pa_, pb))
+    common = sorted(set(ids_a) & set(ids_b))
+    out["answers_asked"] = {"both": len(common), "only_in_a": len(ids_a) - len(common), "only_in_b": len(ids_b) - len(common)}
     for col in (c for c in pa_.column_names if c.endswith("_text") and c in pb.column_names):
+        ta, tb = (dict(zip(ids, t[col].to_pylist())) for ids, t in ((ids_a, pa_), (ids_b, pb)))
         out["answers"][col.removesuffix("_text")] = {
-            "prompts": len(pa_), "differing": sum(x != y for x, y in zip(pa_[col].to_pylist(), pb[col].to_pylist()))}
+            "prompts": len(common), "differing": sum(ta[i] != tb[i] for i in common)}
     return out
 
 
