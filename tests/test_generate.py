@@ -55,19 +55,20 @@ def test_each_planned_block_reaches_the_teacher_as_one_batch(generated_run, tiny
     (`map_batches(batch_size=...)`) fails this whenever the short block's read lands early."""
     import pyarrow as pa
 
-    from distill import schema as S
-    from distill.prompt_blocks import plan_blocks
+    from distill.prompt_blocks import plan_blocks, todo_mask
 
     run_dir = generated_run[0]
     gen = tiny_config(run_dir, tiny_model).generation
     assert gen.rows_per_file // gen.sampling.n >= gen.batch_size  # one part per batch
     files = sorted(str(p) for p in (run_dir / "prompts").glob("*.parquet"))
 
-    def block_ids(block):  # the block's pieces are row ranges that may hold test rows: read() drops them
-        return tuple(row["id"] for path, lo, hi in block for row in pq.read_table(path).slice(lo, hi - lo).to_pylist()
-                     if row["split"] in S.TRAINED_SPLITS)
+    done = pa.array([], pa.string())
 
-    planned = sorted(block_ids(block) for block in plan_blocks(files, None, pa.array([], pa.string()), gen.batch_size))
+    def block_ids(block):  # the block's pieces are row ranges that may hold test rows: read() drops them
+        return tuple(i for path, lo, hi in block for t in [pq.read_table(path).slice(lo, hi - lo)]
+                     for i in t.filter(todo_mask(t, done))["id"].to_pylist())
+
+    planned = sorted(block_ids(block) for block in plan_blocks(files, None, done, gen.batch_size))
     sizes = sorted(len(ids) for ids in planned)
     assert len(planned) > 2 and sizes[0] < gen.batch_size == sizes[-1]
     parts = sorted(tuple(pq.read_table(p, columns=["id"]).column("id").to_pylist())
