@@ -250,7 +250,8 @@ def _plots(report: dict[str, Any], history: list[dict]) -> dict[str, bytes]:
     ax.set_xticks(np.arange(len(sets)) + width * (len(models) - 1) / 2, sets)
     ax.set_ylabel(primary)
     ax.set_title(f"{primary} per set (95% intervals)")
-    ax.legend(fontsize=8)
+    # below the axes: inside, it covers the tallest bars' intervals
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(models), frameon=False)
     out["score.png"] = _png(fig)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.2))
