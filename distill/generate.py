@@ -346,6 +346,6 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     )
     # blocks reach the actors in the plan's order, not the order their reads finish in: vLLM's
     # prefix cache holds what earlier blocks left, and on the CPU a prompt's top-k then depends on
-    # the blocks before it (6 of 768 prompts differed with three blocks reversed, bench/README.md)
+    # the blocks before it (bench/block_order.py)
     ds.context.execution_options.preserve_order = True
     follow_parts(ds, count * sampling.n, teacher=getattr(prompts, "teacher", None))
