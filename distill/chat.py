@@ -90,3 +90,30 @@ def split_instruction(message: str) -> Asked:
     if tail and (not head or (last.rstrip().endswith("?") and not first.rstrip().endswith("?"))):
         return Asked("", text, blank + last)
     return Asked(first + newline, rest, "") if head else Asked("", message, "")
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """What `prepare` does to every prompt before any model reads it, and serving repeats on each
+    request, so that a model is asked as it was trained and evaluated: the task's system prompt
+    first where the messages carry none, and (`task.instruction_first`) the question above the text."""
+
+    system_prompt: str | None = None
+    instruction_first: bool = False
+
+    def apply(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return instruction_first(messages) if self.instruction_first else list(messages)
+
+
+def instruction_first(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages with the last one's question, if asked below its text, moved above it
+    (`task.instruction_first`): "The lid broke.\n\nPositive or negative?" is read as "Positive or
+    negative?\nThe lid broke.", the one layout the model then meets in training, evaluation and
+    serving. Anything else is left as it is."""
+    *context, last = messages
+    asked = split_instruction(last["content"])
+    if last["role"] != "user" or not asked.after:
+        return list(messages)
+    return [*context, {**last, "content": asked.asking(asked.text, moved=True)}]

@@ -30,14 +30,14 @@ import pyarrow.parquet as pq
 
 from distill import schema as S
 from distill.augment import is_copy, load_neighbours, with_copies
-from distill.chat import TeacherContext
+from distill.chat import TaskPrompt, TeacherContext
 from distill.config import RunConfig
 from distill.config.teacher_student import PRIMARY_TEACHER
 from distill.errors import MissingInput, UserError
 from distill.rundir import RunDir
 from distill.storage import Location, hash64, locate
 from distill.builtin_data import synth_rows
-from distill.tasks import task_from_config
+from distill.tasks import task_prompt
 
 _ROLES = {"system", "user", "assistant"}
 
@@ -106,8 +106,9 @@ def _parse_line(raw: bytes) -> dict[str, Any] | BadRow | None:
     return row if isinstance(row, dict) else BadRow("a row must be a JSON object")
 
 
-def normalise(row: dict[str, Any], task_name: str, system_prompt: str) -> dict[str, Any]:
-    """One raw row -> the prompts schema (without split). Raises BadRow with the reason."""
+def normalise(row: dict[str, Any], task_name: str, prompt: TaskPrompt) -> dict[str, Any]:
+    """One raw row -> the prompts schema (without split), its messages as `prompt` asks them.
+    Raises BadRow with the reason."""
     reference = row.get("reference")
     if "messages" in row:
         messages = row["messages"]
@@ -130,8 +131,7 @@ def normalise(row: dict[str, Any], task_name: str, system_prompt: str) -> dict[s
             messages.insert(0, {"role": "system", "content": str(row["system"])})
     else:
         raise BadRow("a row needs `messages` or `prompt`")
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages = prompt.apply(messages)
     if reference is not None and not isinstance(reference, (str, int, float)):
         raise BadRow("`reference` must be a string or a number")
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
@@ -198,12 +198,12 @@ class Skipped:
 DUPLICATE_CHECK_ROWS = 4096  # rows whose ids are checked against the seen ones at a time
 
 
-def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prompt: str,
+def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig,
                     splits: tuple[str, ...], skipped: Skipped) -> Iterator[dict[str, Any]]:
     """Validate and normalise (where, raw) rows, streamed in input order. A bad row raises BadRow
     naming its file and line, unless `data.on_bad_row` is skip: then it lands in `skipped`."""
     seen, pending = SeenKeys(), []
-    kept, limit = 0, cfg.data.limit
+    kept, limit, prompt = 0, cfg.data.limit, task_prompt(cfg.task)
 
     def bad(where: str, e: BadRow) -> None:
         if cfg.data.on_bad_row == "error":
@@ -232,7 +232,7 @@ def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prom
         try:
             if isinstance(raw, BadRow):
                 raise raw
-            row = normalise(raw, cfg.task.type, system_prompt)
+            row = normalise(raw, cfg.task.type, prompt)
             if cfg.teachers:
                 row[S.TEACHER] = _routed_teacher(raw, cfg)
             if row[S.SPLIT] not in splits:
@@ -256,12 +256,11 @@ def normalised_rows(rows: Iterable[tuple[str, Any]], cfg: RunConfig, system_prom
 def read_eval_set(path: str, name: str, cfg: RunConfig) -> list[dict[str, Any]]:
     """A user's evaluation set (`evaluation.extra_sets`), normalised like prompts, split = name.
     Every row needs a reference: a set is scored against them."""
-    task = task_from_config(cfg.task)
     rows = list(normalised_rows(((w, {**r, "split": None} if isinstance(r, dict) else r)
                                  for w, r in read_raw(locate(path), f"evaluation.extra_sets {name}")),
                                 cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_row": "error",
                                                                                            "limit": None})}),
-                                task.system_prompt(), S.SPLITS, Skipped()))
+                                S.SPLITS, Skipped()))
     missing = [r[S.ID] for r in rows if r[S.REFERENCE] is None]
     if missing:
         raise BadRow(f"evaluation.extra_sets {name} ({path}): {len(missing)} rows have no `reference` "
@@ -309,11 +308,10 @@ def _neighbours(cfg: RunConfig):
 
 
 def prepare(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
-    task = task_from_config(cfg.task)
     skipped, counts, routed, copies = Skipped(), Counter(), Counter(), 0
     per_file, part, parts = cfg.generation.rows_per_file, [], 0
     named = (*S.SPLITS, S.SHIFTED, S.SHIFTED_VALIDATION)
-    rows = normalised_rows(_source_rows(cfg), cfg, task.system_prompt(), named, skipped)
+    rows = normalised_rows(_source_rows(cfg), cfg, named, skipped)
     if cfg.data.augment.copies:
         rows = with_copies(rows, cfg.data.augment, _neighbours(cfg))
     for row in rows:

@@ -47,6 +47,7 @@ REASONS = ("error", "empty", "refusal", "inconsistent", "duplicate", "near_dupli
 
 
 def _few_shot(cfg: RunConfig) -> list[dict[str, Any]]:
+    from distill.chat import TaskPrompt
     from distill.prepare import normalise, read_raw
     from distill.storage import locate
 
@@ -56,7 +57,7 @@ def _few_shot(cfg: RunConfig) -> list[dict[str, Any]]:
     for where, raw in read_raw(locate(cfg.synthesis.few_shot_from), "synthesis.few_shot_from"):
         if isinstance(raw, Exception):
             raise UserError(f"synthesis.few_shot_from {where}: {raw}")
-        row = normalise(raw, cfg.task.type, "")
+        row = normalise(raw, cfg.task.type, TaskPrompt())
         rows.append({"text": row[S.MESSAGES][-1]["content"], "label": row[S.REFERENCE]})
     return rows
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.chat import TaskPrompt
 from distill.config import EngineConfig, ReplicaConfig, RunConfig, ServingConfig, TaskConfig, load_config
 from distill.errors import MissingInput, UserError
 
@@ -138,18 +139,18 @@ def build_app(models: dict[str, HostedModel], serving: ServingConfig, api_key: s
         key_hash(admin_key) if admin_key else None,
         admin_open=api_key is None and admin_key is None and is_loopback(serving.host),
         max_body_bytes=serving.max_body_bytes, shadow=serving.shadow, task=task,
-        record_prompts=serving.record_prompts, system_prompt=task_prompt(serving, task),
+        record_prompts=serving.record_prompts, task_prompt=task_prompt(serving, task),
         local={local: (models[local].engine_spec, serving.default_max_tokens)} if local is not None else None)
 
 
-def task_prompt(serving: ServingConfig, task: TaskConfig | None) -> str | None:
-    """The system prompt a chat request without one gets (`serving.apply_task_prompt`): the task's,
-    as `prepare` put it before every prompt the student learnt from and was evaluated on."""
+def task_prompt(serving: ServingConfig, task: TaskConfig | None) -> TaskPrompt | None:
+    """How a chat request is asked (`serving.apply_task_prompt`): as `prepare` asked every prompt
+    the student learnt from and was evaluated on; None: as sent."""
     if not serving.apply_task_prompt or task is None:
         return None
-    from distill.tasks import task_from_config
+    from distill.tasks import task_prompt as of_task
 
-    return task_from_config(task).system_prompt() or None
+    return of_task(task)
 
 
 def is_loopback(host: str) -> bool:

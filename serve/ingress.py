@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from distill.chat import TaskPrompt
 from distill.config import ShadowConfig, TaskConfig
 from serve.body import parse
 from serve.protocol import (ApiError, ChatRequest, CompletionRequest, ErrorResponse, Feedback, WeightsUpdate, error_body,
@@ -80,7 +81,7 @@ class Ingress:
                  api_key_sha256: str | None = None, admin_key_sha256: str | None = None,
                  admin_open: bool = False, max_body_bytes: int = 1 << 20,
                  shadow: ShadowConfig | None = None, task: TaskConfig | None = None,
-                 record_prompts: bool = False, system_prompt: str | None = None,
+                 record_prompts: bool = False, task_prompt: TaskPrompt | None = None,
                  local: dict[str, tuple[dict[str, Any], int]] | None = None):
         # Serve's metric classes add `application`, `deployment` and `replica` tags: each series
         # belongs to one ingress replica, matched to `/admin/stats`'s `ingress_replica`
@@ -96,7 +97,7 @@ class Ingress:
         self.user_header, self.api_key_sha256 = user_header.lower(), api_key_sha256
         self.admin_key_sha256, self.admin_open, self.max_body_bytes = admin_key_sha256, admin_open, max_body_bytes
         self.shadow = Shadow(shadow or ShadowConfig(), task, record_prompts)
-        self.system_prompt = system_prompt
+        self.task_prompt = task_prompt
         self._weights: dict[str, float] = {}
         self._weights_at = 0.0
         self._records: list[tuple] = []  # observed requests not yet sent to the ledger
@@ -196,7 +197,7 @@ class Ingress:
         headers = {"x-distill-arm": arm, "x-distill-route": route}
         if kind == "chat":
             req["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
-            req["messages"], headers["x-distill-task-prompt"] = with_task_prompt(req["messages"], self.system_prompt)
+            req["messages"], headers["x-distill-task-prompt"] = with_task_prompt(req["messages"], self.task_prompt)
         else:
             req["prompt"] = body.prompt
         echo = body.prompt if kind == "completion" and body.echo else None
@@ -331,14 +332,13 @@ class Ingress:
         return await self.ledger.prompts.remote(since)
 
 
-def with_task_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> tuple[list[dict[str, str]], str]:
-    """The messages with the task's system prompt first when they carry none, and what was done
-    (`applied`, `request` when the request had its own system message, `off`)."""
-    if system_prompt is None:
+def with_task_prompt(messages: list[dict[str, str]], prompt: TaskPrompt | None) -> tuple[list[dict[str, str]], str]:
+    """The messages as the task asks them (`distill.chat.TaskPrompt`), and what was done: `applied`;
+    `request` when the request had its own system message, which is kept; `off`."""
+    if prompt is None:
         return messages, "off"
-    if any(m["role"] == "system" for m in messages):
-        return messages, "request"
-    return [{"role": "system", "content": system_prompt}, *messages], "applied"
+    own = any(m["role"] == "system" for m in messages)
+    return prompt.apply(messages), "request" if own else "applied"
 
 
 def _key_matches(request: Request, sha256: str) -> bool:

@@ -13,13 +13,14 @@ def test_models_take_turns_in_one_actor_and_answer_as_in_a_fresh_one(tmp_path, r
 
     from distill.config import SamplingConfig
     from distill.eval_worker import EvalHosts
+    from distill.chat import TaskPrompt
     from distill.prepare import normalise
 
     # peaked weights (init 0.5): each model answers in its own way; `large` holds ~100 MB more
     small = str(make_tiny_llama(tmp_path / "small", init=0.5, seed=1))
     large = str(make_tiny_llama(tmp_path / "large", hidden=512, layers=4, init=0.5, seed=2))
     cfg = tiny_config(tmp_path / "run", small)
-    rows = [normalise({"id": f"r{i}", "prompt": f"Review: {text}. Sentiment?"}, "nli", None)
+    rows = [normalise({"id": f"r{i}", "prompt": f"Review: {text}. Sentiment?"}, "nli", TaskPrompt())
             for i, text in enumerate(["great film", "it broke on day two", "fine, I guess"])]
     sampling = SamplingConfig(temperature=0.0, max_tokens=6)
 

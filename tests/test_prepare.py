@@ -38,6 +38,28 @@ def test_prompt_and_messages_rows_are_normalised(tmp_path):
     assert hi["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
+def test_instruction_first_asks_every_prompt_and_evaluation_set_with_the_question_above(tmp_path):
+    from distill.prepare import read_eval_set
+
+    below = "The lid broke on day two.\n\nIt leaks.\n\nIs this positive or negative?"
+    rows = [{"id": "below", "prompt": below, "reference": "negative"},
+            {"id": "above", "prompt": "Is this positive or negative?\nI love it.", "reference": "positive"},
+            {"id": "plain", "prompt": "Great.\n\nWould buy again.", "reference": "positive"}]
+    src = _write(tmp_path / "in.jsonl", rows)
+    asked = {}
+    for first in (True, False):
+        cfg = _cfg(tmp_path, src, "task.type=classification", "task.labels=[positive, negative]",
+                   f"task.instruction_first={str(first).lower()}", f"run_dir={tmp_path / str(first)}")
+        run_stage("prepare", cfg)
+        prepared = {r["id"]: r["messages"] for r in pq.read_table(tmp_path / str(first) / "prompts").to_pylist()}
+        held_out = {r["id"]: r["messages"] for r in read_eval_set(str(src), "mine", cfg)}
+        assert prepared == held_out
+        asked[first] = {k: m[-1]["content"] for k, m in prepared.items()}
+    assert asked[True] == {"below": "Is this positive or negative?\nThe lid broke on day two.\n\nIt leaks.",
+                           "above": rows[1]["prompt"], "plain": rows[2]["prompt"]}
+    assert asked[False] == {r["id"]: r["prompt"] for r in rows}
+
+
 def test_ids_and_splits_are_stable_across_runs(tmp_path):
     rows = list(synth_rows("sentiment", 200, 3))
     src = _write(tmp_path / "in.jsonl", [{"prompt": r["prompt"]} for r in rows])

@@ -68,7 +68,7 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
     run_dir = finished_run(tmp_path, tiny_model, str(student))
     # as by default, the student's engine in the ingress's process (serving.colocate), the teacher's
     # in its own replica
-    cfg = load_target(str(run_dir), [f"serving.port={free_port()}",
+    cfg = load_target(str(run_dir), [f"serving.port={free_port()}", "task.instruction_first=true",
                                      "serving.replicas={teacher: {num_cpus: 1}, student: {num_cpus: 1}}"])
     models = hosted_models(cfg)
     assert {m.engine_spec["model"] for m in models.values()} == {tiny_model, str(run_dir / "student")}
@@ -92,10 +92,14 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
             streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
                 model=name, messages=msg, max_tokens=5, temperature=0, stream=True))
             assert streamed == out.choices[0].message.content
-        served_bare = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": "student", "messages": msg, "max_tokens": 5, "temperature": 0})
-        assert served_bare.headers["x-distill-task-prompt"] == "applied"
-        assert served_bare.json()["choices"][0]["message"]["content"] == evaluated_answer(cfg, run_dir / "student", msg)
+        # a bare request is asked as `prepare` asks a prompt: the task's system prompt, the question
+        # asked below the text moved above it (task.instruction_first)
+        below = [{"role": "user", "content": "The lid broke on day two.\n\nIs this positive or negative?"}]
+        served = [httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "student", "messages": m, "max_tokens": 5, "temperature": 0}) for m in (msg, below)]
+        assert [r.headers["x-distill-task-prompt"] for r in served] == ["applied", "applied"]
+        assert [r.json()["choices"][0]["message"]["content"] for r in served] == \
+            evaluated_answers(cfg, run_dir / "student", [msg, below])
         arms = {client.chat.completions.create(model="ab", messages=msg, max_tokens=2, user=f"user-{i}").model
                 for i in range(12)}
         assert arms == {"teacher", "student"}
@@ -115,17 +119,18 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
-def evaluated_answer(cfg, student, msg) -> str:
-    """The student's greedy answer as `evaluate` computes it: on the prompt as `prepare` wrote it
-    (the task's system prompt first), in an evaluation actor (an engine in this process would
-    meet vLLM's kernel registration walking modules such as moto's Flask proxies)."""
+def evaluated_answers(cfg, student, messages) -> list[str]:
+    """The student's greedy answers as `evaluate` computes them: on the prompts as `prepare` wrote
+    them, in an evaluation actor (an engine in this process would meet vLLM's kernel registration
+    walking modules such as moto's Flask proxies)."""
     from distill.config import SamplingConfig
     from distill.prepare import normalise
     from distill.evaluate import answers_of
-    from distill.tasks import task_from_config
+    from distill.tasks import task_prompt
 
-    row = normalise({"messages": msg}, cfg.task.type, task_from_config(cfg.task).system_prompt())
-    return answers_of(cfg, "student", str(student), [row], SamplingConfig(temperature=0.0, max_tokens=5), None)[0]
+    rows = [normalise({"id": str(i), "messages": m}, cfg.task.type, task_prompt(cfg.task)) for i, m in enumerate(messages)]
+    assert rows[1]["messages"][-1]["content"].startswith("Is this positive or negative?\n")
+    return list(answers_of(cfg, "student", str(student), rows, SamplingConfig(temperature=0.0, max_tokens=5), None))
 
 
 def check_openai_surface(client) -> None:

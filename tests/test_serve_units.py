@@ -267,15 +267,23 @@ def test_a_chat_without_a_system_message_gets_the_task_prompt_it_was_trained_wit
     from serve.app import task_prompt
     from serve.ingress import with_task_prompt
 
-    cfg = load_config("configs/default.yaml", [])
-    system = task_prompt(cfg.serving, cfg.task)
-    assert system == cfg.task.system_prompt
+    cfg = load_config("configs/default.yaml", ["task.instruction_first=true"])
+    prompt = task_prompt(cfg.serving, cfg.task)
+    assert prompt.system_prompt == cfg.task.system_prompt
+    system = {"role": "system", "content": cfg.task.system_prompt}
     user = [{"role": "user", "content": "Review: loved it. Sentiment?"}]
-    assert with_task_prompt(user, system) == ([{"role": "system", "content": system}, *user], "applied")
+    assert with_task_prompt(user, prompt) == ([system, *user], "applied")
     own = [{"role": "system", "content": "Be terse."}, *user]
-    assert with_task_prompt(own, system) == (own, "request")  # a request's own system message wins
+    assert with_task_prompt(own, prompt) == (own, "request")  # a request's own system message wins
+    # the question asked below the text is read above it, as `prepare` wrote every prompt
+    below = [{"role": "user", "content": "Loved it.\n\nIs this positive or negative?"}]
+    above = [{"role": "user", "content": "Is this positive or negative?\nLoved it."}]
+    assert with_task_prompt(below, prompt) == ([system, *above], "applied")
+    assert with_task_prompt([own[0], *below], prompt) == ([own[0], *above], "request")
+    as_sent = task_prompt(cfg.serving, cfg.task.model_copy(update={"instruction_first": False}))
+    assert with_task_prompt(below, as_sent) == ([system, *below], "applied")
     off = load_config("configs/default.yaml", ["serving.apply_task_prompt=false"])
-    assert task_prompt(off.serving, off.task) is None and with_task_prompt(user, None) == (user, "off")
+    assert task_prompt(off.serving, off.task) is None and with_task_prompt(below, None) == (below, "off")
 
 
 def test_backpressure_is_found_through_wrapped_causes():

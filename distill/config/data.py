@@ -106,6 +106,10 @@ class TaskConfig(Strict):
     """Use the task's step-by-step system prompt."""
     system_prompt: str | None = None
     """System message put first in every prompt that has none (default: the task's)."""
+    instruction_first: bool = False
+    """Read a question asked below the text ("The lid broke.\n\nPositive or negative?") as asked
+    above it ("Positive or negative?\nThe lid broke."), in every prompt prepared, evaluated and
+    served, so a model meets one layout (`distill.chat.instruction_first`)."""
 
     @model_validator(mode="after")
     def _labels(self) -> "TaskConfig":

@@ -81,9 +81,9 @@ class ServingConfig(Strict):
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens when a request gives none."""
     apply_task_prompt: bool = True
-    """A chat request without a system message gets the task's system prompt, the one the student
-    was trained and evaluated with (said in the `x-distill-task-prompt` response header); off, the
-    messages reach the models as sent."""
+    """A chat request is asked as the student was trained and evaluated: the task's system prompt
+    when it has no system message, and its layout (`task.instruction_first`); said in the
+    `x-distill-task-prompt` response header. Off, the messages reach the models as sent."""
     replicas: dict[HostedModel, ReplicaConfig] = Field(default_factory=dict)
     """Resources and scaling per model."""
     access_log: bool = False

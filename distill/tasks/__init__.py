@@ -8,6 +8,7 @@ classification, summarization.
 
 from __future__ import annotations
 
+from distill.chat import TaskPrompt
 from distill.errors import UserError
 from distill.tasks.base import Task
 from distill.tasks.conversation import ConversationTask
@@ -36,4 +37,9 @@ def task_from_config(cfg) -> Task:
     return get_task(cfg.type, cfg.labels, cfg.chain_of_thought, cfg.system_prompt)
 
 
-__all__ = ["Task", "TASKS", "get_task", "task_from_config"]
+def task_prompt(cfg) -> TaskPrompt:
+    """How a `TaskConfig` asks every prompt: its system prompt and layout."""
+    return TaskPrompt(task_from_config(cfg).system_prompt() or None, cfg.instruction_first)
+
+
+__all__ = ["Task", "TASKS", "get_task", "task_from_config", "task_prompt"]
