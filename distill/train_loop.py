@@ -28,6 +28,7 @@ from distill.losses import IGNORE, distill_loss, hidden_state_loss
 from distill.progress import loss_text
 from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
+from distill.weight_average import WeightAverage
 from distill.train_data import Batch, bucketed_batches, collate
 
 
@@ -150,6 +151,8 @@ class DistillRecipe:
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
             config=self.inputs.ds_config)
         skip_single_rank_allreduce(self.engine, self.ctx.get_world_size(), t.zero_stage)
+        self.average = None if t.average_from is None else WeightAverage(
+            [p for p in self.engine.module.parameters() if p.requires_grad], int(t.average_from * self.steps_total()))
         self.state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "tokens": 0, "history": [],
                                       "on_policy_step": 0}
         checkpoint = ray.train.get_checkpoint()
@@ -157,6 +160,8 @@ class DistillRecipe:
             with checkpoint.as_directory() as d:
                 _, client = self.engine.load_checkpoint(d, tag="ds")
                 self.state.update({k: client.get(k, v) for k, v in self.state.items()})
+                if self.average is not None and "weight_average" in client:
+                    self.average.load_state_dict(client["weight_average"])
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.teacher_states, self.pairs = None, []  # the hidden-state term's teacher and its pairs of states
         if t.kd.hidden_weight:
@@ -211,11 +216,15 @@ class DistillRecipe:
         return total / count if count else None
 
     # ------------------------------------------------------------------------- train
+    def steps_total(self) -> int:
+        """Off-policy optimizer steps: `training.max_steps`, or the epochs' steps."""
+        t = self.cfg.training
+        return t.max_steps or self.inputs.steps_per_epoch * t.epochs
+
     def train(self) -> None:
         t, state = self.cfg.training, self.state
-        per_epoch = self.inputs.steps_per_epoch
-        epochs = math.ceil(t.max_steps / per_epoch) if t.max_steps else t.epochs
-        steps_total = t.max_steps or per_epoch * epochs
+        epochs = math.ceil(t.max_steps / self.inputs.steps_per_epoch) if t.max_steps else t.epochs
+        steps_total = self.steps_total()
         start, tokens_at_start, step_at_start = time.time(), state["tokens"], state["step"]
         loss_value, parts = math.nan, {}
         for epoch in range(state["epoch"], epochs):
@@ -234,6 +243,8 @@ class DistillRecipe:
                     continue
                 state["step"] += 1
                 step = state["step"]
+                if self.average is not None:
+                    self.average.update(step)
                 entry = {"step": step, "epoch": epoch + 1, "loss": round(loss_value, 5), **parts}
                 state["history"].append(entry)
                 self.maybe_fail(entry)
@@ -254,10 +265,11 @@ class DistillRecipe:
             if epoch + 1 < epochs or t.method == "on_policy":
                 self.checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
 
-    def record_validation(self, label: str) -> None:
-        """Validate, append the loss to the history and write it (rank 0)."""
+    def record_validation(self, label: str, **extra: Any) -> None:
+        """Validate, append the loss (and `extra`) to the history and write it (rank 0)."""
         val = self.validate()
-        self.state["history"].append({"step": self.state["step"], "epoch": self.cfg.training.epochs, "val_loss": val})
+        self.state["history"].append({"step": self.state["step"], "epoch": self.cfg.training.epochs, "val_loss": val,
+                                      **extra})
         self.log(f"{label}: val_loss {loss_text(val)}")
         if self.rank == 0:
             locate(self.inputs.history_uri).write_json(self.state["history"])
@@ -277,7 +289,8 @@ class DistillRecipe:
         import ray.train
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.engine.save_checkpoint(tmp, tag="ds", client_state=state)
+            average = {} if self.average is None else {"weight_average": self.average.state_dict()}
+            self.engine.save_checkpoint(tmp, tag="ds", client_state={**state, **average})
             if self.rank == 0:
                 with open(os.path.join(tmp, "state.json"), "w") as f:
                     json.dump(state, f)
@@ -326,6 +339,10 @@ def run_worker(inputs: RecipeInputs) -> None:
     recipe = DistillRecipe(inputs)
     recipe.setup()
     recipe.train()
+    if recipe.average is not None:
+        recipe.average.apply()
+        recipe.record_validation(f"weights averaged over the last {recipe.average.count} steps",
+                                 averaged_steps=recipe.average.count)
     if inputs.on_policy is not None:
         OnPolicyPhase(recipe).run()
         recipe.record_validation("on-policy done")

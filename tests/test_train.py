@@ -37,12 +37,14 @@ def _history(run_dir):
 ONE_WORKER = {"zero_stage": 2, "workers": 1, "batch_size": 4}
 
 
-def _check_training_and_export(run_dir, stats):
+def _check_training_and_export(run_dir, stats, averaged_steps=0):
     history = _history(run_dir)
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0] * 0.8, losses
     vals = [h["val_loss"] for h in history if "val_loss" in h]
-    assert len(vals) == 3 and vals[-1] < vals[0]  # validation loss each epoch, falling
+    assert len(vals) == 3 + bool(averaged_steps) and vals[2] < vals[0]  # validation loss each epoch, falling
+    if averaged_steps:  # then once more on the averaged weights, which are exported
+        assert history[-1]["averaged_steps"] == averaged_steps and vals[3] != vals[2]
     assert stats["final_loss"] == losses[-1]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,11 +70,13 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     allowed) Ray Train restarts the group from step 8. Each failed step is computed again after
     its restart and must log what it logged before the failure, to the last digit: it is the
     second step after the checkpoint, so its loss depends on the restored weights, the restored
-    optimizer state (the update before it) and the restored data order. Then the export is checked."""
+    optimizer state (the update before it) and the restored data order. The weights after the last
+    half of the steps are averaged (`training.average_from`) across both restarts: 6 steps, from
+    the checkpoints' averages. Then the export is checked."""
     from ray.train import TrainingFailedError
 
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "6")
-    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, **ONE_WORKER)
+    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, average_from=0.5, **ONE_WORKER)
     with pytest.raises(TrainingFailedError):
         run_stage("train", killed)
     run = tmp_path / "run"
@@ -86,7 +90,7 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     assert [h["step"] for h in history] == list(range(1, 13))  # the step counter continued through both restarts
     for before in failed.values():
         assert history[before["step"] - 1] == before and before["loss"] > 0
-    _check_training_and_export(run, stats)
+    _check_training_and_export(run, stats, averaged_steps=6)
 
 
 def test_zero3_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher_and_exports(

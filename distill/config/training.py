@@ -111,6 +111,11 @@ class TrainingConfig(Strict):
     `distill.chat.split_instruction`), drawn per example by `seed`. The teacher answered it as asked:
     its answer and top-k stay. A student that only saw the question in one place answers it
     elsewhere by where it stands, not by the text."""
+    average_from: float | None = Field(None, ge=0.0, lt=1.0)
+    """Export the uniform average of the weights after each optimizer step past this share of
+    the steps (stochastic weight averaging; 0.5: the second half), not the last step's weights:
+    the mean of the late, low-learning-rate iterates, which depends less on the order of the last
+    batches (`distill.weight_average`). Off when null; zero_stage 0-2, not with on_policy."""
     cache_examples: Literal["auto", "always", "never"] = "auto"
     """Tokenize the training examples once, before the first step, and keep them in Ray's object
     store for every epoch (`always`), or stream them from the curated files, tokenized again in
@@ -149,6 +154,16 @@ class TrainingConfig(Strict):
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("LoRA runs with zero_stage 0-2 (its adapters are merged into whole "
                              "weights for export); set training.zero_stage=2 or drop training.lora")
+        return self
+
+    @model_validator(mode="after")
+    def _average_needs_whole_weights(self) -> "TrainingConfig":
+        if self.average_from is not None and self.zero_stage == 3:
+            raise ValueError("training.average_from averages whole weights on each worker: set "
+                             "training.zero_stage to 0, 1 or 2, or training.average_from=null")
+        if self.average_from is not None and self.method == "on_policy":
+            raise ValueError("training.average_from averages the off-policy steps, and on-policy steps would start "
+                             "from the average: set training.average_from=null with training.method=on_policy")
         return self
 
     @model_validator(mode="after")
