@@ -44,12 +44,14 @@ def engine_core_affinities() -> list[list[int]]:
 
 def finished_run(tmp_path, teacher: str, student: str):
     """A run directory whose stages up to train count as done under its config (the student is a
-    tiny model copied in; the markers say what the stages would have recorded)."""
+    tiny model copied in; the markers say what the stages would have recorded), its prompts asked
+    with the question above the text (`task.instruction_first`), as the default asks them."""
     from distill.config import dump_config
     from distill.rundir import RunDir
     from distill.stages import current_record
 
     cfg = tiny_config(tmp_path / "run", teacher)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"instruction_first": True})})
     rd = RunDir(cfg)
     shutil.copytree(student, rd.student.path)
     for stage, output in (("prepare", "prompts"), ("generate", "teacher"), ("curate", "curated"), ("train", "student")):
@@ -68,7 +70,7 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
     run_dir = finished_run(tmp_path, tiny_model, str(student))
     # as by default, the student's engine in the ingress's process (serving.colocate), the teacher's
     # in its own replica
-    cfg = load_target(str(run_dir), [f"serving.port={free_port()}", "task.instruction_first=true",
+    cfg = load_target(str(run_dir), [f"serving.port={free_port()}",
                                      "serving.replicas={teacher: {num_cpus: 1}, student: {num_cpus: 1}}"])
     models = hosted_models(cfg)
     assert {m.engine_spec["model"] for m in models.values()} == {tiny_model, str(run_dir / "student")}
@@ -100,6 +102,14 @@ def test_two_real_engines_behind_one_endpoint_and_clean_shutdown(tmp_path, tiny_
         assert [r.headers["x-distill-task-prompt"] for r in served] == ["applied", "applied"]
         assert [r.json()["choices"][0]["message"]["content"] for r in served] == \
             evaluated_answers(cfg, run_dir / "student", [msg, below])
+        # the student reads the question below the text exactly as the one asked above it, and
+        # another prompt otherwise (a random model's greedy text may not show it; its logprobs do)
+        above = [{"role": "user", "content": "Is this positive or negative?\nThe lid broke on day two."}]
+        read = {name: first_logprobs(client, m) for name, m in (("below", below), ("above", above), ("other", msg))}
+        logprobs = {name: [lp for _, lp in tokens] for name, tokens in read.items()}
+        assert [t for t, _ in read["below"]] == [t for t, _ in read["above"]]
+        assert logprobs["below"] == pytest.approx(logprobs["above"], abs=1e-3)
+        assert logprobs["other"] != pytest.approx(logprobs["above"], abs=1e-3)
         arms = {client.chat.completions.create(model="ab", messages=msg, max_tokens=2, user=f"user-{i}").model
                 for i in range(12)}
         assert arms == {"teacher", "student"}
@@ -131,6 +141,12 @@ def evaluated_answers(cfg, student, messages) -> list[str]:
     rows = [normalise({"id": str(i), "messages": m}, cfg.task.type, task_prompt(cfg.task)) for i, m in enumerate(messages)]
     assert rows[1]["messages"][-1]["content"].startswith("Is this positive or negative?\n")
     return list(answers_of(cfg, "student", str(student), rows, SamplingConfig(temperature=0.0, max_tokens=5), None))
+
+
+def first_logprobs(client, messages) -> list[tuple[str, float]]:
+    """The student's greedy tokens and their logprobs for `messages`, through the endpoint."""
+    out = client.chat.completions.create(model="student", messages=messages, max_tokens=3, temperature=0, logprobs=True)
+    return [(t.token, t.logprob) for t in out.choices[0].logprobs.content]
 
 
 def check_openai_surface(client) -> None:
