@@ -8,8 +8,8 @@ training and evaluation) to the validation and `shifted_validation` prompts whos
 instruction (`distill.chat.split_instruction`), as prepared and with the instruction moved ("The
 lid broke.\\n\\nIs this review positive or negative?"), and moved then read as `task.instruction_first`
 reads a prompt, scored against their references by the task. First it counts the prompts of
-every split and extra set that `task.instruction_first` would rewrite. Only the choice splits are scored: a choice made on this leaves test, `shifted` and the hand-written
-set to report.
+every split and extra set that `task.instruction_first` would rewrite. Only the choice splits are
+scored: a choice made on this leaves test, `shifted` and the hand-written set to report.
 """
 
 from __future__ import annotations
