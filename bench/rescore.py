@@ -8,8 +8,8 @@ leaves the teacher's rows and the trained students as they are: each run's `stud
 set as `prepare` writes it under the config, greedily with `evaluation.sampling`, in an evaluation
 actor as `evaluate` runs it, and is scored by the task. `--set` is an `evaluation.extra_sets` name,
 or a split of the run's prepared prompts, asked again as the config asks (`rewritten` counts the
-prompts that changed, scored as prepared and as asked again). A run evaluated under the same config scores what its
-report says.
+prompts that changed, scored as prepared and as asked again). A run evaluated under the same
+config scores what its report says.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     paths = {s.name: s.path for s in cfg.evaluation.extra_sets}
     task, asked = task_from_config(cfg.task), task_prompt(cfg.task)
+
+    def score(answers: list[str], refs: list) -> float:
+        return round(float(task.score(answers, refs)[task.primary]), 4)
+
     connect(cfg.ray)
     for run in args.runs:
         if args.set in paths:
@@ -50,15 +54,14 @@ def main() -> None:
             changed = [a["messages"] != b["messages"] for a, b in zip(prepared, rows)]
         answers = answers_of(cfg, "student", str(Path(run) / "student"), rows, cfg.evaluation.sampling, None)
         refs = [r["reference"] for r in rows]
-        line = {"run": run, "set": args.set, "prompts": len(rows),
-                task.primary: round(float(task.score(answers, refs)[task.primary]), 4)}
+        line = {"run": run, "set": args.set, "prompts": len(rows), task.primary: score(answers, refs)}
         if changed is not None and any(changed):
             picked = [i for i, c in enumerate(changed) if c]
             before = answers_of(cfg, "student", str(Path(run) / "student"), [prepared[i] for i in picked],
                                 cfg.evaluation.sampling, None)
-            line["rewritten"] = {"prompts": len(picked), **{name: round(float(task.score(
-                got, [refs[i] for i in picked])[task.primary]), 4) for name, got in
-                (("as prepared", before), ("asked again", [answers[i] for i in picked]))}}
+            picked_refs = [refs[i] for i in picked]
+            line["rewritten"] = {"prompts": len(picked), "as prepared": score(before, picked_refs),
+                                 "asked again": score([answers[i] for i in picked], picked_refs)}
         print(json.dumps(line), flush=True)
 
 
