@@ -145,6 +145,10 @@ class DistillRecipe:
                 r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
         lm = self.model.get_base_model() if t.lora is not None else self.model  # adapters injected in place
+        if t.neftune_alpha is not None:  # the hook adds noise only while the embedding is in train mode
+            from transformers.integrations.neftune import activate_neftune
+
+            activate_neftune(lm, t.neftune_alpha)
         wrapped = ResponseLogits(lm)
         skip_deepspeed_shm_op()
         self.engine, _, _, _ = deepspeed.initialize(

@@ -116,6 +116,11 @@ class TrainingConfig(Strict):
     the steps (stochastic weight averaging; 0.5: the second half), not the last step's weights:
     the mean of the late, low-learning-rate iterates, which depends less on the order of the last
     batches (`distill.weight_average`). Off when null; zero_stage 0-2, not with on_policy."""
+    neftune_alpha: float | None = Field(None, gt=0.0)
+    """Noisy embeddings (NEFTune): while training, uniform noise of half-width alpha / sqrt(tokens x
+    hidden size) is added to the student's input embeddings, so a word reaches it a little off its
+    place, as an unseen neighbour would; the teacher of the hidden-state term reads the clean input,
+    and evaluation and serving see none. Off when null; the paper's values are 5 to 15."""
     cache_examples: Literal["auto", "always", "never"] = "auto"
     """Tokenize the training examples once, before the first step, and keep them in Ray's object
     store for every epoch (`always`), or stream them from the curated files, tokenized again in
