@@ -38,11 +38,18 @@ class ResponseLogits(torch.nn.Module):
     Logits at prompt positions are never used, and the head is the largest matrix of a small
     model (49152 x 576 for the embedded default's student, as many multiply-adds per token as
     its 8 layers together): skipping it on the prompt, about 85% of a classification example's
-    tokens, takes about 40% off every forward and backward pass."""
+    tokens, takes about 40% off every forward and backward pass.
 
-    def __init__(self, lm: torch.nn.Module):
+    With `neftune_alpha` (`training.neftune_alpha`), transformers' NEFTune hook adds uniform noise to
+    the input embeddings in train mode only: validation, export and serving read them clean."""
+
+    def __init__(self, lm: torch.nn.Module, neftune_alpha: float | None = None):
         super().__init__()
         self.lm = lm
+        if neftune_alpha is not None:
+            from transformers.integrations.neftune import activate_neftune
+
+            activate_neftune(lm, neftune_alpha)
 
     def forward(self, input_ids, attention_mask, positions, hidden_states=False):
         """positions [B, L-1] bool (where labels[:, 1:] count) -> logits [1, N, V] at those positions;
@@ -145,11 +152,7 @@ class DistillRecipe:
                 r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
         lm = self.model.get_base_model() if t.lora is not None else self.model  # adapters injected in place
-        if t.neftune_alpha is not None:  # the hook adds noise only while the embedding is in train mode
-            from transformers.integrations.neftune import activate_neftune
-
-            activate_neftune(lm, t.neftune_alpha)
-        wrapped = ResponseLogits(lm)
+        wrapped = ResponseLogits(lm, neftune_alpha=t.neftune_alpha)
         skip_deepspeed_shm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],

@@ -150,9 +150,13 @@ def test_a_student_of_another_tokenizer_gets_logit_kd_on_aligned_rows(generated_
         resolve_method(no_topk, RunDir(no_topk), str(other))
 
 
-def test_lora_trains_adapters_and_exports_a_plain_model(generated_run, tiny_model, tmp_path, ray_cluster):
-    # max_steps=7 ends the run inside its second epoch (4 steps per epoch)
-    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16}, max_steps=7)
+def test_lora_with_noisy_embeddings_trains_adapters_and_exports_a_plain_model(generated_run, tiny_model, tmp_path,
+                                                                            ray_cluster):
+    # max_steps=7 ends the run inside its second epoch (4 steps per epoch); the NEFTune hook sits on
+    # the embedding under the adapters (alpha 0.5: noise under the tiny model's embedding scale, 0.02)
+    # and leaves no trace in the export
+    cfg = _run(generated_run, tiny_model, tmp_path, zero_stage=2, lora={"r": 8, "alpha": 16}, max_steps=7,
+               neftune_alpha=0.5)
     stats = run_stage("train", cfg)
     history = _history(tmp_path / "run")
     losses = [h["loss"] for h in history if "loss" in h]

@@ -168,3 +168,29 @@ def test_deepspeeds_gradient_all_reduce_is_skipped_only_where_it_is_the_identity
 
     assert engine_after(1, 0) is False  # one rank, no partitions: nothing to reduce
     assert engine_after(2, 0) is True and engine_after(1, 2) is True and engine_after(1, 3) is True
+
+
+def test_noisy_embeddings_perturb_the_student_in_training_only_and_by_at_most_alpha_over_root_size(tiny_model):
+    """`training.neftune_alpha`: the response logits move in train mode, by a fresh draw each pass
+    (the embedding noise is at most alpha / sqrt(tokens x hidden) per element); in eval mode
+    (validation, and the exported model) they equal the plain model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.train_loop import ResponseLogits
+
+    plain = ResponseLogits(AutoModelForCausalLM.from_pretrained(tiny_model)).eval()
+    noisy = ResponseLogits(AutoModelForCausalLM.from_pretrained(tiny_model), neftune_alpha=5.0)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask, positions = torch.ones_like(ids), torch.ones(2, 11, dtype=torch.bool)
+    with torch.no_grad():
+        clean = plain(ids, mask, positions)
+        noisy.train()
+        first, second = noisy(ids, mask, positions), noisy(ids, mask, positions)
+        embed = noisy.lm.get_input_embeddings()
+        shift = embed(ids) - embed.weight[ids]
+        noisy.eval()
+        evaluated = noisy(ids, mask, positions)
+    assert not torch.allclose(first, clean) and not torch.allclose(first, second)
+    assert 0 < shift.abs().max() <= 5.0 / (12 * embed.weight.shape[1]) ** 0.5
+    assert torch.equal(evaluated, clean)
