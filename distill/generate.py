@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -324,26 +325,31 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     connect(cfg.ray)
     gen, teacher = cfg.generation, cfg.teacher
     bs, in_flight = gen.batch_size, gen.blocks_in_flight
-    ds = blocks_dataset(prompts, bs).map_batches(
-        teacher_workers.AsyncTeacherWorker if in_flight > 1 else teacher_workers.TeacherWorker,
-        # each planned block is one batch, whatever order the reads finish in: `batch_size=bs`
-        # re-cut the blocks when the short last one arrived early, so a prompt's batch-mates (and
-        # on the CPU the rounding of its logprobs) changed between runs (bench/README.md)
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max,
-                                           max_concurrent_calls_per_actor=in_flight),
-        num_cpus=teacher.pool.num_cpus,
-        num_gpus=teacher.pool.num_gpus or None,
-        memory=int(teacher.pool.memory_gib * 2**30) if teacher.pool.memory_gib else None,
-        runtime_env={"env_vars": engine_env(teacher.engine)},
-        allow_out_of_order_execution=in_flight > 1,  # one block at a time: in the order they come
-        fn_constructor_kwargs=dict(
-            model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
-            logprob_dtype=gen.logprob_dtype, out_uri=out_uri, prompts_per_part=max(1, gen.rows_per_file // sampling.n),
-            blocks_in_flight=in_flight, context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
-        ),
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for `allow_out_of_order_execution` and warns that the
+        # catch-all it passes through will go: a warning for whoever upgrades Ray, not for the user
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = blocks_dataset(prompts, bs).map_batches(
+            teacher_workers.AsyncTeacherWorker if in_flight > 1 else teacher_workers.TeacherWorker,
+            # each planned block is one batch, whatever order the reads finish in: `batch_size=bs`
+            # re-cut the blocks when the short last one arrived early, so a prompt's batch-mates (and
+            # on the CPU the rounding of its logprobs) changed between runs (bench/README.md)
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=teacher.pool.min, max_size=teacher.pool.max,
+                                               max_concurrent_calls_per_actor=in_flight),
+            num_cpus=teacher.pool.num_cpus,
+            num_gpus=teacher.pool.num_gpus or None,
+            memory=int(teacher.pool.memory_gib * 2**30) if teacher.pool.memory_gib else None,
+            runtime_env={"env_vars": engine_env(teacher.engine)},
+            allow_out_of_order_execution=in_flight > 1,  # one block at a time: in the order they come
+            fn_constructor_kwargs=dict(
+                model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
+                logprob_dtype=gen.logprob_dtype, out_uri=out_uri,
+                prompts_per_part=max(1, gen.rows_per_file // sampling.n), blocks_in_flight=in_flight,
+                context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
+            ),
+        )
     # blocks reach the actors in the plan's order, not the order their reads finish in: vLLM's
     # prefix cache holds what earlier blocks left, and on the CPU a prompt's top-k then depends on
     # the blocks before it (bench/block_order.py)
