@@ -159,15 +159,8 @@ def _gguf_to_hf(gguf: Path, out: Path, base_model: bool = False) -> None:
     tokenizer.save_pretrained(out)
 
 
-def spans(layers: list[int]) -> list[list[int]]:
-    """The layers each kept layer stands in for: those after the previous kept one, up to itself."""
-    kept = sorted(layers)
-    return [list(range(kept[i - 1] + 1 if i else 0, layer + 1)) for i, layer in enumerate(kept)]
-
-
-def derive_student(source: str, layers: list[int], out: str | Path, init: str = "copy") -> Path:
-    """Save a student that keeps `layers` of `source` (same embeddings, head and tokenizer); with
-    `init="mean"` each kept layer's weights are the mean of the span it stands in for (`spans`)."""
+def derive_student(source: str, layers: list[int], out: str | Path) -> Path:
+    """Save a student that keeps `layers` of `source` (same embeddings, head and tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,11 +176,6 @@ def derive_student(source: str, layers: list[int], out: str | Path, init: str = 
             f"student.layers: {layers} must be distinct indices in [0, {len(blocks) - 1}] "
             f"({source} has {len(blocks)} layers)"
         )
-    if init == "mean":
-        for span in spans(layers):
-            merged = {name: torch.stack([blocks[i].state_dict()[name].float() for i in span]).mean(0)
-                      for name in blocks[span[-1]].state_dict()}
-            blocks[span[-1]].load_state_dict(merged)
     model.model.layers = torch.nn.ModuleList(blocks[i] for i in sorted(layers))
     for new_index, block in enumerate(model.model.layers):
         block.self_attn.layer_idx = new_index
@@ -234,14 +222,12 @@ def ensure_student_base(cfg: RunConfig, rd: RunDir) -> str:
     if source is None:
         raise UserError("student.kind=derived needs student.of or teacher.path (the model to take layers from)")
     # named by what it is made from: other layers or another model make another student
-    made = f"{source}:{cfg.student.layers}" + (f":{cfg.student.init}" if cfg.student.init != "copy" else "")
-    name = "student-init-" + hashlib.sha256(made.encode()).hexdigest()[:8]
+    name = "student-init-" + hashlib.sha256(f"{source}:{cfg.student.layers}".encode()).hexdigest()[:8]
     if rd.root.is_local:
-        return str(derive_student(source, cfg.student.layers, Path(rd.models.path) / name, cfg.student.init))
+        return str(derive_student(source, cfg.student.layers, Path(rd.models.path) / name))
     target = rd.models.join(name)
     if not target.join(UPLOAD_COMPLETE).exists():  # derived here once, shared through the run dir
-        upload_dir(str(derive_student(source, cfg.student.layers, cache_dir() / "derived" / name, cfg.student.init)),
-                   target.uri)
+        upload_dir(str(derive_student(source, cfg.student.layers, cache_dir() / "derived" / name)), target.uri)
     return target.uri
 
 

@@ -44,22 +44,6 @@ def test_a_derived_student_takes_its_layers_from_student_of_or_else_the_teacher(
                                .to(kept.mlp.up_proj.weight.dtype))
 
 
-def test_a_mean_initialised_student_starts_each_layer_as_the_mean_of_the_span_it_stands_in_for(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    source = make_tiny_llama(tmp_path / "source", layers=5, seed=2)
-    assert model_files.spans([4, 1]) == [[0, 1], [2, 3, 4]]
-    cfg = _config(tmp_path, str(source), layers=[1, 4], init="mean")
-    student = AutoModelForCausalLM.from_pretrained(model_files.ensure_student_base(cfg, RunDir(cfg)))
-    copied = AutoModelForCausalLM.from_pretrained(model_files.ensure_student_base(
-        _config(tmp_path, str(source), layers=[1, 4]), RunDir(cfg)))
-    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    for kept, span in zip(student.model.layers, ([0, 1], [2, 3, 4])):
-        mean = torch.stack([original.model.layers[i].self_attn.q_proj.weight.float() for i in span]).mean(0)
-        assert torch.allclose(kept.self_attn.q_proj.weight.float(), mean.to(torch.bfloat16).float())
-    assert not torch.equal(student.model.layers[1].mlp.up_proj.weight, copied.model.layers[1].mlp.up_proj.weight)
-
-
 def test_a_base_models_turns_are_written_as_plain_text(tmp_path):
     tokenizer = make_tokenizer("byte_level")
     tokenizer.chat_template = COMPLETION_TEMPLATE

@@ -167,10 +167,6 @@ class DerivedStudent(Strict):
     """The model whose layers the student keeps (any model reference); null: the teacher's path."""
     layers: list[int] = Field(default_factory=lambda: [0, 4, 8, 12, 17, 21, 25, 29], min_length=1)
     """Indices of that model's layers the student keeps (embeddings and head are kept too)."""
-    init: Literal["copy", "mean"] = "copy"
-    """How each kept layer starts: copy, the layer's own weights; mean, the mean of the weights of
-    the layers it stands in for (those after the previous kept layer, up to itself), which is the
-    span the hidden-state term asks it to do the work of."""
     engine: EngineConfig = EngineConfig()
     """vLLM settings for the student."""
 
