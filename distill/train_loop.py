@@ -68,13 +68,24 @@ def hidden_pairs(layers: list[int], which: str) -> list[tuple[int, int]]:
     return [*inner, (-1, -1)]
 
 
-def state_teacher(path: str, hidden_size: int) -> torch.nn.Module:
-    """The teacher's decoder, frozen, for the hidden-state term (`training.kd.hidden_weight`)."""
+def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The precision DeepSpeed computes the student in: bf16 or fp16 where enabled, else fp32."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds_config.get(key, {}).get("enabled"):
+            return dtype
+    return torch.float32
+
+
+def state_teacher(path: str, hidden_size: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The teacher's decoder, frozen, for the hidden-state term (`training.kd.hidden_weight`), in
+    the precision the student trains in (`dtype`): its states are compared with the student's,
+    which have that precision, and where bf16 is fast (AMX, GPUs) the teacher's forward pass,
+    the larger part of a step, takes a third of fp32's time (bench/README.md, "Student training")."""
     from transformers import AutoModelForCausalLM
 
     from distill.model_files import resolve_model
 
-    decoder = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=torch.float32).get_decoder()
+    decoder = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype).get_decoder()
     if decoder.config.hidden_size != hidden_size:
         raise ValueError(f"training.kd.hidden_weight: the teacher's hidden states have {decoder.config.hidden_size} "
                          f"dimensions and the student's {hidden_size}; the term needs them equal (a student derived "
@@ -172,7 +183,8 @@ class DistillRecipe:
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.teacher_states, self.pairs = None, []  # the hidden-state term's teacher and its pairs of states
         if t.kd.hidden_weight:
-            self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size)
+            self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size,
+                                                training_dtype(self.inputs.ds_config))
             self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if self.inputs.has_validation else None

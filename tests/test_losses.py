@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.losses import IGNORE, distill_loss, generalised_jsd, hidden_state_loss, kl, response_ce, topk_kd
-from distill.train_loop import hidden_pairs
+from distill.train_loop import hidden_pairs, state_teacher, training_dtype
 
 B, T, V, K = 2, 5, 11, 4
 
@@ -131,3 +131,14 @@ def test_hidden_pairs_match_each_student_layer_with_the_teacher_layer_it_was_cop
     # hidden_states: [0] embeddings, [i + 1] after layer i, the last entry normed
     assert hidden_pairs([0, 4, 8, 29], "all") == [(1, 1), (2, 5), (3, 9), (-1, -1)]
     assert hidden_pairs([0, 4, 8, 29], "last") == hidden_pairs([], "last") == [(-1, -1)]
+
+
+def test_the_hidden_state_terms_teacher_computes_in_the_precision_the_student_trains_in(tmp_path):
+    from conftest import make_tiny_llama
+
+    assert training_dtype({"bf16": {"enabled": True}, "fp16": {"enabled": False}}) == torch.bfloat16
+    assert training_dtype({"bf16": {"enabled": False}, "fp16": {"enabled": True}}) == torch.float16
+    assert training_dtype({"bf16": {"enabled": False}}) == training_dtype({}) == torch.float32
+    teacher = state_teacher(str(make_tiny_llama(tmp_path / "teacher")), 64, torch.bfloat16)
+    states = teacher(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
+    assert {s.dtype for s in states} == {torch.bfloat16} and not any(p.requires_grad for p in teacher.parameters())
