@@ -27,7 +27,7 @@ import torch
 from distill.hardware import fast_dtype
 from distill.losses import hidden_state_loss
 from distill.model_files import derive_student
-from distill.train_loop import state_teacher
+from distill.train_loop import hidden_pairs, state_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = "builtin:smollm2-135m-instruct"
@@ -69,7 +69,7 @@ def main() -> None:
         out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         sum(s.float().pow(2).mean() for s in out).backward()
     figures["student_forward_backward_s_bf16"] = round(timed(student_step, args.repeats), 4)
-    pairs = [(i + 1) for i in LAYERS[:-1]] + [-1]
+    pairs = [t for _, t in hidden_pairs(LAYERS, "all")]  # the teacher's states the term reads
     figures["bf16_states_relative_error"] = float(hidden_state_loss(
         [states["bf16"][i] for i in pairs], [states["fp32"][i] for i in pairs], mask.bool()))
     figures["teacher_speedup_bf16"] = round(figures["teacher_forward_s_fp32"] / figures["teacher_forward_s_bf16"], 2)
