@@ -395,7 +395,8 @@ def _plan(cfg: RunConfig, total_steps: int, on_policy: bool) -> str:
             + (f"then {t.on_policy.steps} on-policy steps ({t.on_policy.divergence} on the student's rollouts), "
                if on_policy else "")
             + f"{total_steps} steps on {t.workers} worker(s), ZeRO-{t.zero_stage}, {precision(cfg)}"
-            + (", embeddings frozen" if t.freeze_embeddings else ""))
+            + (", embeddings frozen" if t.freeze_embeddings else "")
+            + (f", first {t.freeze_layers} layer(s) frozen" if t.freeze_layers else ""))
 
 
 def _stats(history, **stats) -> dict[str, Any]:

@@ -68,6 +68,18 @@ def hidden_pairs(layers: list[int], which: str) -> list[tuple[int, int]]:
     return [*inner, (-1, -1)]
 
 
+def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
+    """Fix the first `n` decoder layers of a Hugging Face causal LM (`training.freeze_layers`)."""
+    if not n:
+        return
+    layers = model.get_decoder().layers
+    if n >= len(layers):
+        raise ValueError(f"training.freeze_layers={n} would fix every one of the student's {len(layers)} "
+                         f"layers: set it below {len(layers)}")
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+
+
 def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     """The precision DeepSpeed computes the student in: bf16 or fp16 where enabled, else fp32."""
     for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
@@ -156,6 +168,7 @@ class DistillRecipe:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if t.freeze_embeddings:  # with tied weights this freezes the output head too
             self.model.get_input_embeddings().weight.requires_grad_(False)
+        freeze_first_layers(self.model, t.freeze_layers)
         if t.lora is not None:
             from peft import LoraConfig, get_peft_model
 

@@ -40,6 +40,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("teachers={teacher: {path: x}}", "teachers: 'teacher' is not a usable name"),
     ("teachers={'a/b': {path: x}}", "teachers: 'a/b' is not a usable name"),
     ("teachers={b: {kind: precomputed, outputs: x}}", "teachers.b: Input tag 'precomputed'"),
+    ("training={freeze_layers: 1, lora: {r: 4}}", "training: Value error, training.freeze_layers fixes whole layers"),
+    ("training.freeze_layers=8", "training.freeze_layers=8 would fix every one of the student's 8 layers"),
 ])
 def test_bad_values_name_the_field_and_the_problem(override, fragment):
     with pytest.raises(ConfigError) as e:

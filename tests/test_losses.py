@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.losses import IGNORE, distill_loss, generalised_jsd, hidden_state_loss, kl, response_ce, topk_kd
-from distill.train_loop import hidden_pairs, state_teacher, training_dtype
+from distill.train_loop import freeze_first_layers, hidden_pairs, state_teacher, training_dtype
 
 B, T, V, K = 2, 5, 11, 4
 
@@ -142,3 +142,16 @@ def test_the_hidden_state_terms_teacher_computes_in_the_precision_the_student_tr
     teacher = state_teacher(str(make_tiny_llama(tmp_path / "teacher")), 64, torch.bfloat16)
     states = teacher(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
     assert {s.dtype for s in states} == {torch.bfloat16} and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_freezing_the_first_layers_fixes_them_and_nothing_else(tmp_path):
+    from conftest import make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "student"))  # two layers
+    freeze_first_layers(model, 1)
+    first, second = model.model.layers
+    assert not any(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for p in second.parameters()) and model.model.norm.weight.requires_grad
+    with pytest.raises(ValueError, match="training.freeze_layers=2 would fix every one of the student's 2 layers"):
+        freeze_first_layers(model, 2)

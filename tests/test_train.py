@@ -72,11 +72,13 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     second step after the checkpoint, so its loss depends on the restored weights, the restored
     optimizer state (the update before it) and the restored data order. The weights after the last
     half of the steps are averaged (`training.average_from`) across both restarts: 6 steps, from
-    the checkpoints' averages. Then the export is checked."""
+    the checkpoints' averages. Then the export is checked; its first layer, fixed
+    (`training.freeze_layers`), is the starting model's to the bit, its second trained."""
     from ray.train import TrainingFailedError
 
     monkeypatch.setenv("DISTILL_INJECT_FAILURE_AT_STEP", "6")
-    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, average_from=0.5, **ONE_WORKER)
+    killed = _run(generated_run, tiny_model, tmp_path, max_failures=0, average_from=0.5, freeze_layers=1,
+                  **ONE_WORKER)
     with pytest.raises(TrainingFailedError):
         run_stage("train", killed)
     run = tmp_path / "run"
@@ -91,6 +93,13 @@ def test_zero2_resumes_a_dead_job_and_a_failed_worker_exactly_and_exports(genera
     for before in failed.values():
         assert history[before["step"] - 1] == before and before["loss"] > 0
     _check_training_and_export(run, stats, averaged_steps=6)
+    from safetensors.torch import load_file
+
+    start, end = load_file(f"{tiny_model}/model.safetensors"), load_file(run / "student" / "model.safetensors")
+    first = [name for name in start if name.startswith("model.layers.0.")]
+    assert first and all(end[name].equal(start[name]) for name in first)
+    assert not any(end[f"model.layers.1.{name}"].equal(start[f"model.layers.1.{name}"])
+                   for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"))
 
 
 def test_zero3_logit_kd_on_the_compact_top_k_moves_the_student_toward_the_teacher_and_exports(

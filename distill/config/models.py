@@ -123,6 +123,14 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _frozen_layers_leave_some_to_train(self) -> "RunConfig":
+        layers = getattr(self.student, "layers", None)
+        if layers is not None and self.training.freeze_layers >= len(layers):
+            raise ValueError(f"training.freeze_layers={self.training.freeze_layers} would fix every one of the student's "
+                             f"{len(layers)} layers (student.layers): set it below {len(layers)}")
+        return self
+
+    @model_validator(mode="after")
     def _majority_needs_answers_to_count(self) -> "RunConfig":
         if self.curation.select == "majority" and self.task.type not in (*LABELLED_TASKS, "math"):
             raise ValueError(f"curation.select=majority counts the answers the samples state, which task.type="

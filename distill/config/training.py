@@ -86,6 +86,11 @@ class TrainingConfig(Strict):
     freeze_embeddings: bool = False
     """Keep the input embeddings (and a tied output head) fixed: fewer trainable parameters, and
     words the training set never shows keep their pretrained meaning."""
+    freeze_layers: int = Field(0, ge=0)
+    """Keep the student's first this-many decoder layers fixed as well (0: none). A derived
+    student's first layer is the teacher's own, reading the same embeddings; left fixed, the
+    lexical work that pretraining taught it stays as it was for words the prompts never show, and
+    backward stops above it."""
     gold_control: bool = False
     """Also train the same student on the gold references alone (no teacher), exported to
     `student_gold/` and shown in the report: what the teacher adds."""
@@ -159,6 +164,13 @@ class TrainingConfig(Strict):
         if self.lora is not None and self.zero_stage == 3:
             raise ValueError("LoRA runs with zero_stage 0-2 (its adapters are merged into whole "
                              "weights for export); set training.zero_stage=2 or drop training.lora")
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_layers_need_whole_weights(self) -> "TrainingConfig":
+        if self.freeze_layers and self.lora is not None:
+            raise ValueError("training.freeze_layers fixes whole layers, and LoRA already fixes every base weight: "
+                             "set training.freeze_layers=0 or drop training.lora")
         return self
 
     @model_validator(mode="after")
