@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/teacher_contexts.py --run runs/choice2/base   # writes bench/results/teacher_contexts.json
     .venv/bin/python bench/teacher_contexts.py --run runs/default --student --out bench/results/student_scores.json
+    .venv/bin/python bench/teacher_contexts.py --run runs/c24n/base --few-shot my_examples.jsonl --out /tmp/contexts.json
 
 Which context the teacher answers in (`teacher.system_prompt`, `teacher.few_shot`) is a choice,
 so it is made on the sets choices are made on (validation, `shifted_validation`); the other sets
@@ -33,12 +34,14 @@ EARLIER_SYSTEM_PROMPT = "Answer with one word: positive or negative."
 REPORT_ORDER = ["validation", "shifted_validation", "test", "shifted", "handwritten"]
 
 
-def contexts(cfg):
+def contexts(cfg, few_shot_files: list[str] = ()):
+    """The contexts compared: the default's, its variants, and one per file of `--few-shot`."""
     from distill.chat import TeacherContext
     from distill.prepare import teacher_context
 
     shots = teacher_context(cfg.teacher).few_shot
-    return {
+    return {**{f"few_shot {Path(f).stem}": teacher_context(cfg.teacher.model_copy(update={"few_shot": f}))
+               for f in few_shot_files},
         "bare": TeacherContext(),
         "few_shot": TeacherContext(few_shot=shots),
         "few_shot_reversed": TeacherContext(few_shot=tuple(reversed(shots))),
@@ -122,6 +125,8 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a run directory whose prompts are prepared")
     ap.add_argument("--out", default="bench/results/teacher_contexts.json")
     ap.add_argument("--student", action="store_true", help="the run's trained student, on the bare prompt")
+    ap.add_argument("--few-shot", action="append", default=[], metavar="JSONL",
+                    help="another file of worked examples to compare (the config's system prompt; repeatable)")
     args = ap.parse_args()
     cfg = load_config(str(Path(args.run) / "config.yaml"), [f"run_dir={args.run}"])
     rows = locate(str(Path(args.run) / "prompts")).read_table().to_pylist()
@@ -141,7 +146,7 @@ def main() -> None:
                                                                            rows, labels),
                    "student, AUC": auc(raw["student"], rows, labels)}
     else:
-        named = contexts(cfg)
+        named = contexts(cfg, args.few_shot)
         raw = label_scores(cfg, rows, named)
         cal = {name: calibrated(s, splits) for name, s in raw.items()}
         results = {}
