@@ -87,10 +87,9 @@ class TrainingConfig(Strict):
     """Keep the input embeddings (and a tied output head) fixed: fewer trainable parameters, and
     words the training set never shows keep their pretrained meaning."""
     freeze_layers: int = Field(0, ge=0)
-    """Keep the student's first this-many decoder layers fixed as well (0: none). A derived
-    student's first layer is the teacher's own, reading the same embeddings; left fixed, the
-    lexical work that pretraining taught it stays as it was for words the prompts never show, and
-    backward stops above it."""
+    """Keep the student's first this-many decoder layers fixed as well (0: none): fewer weights to
+    train and keep optimizer state for, and backward stops above them. Whether it helps a task is
+    a choice for the validation split (bench/README.md)."""
     gold_control: bool = False
     """Also train the same student on the gold references alone (no teacher), exported to
     `student_gold/` and shown in the report: what the teacher adds."""
