@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--label", default=None,
                     help="name results and run directories by this instead of the variant (one variant; "
                          "for a run with overrides, e.g. --label 'mix, kd.temperature 1' training.kd.temperature=1)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's training checkpoints (about 1 GB a run for the embedded "
+                         "default); by default they are removed once the run is evaluated")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     names = args.only.split(",")
@@ -80,6 +83,8 @@ def main() -> None:
                                             *(["evaluation.include_baseline=false"] if name != "mix" else [])])
             for stage in ("curate", "train", "evaluate"):
                 run_stage(stage, cfg, cfg_path=args.config)
+            if not args.keep_checkpoints:  # the exported student is what the report reads; resume is over
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             results.setdefault(label, {}).setdefault("seeds", {})[str(seed)] = one_run(run_dir, name)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a cut session keeps what finished
