@@ -28,6 +28,7 @@ from distill.losses import IGNORE, distill_loss, hidden_state_loss
 from distill.progress import loss_text
 from distill.recipe_inputs import RecipeInputs
 from distill.storage import locate
+from distill.teacher_states import TeacherStates
 from distill.weight_average import WeightAverage
 from distill.train_data import Batch, bucketed_batches, collate
 
@@ -196,9 +197,9 @@ class DistillRecipe:
             self.log(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
         self.teacher_states, self.pairs = None, []  # the hidden-state term's teacher and its pairs of states
         if t.kd.hidden_weight:
-            self.teacher_states = state_teacher(self.cfg.teacher.path, lm.config.hidden_size,
-                                                training_dtype(self.inputs.ds_config))
             self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
+            decoder = state_teacher(self.cfg.teacher.path, lm.config.hidden_size, training_dtype(self.inputs.ds_config))
+            self.teacher_states = TeacherStates(decoder, [teacher for _, teacher in self.pairs])
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if self.inputs.has_validation else None
 
@@ -226,10 +227,7 @@ class DistillRecipe:
                                    kd_mask=mask, divergence=kd.divergence, beta=kd.beta,
                                    temperature=kd.temperature)
         if hidden_weight:
-            with torch.no_grad():
-                target = self.teacher_states(input_ids=input_ids, attention_mask=attention_mask,
-                                             output_hidden_states=True).hidden_states
-            hidden = hidden_state_loss([states[s] for s, _ in self.pairs], [target[t] for _, t in self.pairs],
+            hidden = hidden_state_loss([states[s] for s, _ in self.pairs], self.teacher_states(input_ids, attention_mask),
                                        attention_mask.bool())
             loss = loss + hidden_weight * hidden
             parts = {**parts, "hidden": hidden.item()}

@@ -1,0 +1,104 @@
+"""The hidden-state term's teacher with the shared prompt prefix computed once, against the whole batch each step.
+
+    .venv/bin/python bench/teacher_prefix.py [--config configs/default.yaml] [--batches 20]
+
+Each step of a recipe with `training.kd.hidden_weight` runs the frozen teacher forward on the
+student's input; `distill.teacher_states.TeacherStates` computes the prefix every row shares (the
+chat template's opening and the task's system prompt) once and runs each batch from there. This
+times both on the config's own train prompts (its data source, task prompt and tokenizer, batches
+of `training.batch_size` rows right-padded as training pads them, each followed by a one-word
+answer), with the threads a training worker has (`training.cpus_per_worker`), in the precision
+the student trains in on this machine (`distill.hardware.fast_dtype`). It also reports how far the
+prefix-cached states are from the whole batch's, in the hidden-state term's own measure (relative
+squared error, `distill.losses.hidden_state_loss`), beside how far the same teacher in that
+precision is from fp32: rounding, not a different target. Writes bench/results/teacher_prefix.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from distill.hardware import fast_dtype
+from distill.losses import hidden_state_loss
+from distill.teacher_states import TeacherStates, shared_prefix_length
+from distill.train_loop import hidden_pairs, state_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_batches(cfg, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` right-padded batches of the config's train prompts, each with a one-word answer."""
+    from transformers import AutoTokenizer
+
+    from distill import schema as S
+    from distill.model_files import resolve_model
+    from distill.prepare import Skipped, _source_rows, normalised_rows
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
+    rows = (r for r in normalised_rows(_source_rows(cfg), cfg, S.SPLITS, Skipped()) if r[S.SPLIT] == "train")
+    size = cfg.training.batch_size
+    texts = [tok.apply_chat_template(r[S.MESSAGES] + [{"role": "assistant", "content": r[S.REFERENCE] or "yes"}],
+                                     tokenize=False) for r in itertools.islice(rows, n * size)]
+    batches = []
+    for i in range(0, len(texts), size):
+        enc = tok(texts[i:i + size], padding=True, return_tensors="pt", add_special_tokens=False)
+        batches.append((enc.input_ids, enc.attention_mask))
+    return batches
+
+
+def main() -> None:
+    from distill.config import load_config
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--batches", type=int, default=20)
+    args = ap.parse_args()
+    cfg = load_config(args.config, [])
+    torch.set_num_threads(int(cfg.training.cpus_per_worker))
+    batches = train_batches(cfg, args.batches)
+    dtype = getattr(torch, fast_dtype("cpu"))
+    teacher = state_teacher(cfg.teacher.path, 576, dtype)
+    reference = state_teacher(cfg.teacher.path, 576, torch.float32)
+    indices = [t for _, t in hidden_pairs(getattr(cfg.student, "layers", []), cfg.training.kd.hidden_layers)]
+    cached = TeacherStates(teacher, indices)
+    cached(*batches[0])  # the prefix, computed once as training computes it at its first step
+
+    def whole(ids, mask, model=teacher):
+        with torch.no_grad():
+            states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        return [states[i] for i in indices]
+
+    times, errors = {"whole": 0.0, "prefix_cached": 0.0}, {"prefix_cached": [], "precision": []}
+    for ids, mask in batches:
+        for name, fn in (("whole", whole), ("prefix_cached", cached)):
+            start = time.perf_counter()
+            fn(ids, mask)
+            times[name] += time.perf_counter() - start
+        exact = whole(ids, mask, reference)
+        errors["prefix_cached"].append(float(hidden_state_loss(cached(ids, mask), whole(ids, mask), mask.bool())))
+        errors["precision"].append(float(hidden_state_loss(whole(ids, mask), exact, mask.bool())))
+    tokens = sum(int(m.sum()) for _, m in batches)
+    shared = sum(shared_prefix_length(i, m) * len(i) for i, m in batches)
+    figures = {
+        "machine": platform.processor() or platform.machine(), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "batches": len(batches), "batch_size": cfg.training.batch_size,
+        "tokens_shared_share": round(shared / tokens, 3),
+        "teacher_s_per_batch_whole": round(times["whole"] / len(batches), 4),
+        "teacher_s_per_batch_prefix_cached": round(times["prefix_cached"] / len(batches), 4),
+        "speedup": round(times["whole"] / times["prefix_cached"], 2),
+        "relative_error_prefix_cached_vs_whole": max(errors["prefix_cached"]),
+        f"relative_error_{str(dtype).removeprefix('torch.')}_vs_fp32": max(errors["precision"]),
+    }
+    print(json.dumps(figures, indent=2))
+    (ROOT / "bench" / "results" / "teacher_prefix.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The hidden-state term's teacher: its states for the student's input, the shared prompt prefix computed once.
+
+Every training row of a task starts with the same tokens (the chat template's opening and the
+task's system prompt: 40 of the embedded default's 80 prompt tokens), and the frozen teacher's
+states there are the same in every row and every step. `TeacherStates` finds the prefix a batch
+shares, computes the teacher on it once (one row, then kept), and runs the batch's rows only
+from there on, reading the prefix from its keys and values: the teacher's part of a step
+shrinks by the shared share of its tokens. A batch that shares too little runs whole.
+
+    states = TeacherStates(state_teacher(path, hidden, dtype), indices=[1, 5, -1])
+    targets = states(input_ids, attention_mask)     # [B, L, H] per index, as a full forward's
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+# below this many shared tokens a separate prefix pass saves less than it costs to manage
+MIN_PREFIX = 8
+# prefixes kept: one per system prompt and question form a batch may share in full
+KEPT_PREFIXES = 8
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Leading positions where every row has the same real token ([B, L] right-padded rows)."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else input_ids.shape[1]
+
+
+class TeacherStates:
+    """The frozen teacher decoder's hidden states at `indices` (into Hugging Face's
+    `hidden_states`: [0] the embeddings, [i + 1] layer i's output, [-1] the normed last), for a
+    right-padded batch; equal to one full forward pass up to floating-point rounding."""
+
+    def __init__(self, decoder: torch.nn.Module, indices: list[int]):
+        self.decoder = decoder
+        self.indices = indices
+        self.prefixes: OrderedDict[tuple[int, ...], tuple[list, list[torch.Tensor]]] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        batch, length = input_ids.shape
+        shared = min(shared_prefix_length(input_ids, attention_mask), length - 1)  # a suffix to run
+        if batch == 1 or shared < MIN_PREFIX:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return [out.hidden_states[i] for i in self.indices]
+        kv, prefix_states = self._prefix(input_ids[0, :shared])
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
+                             config=self.decoder.config)
+        out = self.decoder(input_ids=input_ids[:, shared:], attention_mask=attention_mask, past_key_values=cache,
+                           use_cache=True, output_hidden_states=True)
+        return [torch.cat([p.expand(batch, -1, -1), out.hidden_states[i]], dim=1)
+                for p, i in zip(prefix_states, self.indices)]
+
+    def _prefix(self, ids: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
+        """(keys and values per layer, states at `indices`) of one prefix, computed once."""
+        key = tuple(ids.tolist())
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            return self.prefixes[key]
+        out = self.decoder(input_ids=ids[None], use_cache=True, output_hidden_states=True)
+        entry = ([(layer.keys, layer.values) for layer in out.past_key_values.layers],
+                 [out.hidden_states[i] for i in self.indices])
+        self.prefixes[key] = entry
+        if len(self.prefixes) > KEPT_PREFIXES:
+            self.prefixes.popitem(last=False)
+        return entry
