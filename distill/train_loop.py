@@ -92,8 +92,8 @@ def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
 def state_teacher(path: str, hidden_size: int, dtype: torch.dtype) -> torch.nn.Module:
     """The teacher's decoder, frozen, for the hidden-state term (`training.kd.hidden_weight`), in
     the precision the student trains in (`dtype`): its states are compared with the student's,
-    which have that precision, and where bf16 is fast (AMX, GPUs) the teacher's forward pass,
-    the larger part of a step, takes a third of fp32's time (`bench/state_teacher_precision.py`)."""
+    which have that precision, and where bf16 is fast (AMX, GPUs) the teacher's forward pass
+    takes a third of fp32's time (`bench/state_teacher_precision.py`)."""
     from transformers import AutoModelForCausalLM
 
     from distill.model_files import resolve_model
