@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.augment import is_copy
 from distill.chat import prompt_token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(2)
     labels = args.labels.split(",")
     rows = ds.dataset(args.prompts).to_table().to_pylist()
-    originals = [r for r in rows if r["split"] == "train" and "#" not in r["id"]]
+    originals = [r for r in rows if r["split"] == "train" and not is_copy(r["id"])]
     train = [originals[i] for i in np.random.default_rng(0).choice(len(originals), TRAIN_PROMPTS, replace=False)]
     sets = {s: [r for r in rows if r["split"] == s] for s in SETS}
     results = {}

@@ -34,23 +34,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_batches(cfg, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n` right-padded batches of the config's train prompts, each with a one-word answer."""
+    """`n` batches of the config's train prompts as training reads them (prompt ids as
+    `distill.chat` makes them, a one-word answer, right-padded by `distill.train_data.collate`)."""
     from transformers import AutoTokenizer
 
     from distill import schema as S
+    from distill.chat import prompt_token_ids
     from distill.model_files import resolve_model
     from distill.prepare import Skipped, _source_rows, normalised_rows
+    from distill.losses import IGNORE
+    from distill.train_data import INPUT_IDS, LABELS, collate
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.teacher.path))
     rows = (r for r in normalised_rows(_source_rows(cfg), cfg, S.SPLITS, Skipped()) if r[S.SPLIT] == "train")
     size = cfg.training.batch_size
-    texts = [tok.apply_chat_template(r[S.MESSAGES] + [{"role": "assistant", "content": r[S.REFERENCE] or "yes"}],
-                                     tokenize=False) for r in itertools.islice(rows, n * size)]
-    batches = []
-    for i in range(0, len(texts), size):
-        enc = tok(texts[i:i + size], padding=True, return_tensors="pt", add_special_tokens=False)
-        batches.append((enc.input_ids, enc.attention_mask))
-    return batches
+    examples = []
+    for r in itertools.islice(rows, n * size):
+        answer = tok.encode(r[S.REFERENCE] or "yes", add_special_tokens=False) + [tok.eos_token_id]
+        prompt = prompt_token_ids(tok, r[S.MESSAGES])
+        examples.append({INPUT_IDS: prompt + answer, LABELS: [IGNORE] * len(prompt) + answer})
+    batches = [collate(examples[i:i + size], tok.pad_token_id, 0) for i in range(0, len(examples), size)]
+    return [(b.input_ids, b.attention_mask) for b in batches]
+
+
+def hidden_size(path: str) -> int:
+    from transformers import AutoConfig
+
+    from distill.model_files import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(path)).hidden_size
 
 
 def main() -> None:
@@ -64,8 +76,8 @@ def main() -> None:
     torch.set_num_threads(int(cfg.training.cpus_per_worker))
     batches = train_batches(cfg, args.batches)
     dtype = getattr(torch, fast_dtype("cpu"))
-    teacher = state_teacher(cfg.teacher.path, 576, dtype)
-    reference = state_teacher(cfg.teacher.path, 576, torch.float32)
+    teacher = state_teacher(cfg.teacher.path, hidden_size(cfg.teacher.path), dtype)
+    reference = state_teacher(cfg.teacher.path, hidden_size(cfg.teacher.path), torch.float32)
     indices = [t for _, t in hidden_pairs(getattr(cfg.student, "layers", []), cfg.training.kd.hidden_layers)]
     cached = TeacherStates(teacher, indices)
     cached(*batches[0])  # the prefix, computed once as training computes it at its first step
