@@ -6,10 +6,10 @@
 the teacher answers every copy. Most copies keep their review's sentiment in broken wording
 ("This grilling panic is a catastrophes to usage"), which the teacher reads worse than the
 original. This script reads the run's stored teacher rows (no engine) and counts, over the copies
-whose original has a reference, how often the calibrated label (`curation.calibrate: instruction`,
-as curation reads it) states that reference: the copy's own answer, and its original's. The
-references are the train split's: this measures the teacher's labels, the student never reads
-them, and no choice is made on it (the choice: bench/README.md, on validation and
+whose original has a reference, how often the calibrated label (against the priors that
+`curation.calibrate` builds, as curation reads them) states that reference: the copy's own answer,
+and its original's. The references are the train split's: this measures the teacher's labels, the
+student never reads them, and no choice is made on it (the choice: bench/README.md, on validation and
 `shifted_validation`). With `--write DIR`, writes the rows again into DIR (a copy of the run's
 `teacher/`), each copy carrying its original's answer (text, tokens, top-k), for
 `bench/compare_methods.py` to train from.
@@ -37,7 +37,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from distill.augment import is_copy
-    from distill.calibration import LabelCalibration, instruction_of, label_mass, log_prior
+    from distill.calibration import LabelCalibration, Priors, label_mass, label_mass_by_instruction, log_prior
     from distill.config import load_config
     from distill.model_files import teacher_tokenizer
     from distill.tasks import task_from_config
@@ -52,17 +52,17 @@ def main() -> None:
     task = task_from_config(cfg.task)
     calibration = LabelCalibration(task, *text_codec(teacher_tokenizer(cfg)))
     rows = pq.read_table(Path(args.run) / "teacher").to_pylist()
-    answers = {(r["id"], r["sample"]): calibration.answer(r) for r in rows}
-    groups: dict[str, list] = {}
-    for r in rows:
-        if answers[r["id"], r["sample"]] is not None:
-            groups.setdefault(instruction_of(r), []).append(answers[r["id"], r["sample"]])
-    priors = {key: log_prior(*label_mass(group, len(task.labels))) for key, group in groups.items()}
+    read = [calibration.answer(r) for r in rows]
+    labels, least = len(task.labels), cfg.curation.calibrate_min_rows
+    groups = label_mass_by_instruction(rows, read, labels) if cfg.curation.calibrate == "instruction" else {}
+    priors = Priors(log_prior(*label_mass(read, labels)),
+                    {key: log_prior(total, n) for key, (total, n) in groups.items() if n >= least})
+    answers = {(r["id"], r["sample"]): answer for r, answer in zip(rows, read)}
     originals = {(r["id"], r["sample"]): r for r in rows if not is_copy(r["id"])}
 
     def label(row) -> str | None:
         answer = answers[row["id"], row["sample"]]
-        return None if answer is None else task.labels[int(np.argmax(answer.scores - priors[instruction_of(row)]))]
+        return None if answer is None else task.labels[int(np.argmax(answer.scores - priors.of(row)))]
 
     counted = own = inherited = 0
     for r in rows:
