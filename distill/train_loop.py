@@ -199,7 +199,8 @@ class DistillRecipe:
         if t.kd.hidden_weight:
             self.pairs = hidden_pairs(getattr(self.cfg.student, "layers", []), t.kd.hidden_layers)
             decoder = state_teacher(self.cfg.teacher.path, lm.config.hidden_size, training_dtype(self.inputs.ds_config))
-            self.teacher_states = TeacherStates(decoder, [teacher for _, teacher in self.pairs])
+            self.teacher_states = TeacherStates(decoder, [teacher for _, teacher in self.pairs],
+                                                keep_bytes=int(t.teacher_state_cache_gib * 2**30))
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("validation") if self.inputs.has_validation else None
 
@@ -289,11 +290,17 @@ class DistillRecipe:
             state.update(epoch=epoch + 1, batch_in_epoch=0)
             val = self.validate()
             state["history"].append({"step": state["step"], "epoch": epoch + 1, "val_loss": val})
-            self.log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {loss_text(val)}")
+            self.log(f"epoch {epoch + 1}/{epochs}: loss {loss_value:.4f} val_loss {loss_text(val)}{self.kept_states_text()}")
             if self.rank == 0:
                 locate(self.inputs.history_uri).write_json(state["history"])
             if epoch + 1 < epochs or t.method == "on_policy":
                 self.checkpoint({**state, "loss": loss_value, "val_loss": val, **parts})
+
+    def kept_states_text(self) -> str:
+        kept = self.teacher_states
+        if kept is None or not kept.keep_bytes:
+            return ""
+        return f", teacher states kept for {len(kept.rows)} rows ({kept.kept_bytes / 2**30:.2f} GiB)"
 
     def record_validation(self, label: str, **extra: Any) -> None:
         """Validate, append the loss (and `extra`) to the history and write it (rank 0)."""

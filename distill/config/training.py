@@ -125,6 +125,12 @@ class TrainingConfig(Strict):
     hidden size) is added to the student's input embeddings, so a word reaches it a little off its
     place, as an unseen neighbour would; the teacher of the hidden-state term reads the clean input,
     and evaluation and serving see none. Off when null; the paper's values are 5 to 15."""
+    teacher_state_cache_gib: float = Field(2.0, ge=0.0)
+    """Host memory each worker may fill with the hidden-state term's teacher states
+    (`kd.hidden_weight`) for the rows it has read, so that later epochs and validation passes
+    read them instead of running the teacher again: the teacher is frozen and reads a row's fixed
+    tokens, so its states for the row never change. Rows past the limit are computed each time;
+    0 computes every row each time."""
     cache_examples: Literal["auto", "always", "never"] = "auto"
     """Tokenize the training examples once, before the first step, and keep them in Ray's object
     store for every epoch (`always`), or stream them from the curated files, tokenized again in
