@@ -1,6 +1,7 @@
 """The hidden-state term's teacher with the shared prompt prefix computed once, against the whole batch each step.
 
     .venv/bin/python bench/teacher_prefix.py [--config configs/default.yaml] [--batches 20]
+    .venv/bin/python bench/teacher_prefix.py --kept     # also each row's states kept from a first pass
 
 Each step of a recipe with `training.kd.hidden_weight` runs the frozen teacher forward on the
 student's input; `distill.teacher_states.TeacherStates` computes the prefix every row shares (the
@@ -12,6 +13,11 @@ the student trains in on this machine (`distill.hardware.fast_dtype`). It also r
 prefix-cached states are from the whole batch's, in the hidden-state term's own measure (relative
 squared error, `distill.losses.hidden_state_loss`), beside how far the same teacher in that
 precision is from fp32: rounding, not a different target. Writes bench/results/teacher_prefix.json.
+
+With `--kept`, a third way: the rows' states kept from a first pass over the batches (as the first
+epoch keeps them, `training.teacher_state_cache_gib`), then read back for the same rows regrouped
+into other batches (as a later epoch draws them), against the prefix-cached pass on those batches;
+with the largest difference between the two. Writes bench/results/teacher_states_kept.json.
 """
 
 from __future__ import annotations
@@ -65,12 +71,56 @@ def hidden_size(path: str) -> int:
     return AutoConfig.from_pretrained(resolve_model(path)).hidden_size
 
 
+def regrouped(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same rows in other batches of the same size (the even rows, then the odd ones), right-padded
+    again to their new batch's longest row (with id 0: padding is masked, its id read by nothing)."""
+    rows = [ids[i, :int(mask[i].sum())].tolist() for ids, mask in batches for i in range(len(ids))]
+    size = len(batches[0][0])
+    order = [*rows[0::2], *rows[1::2]]
+    out = []
+    for start in range(0, len(order), size):
+        group = order[start:start + size]
+        width = max(map(len, group))
+        out.append((torch.tensor([r + [0] * (width - len(r)) for r in group]),
+                    torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in group])))
+    return out
+
+
+def kept_states(cached: TeacherStates, teacher, indices: list[int], batches, cfg) -> None:
+    """Time the prefix-cached pass against rows read back from kept states, on regrouped batches."""
+    kept = TeacherStates(teacher, indices, keep_bytes=int(cfg.training.teacher_state_cache_gib * 2**30))
+    for ids, mask in batches:  # the first epoch: computed and kept
+        kept(ids, mask)
+    later = regrouped(batches)
+    times, largest = {"prefix_cached": 0.0, "rows_kept": 0.0}, 0.0
+    for ids, mask in later:
+        for name, fn in (("prefix_cached", cached), ("rows_kept", kept)):
+            start = time.perf_counter()
+            fn(ids, mask)
+            times[name] += time.perf_counter() - start
+        real = mask.bool()
+        largest = max(largest, max(float((a[real].float() - b[real].float()).abs().max())
+                                   for a, b in zip(cached(ids, mask), kept(ids, mask))))
+    figures = {
+        "machine": platform.processor() or platform.machine(), "dtype": str(next(teacher.parameters()).dtype),
+        "threads": torch.get_num_threads(), "batches": len(later), "batch_size": cfg.training.batch_size,
+        "rows_kept": len(kept.rows), "kept_mib": round(kept.kept_bytes / 2**20, 1),
+        "teacher_s_per_batch_prefix_cached": round(times["prefix_cached"] / len(later), 4),
+        "teacher_s_per_batch_rows_kept": round(times["rows_kept"] / len(later), 4),
+        "speedup": round(times["prefix_cached"] / times["rows_kept"], 1),
+        "largest_difference_rows_kept_vs_prefix_cached": largest,
+    }
+    print(json.dumps(figures, indent=2))
+    (ROOT / "bench" / "results" / "teacher_states_kept.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def main() -> None:
     from distill.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--kept", action="store_true", help="time rows read back from kept states")
     args = ap.parse_args()
     cfg = load_config(args.config, [])
     torch.set_num_threads(int(cfg.training.cpus_per_worker))
@@ -81,6 +131,9 @@ def main() -> None:
     indices = [t for _, t in hidden_pairs(getattr(cfg.student, "layers", []), cfg.training.kd.hidden_layers)]
     cached = TeacherStates(teacher, indices)
     cached(*batches[0])  # the prefix, computed once as training computes it at its first step
+    if args.kept:
+        kept_states(cached, teacher, indices, batches, cfg)
+        return
 
     def whole(ids, mask, model=teacher):
         with torch.no_grad():
