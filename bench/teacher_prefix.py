@@ -72,18 +72,15 @@ def hidden_size(path: str) -> int:
 
 
 def regrouped(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same rows in other batches of the same size (the even rows, then the odd ones), right-padded
-    again to their new batch's longest row (with id 0: padding is masked, its id read by nothing)."""
+    """The same rows in other batches of the same size (the even rows, then the odd ones), padded
+    again by training's `collate` to their new batch's longest row (with id 0: padding is masked)."""
+    from distill.train_data import INPUT_IDS, LABELS, collate
+
     rows = [ids[i, :int(mask[i].sum())].tolist() for ids, mask in batches for i in range(len(ids))]
     size = len(batches[0][0])
-    order = [*rows[0::2], *rows[1::2]]
-    out = []
-    for start in range(0, len(order), size):
-        group = order[start:start + size]
-        width = max(map(len, group))
-        out.append((torch.tensor([r + [0] * (width - len(r)) for r in group]),
-                    torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in group])))
-    return out
+    order = [{INPUT_IDS: r, LABELS: r} for r in [*rows[0::2], *rows[1::2]]]
+    padded = [collate(order[i:i + size], 0, 0) for i in range(0, len(order), size)]
+    return [(b.input_ids, b.attention_mask) for b in padded]
 
 
 def kept_states(cached: TeacherStates, teacher, indices: list[int], batches, cfg) -> None:
@@ -127,13 +124,13 @@ def main() -> None:
     batches = train_batches(cfg, args.batches)
     dtype = getattr(torch, fast_dtype("cpu"))
     teacher = state_teacher(cfg.teacher.path, hidden_size(cfg.teacher.path), dtype)
-    reference = state_teacher(cfg.teacher.path, hidden_size(cfg.teacher.path), torch.float32)
     indices = [t for _, t in hidden_pairs(getattr(cfg.student, "layers", []), cfg.training.kd.hidden_layers)]
     cached = TeacherStates(teacher, indices)
     cached(*batches[0])  # the prefix, computed once as training computes it at its first step
     if args.kept:
         kept_states(cached, teacher, indices, batches, cfg)
         return
+    reference = state_teacher(cfg.teacher.path, hidden_size(cfg.teacher.path), torch.float32)
 
     def whole(ids, mask, model=teacher):
         with torch.no_grad():
