@@ -108,24 +108,15 @@ class LabelCalibration:
         answer = answer or self.answer(row)
         if answer is None:
             return row, None
-        width = row[S.TOPK]
-        lo, hi = answer.position * width, (answer.position + 1) * width
-        ids, lps = list(row[S.TOPK_IDS]), np.asarray(list(row[S.TOPK_LOGPROBS]), np.float64)
-        moved = lps[lo:hi].copy()
-        prior = dict(zip(answer.label_ids, log_prior))
-        at = [j for j, t in enumerate(ids[lo:hi]) if t in prior]  # the labels in this position's top-k
-        if at:  # their total probability is kept; its split between them is divided by the prior
-            split = moved[at] - np.array([prior[ids[lo + j]] for j in at])
-            moved[at] = np.logaddexp.reduce(moved[at]) + split - np.logaddexp.reduce(split)
-        order = np.argsort(-moved, kind="stable")
-        out = {**row, S.TOPK_IDS: ids[:lo] + [ids[lo + j] for j in order] + ids[hi:],
-               S.TOPK_LOGPROBS: [*lps[:lo], *moved[order], *lps[hi:]]}
+        out = divided(row, answer, log_prior)
         new = self.labels[int(np.argmax(answer.scores - log_prior))]
         if new == self.task.extract(row.get(S.TEXT) or ""):
             return out, None
         # rewritten as a gold label would be; the answer's own position keeps its (calibrated)
         # top-k when the new label is in it
-        in_top_k = answer.label_ids[self.labels.index(new)] in ids[lo:hi]
+        width = row[S.TOPK]
+        in_top_k = answer.label_ids[self.labels.index(new)] in list(row[S.TOPK_IDS])[answer.position * width:
+                                                                                   (answer.position + 1) * width]
         relabelled = relabel_wrong_answer({**out, S.REFERENCE: new}, self.task, self.encode,
                                           keep_at=answer.position if in_top_k else None)
         if relabelled is None:
@@ -136,6 +127,24 @@ class LabelCalibration:
         """`Answer.margin` of the row; None for a row `answer` cannot read."""
         answer = self.answer(row)
         return None if answer is None else answer.margin(log_prior)
+
+
+def divided(row: dict[str, Any], answer: Answer, log_factor: np.ndarray) -> dict[str, Any]:
+    """The row with each label's probability at its answer divided by `exp(log_factor)` (one per
+    label) and the labels' total probability kept: how their split changes, not how much the
+    teacher is set on some label at all. The position's top-k is sorted again."""
+    width = row[S.TOPK]
+    lo, hi = answer.position * width, (answer.position + 1) * width
+    ids, lps = list(row[S.TOPK_IDS]), np.asarray(list(row[S.TOPK_LOGPROBS]), np.float64)
+    moved = lps[lo:hi].copy()
+    factor = dict(zip(answer.label_ids, log_factor))
+    at = [j for j, t in enumerate(ids[lo:hi]) if t in factor]  # the labels in this position's top-k
+    if at:
+        split = moved[at] - np.array([factor[ids[lo + j]] for j in at])
+        moved[at] = np.logaddexp.reduce(moved[at]) + split - np.logaddexp.reduce(split)
+    order = np.argsort(-moved, kind="stable")
+    return {**row, S.TOPK_IDS: ids[:lo] + [ids[lo + j] for j in order] + ids[hi:],
+            S.TOPK_LOGPROBS: [*lps[:lo], *moved[order], *lps[hi:]]}
 
 
 def instruction_of(row: dict[str, Any]) -> str:

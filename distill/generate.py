@@ -318,6 +318,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
     import ray.data
 
     from distill import teacher_workers
+    from distill.bare_reading import bare_reading
     from distill.prepare import teacher_context
     from distill.engine import engine_env
     from distill.ray_utils import connect
@@ -347,7 +348,7 @@ def run_pool(cfg: RunConfig, prompts: pa.Table | PromptFiles, count: int, out_ur
                 model=teacher.path, engine=teacher.engine, sampling=sampling, top_k=top_k,
                 logprob_dtype=gen.logprob_dtype, out_uri=out_uri,
                 prompts_per_part=max(1, gen.rows_per_file // sampling.n), blocks_in_flight=in_flight,
-                context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path),
+                context=teacher_context(teacher), stamp=TokenizerStamp.of(teacher.path), reading=bare_reading(cfg),
             ),
         )
     # blocks reach the actors in the plan's order, not the order their reads finish in: vLLM's

@@ -91,9 +91,10 @@ class TeacherWorker:
 
     def __init__(self, model: str, engine: EngineConfig, sampling: SamplingConfig, top_k: int, logprob_dtype: str,
                  out_uri: str, prompts_per_part: int, blocks_in_flight: int = 1, context=None,
-                 stamp: TokenizerStamp | None = None):
+                 stamp: TokenizerStamp | None = None, reading=None):
         self.blocks_in_flight = blocks_in_flight
         self.context = context  # a chat.TeacherContext: around each prompt, for the engine only
+        self.reading = reading  # a bare_reading.BareReading: each label read without the context too
         self.engine, self.sampling = engine, sampling
         self.stamp = stamp  # the tokenizer of the rows' ids, written into every part
         self.top_k = top_k
@@ -118,8 +119,13 @@ class TeacherWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from distill.engine import generate_rows
 
-        rows = generate_rows(self.llm, batch.to_pylist(), self.sampling, self.top_k, self.engine,
+        prompt_rows = batch.to_pylist()
+        rows = generate_rows(self.llm, prompt_rows, self.sampling, self.top_k, self.engine,
                              self.request_params, self.context)
+        if self.reading is not None:
+            tokenizer = self.llm.get_tokenizer()
+            bare = self.llm.generate(*self.reading.requests(tokenizer, prompt_rows), use_tqdm=False)
+            rows = self.reading.mixed(tokenizer, rows, self.reading.scores(tokenizer, prompt_rows, bare))
         return self.write(rows)
 
 
@@ -157,10 +163,21 @@ class AsyncTeacherWorker(TeacherWorker):
             errors, prompts, params = await asyncio.to_thread(
                 prepare_requests, self.llm.get_tokenizer(), rows, self.sampling, self.top_k,
                 self.engine, self.request_params, self.context)
+            tokenizer = self.llm.get_tokenizer()
+            if self.reading is not None:
+                bare_prompts, bare_params = self.reading.requests(tokenizer, rows)  # answered last, one per row
+                prompts, params = prompts + bare_prompts, params + bare_params
             results = await asyncio.gather(*(self._final(p, sp) for p, sp in zip(prompts, params)))
-        # packing and writing off the event loop, which feeds the engine the other blocks
-        tokenizer = self.llm.get_tokenizer()
-        return await asyncio.to_thread(lambda: self.write(output_rows(rows, errors, results, self.top_k, tokenizer)))
+        if self.reading is not None:
+            results, bare = results[:-len(rows)], results[-len(rows):]
+
+        def write():  # packing and writing off the event loop, which feeds the engine the other blocks
+            out = output_rows(rows, errors, results, self.top_k, tokenizer)
+            if self.reading is not None:
+                out = self.reading.mixed(tokenizer, out, self.reading.scores(tokenizer, rows, bare))
+            return self.write(out)
+
+        return await asyncio.to_thread(write)
 
     def __del__(self):  # stop the engine's core process before this actor goes (as Ray Data LLM does)
         if hasattr(self, "llm"):

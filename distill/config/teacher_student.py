@@ -92,6 +92,11 @@ class VllmTeacher(ModelSpec, TeacherContext):
     """vllm: the teacher runs in our vLLM actors."""
     pool: ActorPool = ActorPool()
     """The autoscaling pool of teacher actors."""
+    bare_reading: str | None = Field(None, min_length=1)
+    """Also read each label from the teacher without its context (`distill.bare_reading`): the
+    task's own prompt, the reply begun with this text (e.g. "The review is"), one token more. A
+    stated label's split becomes the mean of the two readings, which curation then calibrates.
+    null: off. Needs a task with labels."""
 
 
 class PrecomputedTeacher(Strict):
