@@ -13,7 +13,7 @@ the split of its labels' probability at the answer becomes the mean of the two r
 probabilities; its text and the labels' total probability are left as they are. Curation's
 calibration then works on the mean, and rewrites a row whose label it changes.
 
-The worker calls `BareReading.requests` and `BareReading.mixed` around its own requests (one
+The worker calls `BareReading.requests`, `scores` and `mixed` around its own requests (one
 engine, no other actor); the rows keep the teacher schema.
 """
 
@@ -58,9 +58,10 @@ class BareReading:
                             f"{self.prefix!r}, so one reading cannot tell them apart; use labels that start apart")
         return ids
 
-    def requests(self, tokenizer, rows: list[dict[str, Any]]):
-        """(TokensPrompts, SamplingParams): one request per prompt row, the task's own messages
-        with the reply begun by the prefix, for one token and its top-k."""
+    def requests(self, tokenizer, rows: list[dict[str, Any]], max_model_len: int):
+        """(rows read, TokensPrompts, SamplingParams): one request per prompt row whose bare
+        prompt fits the engine, the task's own messages with the reply begun by the prefix, for
+        one token and its top-k (a row too long for the engine is an error row already)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -69,12 +70,17 @@ class BareReading:
         encode, _ = self.codec(tokenizer)
         head = encode(self.prefix)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_k, flat_logprobs=True)
-        prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(tokenizer, row[S.MESSAGES]) + head) for row in rows]
-        return prompts, [params] * len(prompts)
+        asked, prompts = [], []
+        for row in rows:
+            ids = prompt_token_ids(tokenizer, row[S.MESSAGES]) + head
+            if len(ids) < max_model_len:
+                asked.append(row)
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+        return asked, prompts, [params] * len(prompts)
 
     def scores(self, tokenizer, rows: list[dict[str, Any]], results) -> dict[str, np.ndarray]:
-        """Each prompt row's bare reading, by id: log p(label) normalised over the labels
-        (`results`: the RequestOutputs of `requests(rows)`, in order)."""
+        """Each row's bare reading, by id: log p(label) normalised over the labels (`rows` and
+        `results`: the rows `requests` asked about and their RequestOutputs, in order)."""
         from distill.engine import pack_topk
 
         label_ids = self.label_ids(self.codec(tokenizer)[0])

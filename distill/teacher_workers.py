@@ -124,8 +124,9 @@ class TeacherWorker:
                              self.request_params, self.context)
         if self.reading is not None:
             tokenizer = self.llm.get_tokenizer()
-            bare = self.llm.generate(*self.reading.requests(tokenizer, prompt_rows), use_tqdm=False)
-            rows = self.reading.mixed(tokenizer, rows, self.reading.scores(tokenizer, prompt_rows, bare))
+            asked, prompts, params = self.reading.requests(tokenizer, prompt_rows, self.engine.max_model_len)
+            bare = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+            rows = self.reading.mixed(tokenizer, rows, self.reading.scores(tokenizer, asked, bare))
         return self.write(rows)
 
 
@@ -164,17 +165,18 @@ class AsyncTeacherWorker(TeacherWorker):
                 prepare_requests, self.llm.get_tokenizer(), rows, self.sampling, self.top_k,
                 self.engine, self.request_params, self.context)
             tokenizer = self.llm.get_tokenizer()
-            if self.reading is not None:
-                bare_prompts, bare_params = self.reading.requests(tokenizer, rows)  # answered last, one per row
+            asked, bare = [], []
+            if self.reading is not None:  # answered last, one per row asked
+                asked, bare_prompts, bare_params = self.reading.requests(tokenizer, rows, self.engine.max_model_len)
                 prompts, params = prompts + bare_prompts, params + bare_params
             results = await asyncio.gather(*(self._final(p, sp) for p, sp in zip(prompts, params)))
-        if self.reading is not None:
-            results, bare = results[:-len(rows)], results[-len(rows):]
+        if asked:
+            results, bare = results[:-len(asked)], results[-len(asked):]
 
         def write():  # packing and writing off the event loop, which feeds the engine the other blocks
             out = output_rows(rows, errors, results, self.top_k, tokenizer)
             if self.reading is not None:
-                out = self.reading.mixed(tokenizer, out, self.reading.scores(tokenizer, rows, bare))
+                out = self.reading.mixed(tokenizer, out, self.reading.scores(tokenizer, asked, bare))
             return self.write(out)
 
         return await asyncio.to_thread(write)

@@ -99,7 +99,7 @@ def test_the_engines_reading_is_the_teachers_next_token_after_the_bare_prompt_an
     model = str(make_tiny_llama(tmp_path / "peaked", init=0.5, seed=3))  # a peaked next-token distribution
     rows = [{"id": f"r{i}", "messages": [{"role": "system", "content": "Answer with one word."},
                                          {"role": "user", "content": f"Review: {text}"}]}
-            for i, text in enumerate(["it broke on day one.", "superb, would buy again."])]
+            for i, text in enumerate(["it broke on day one.", "superb, would buy again.", "word " * 300])]
     reading = BareReading("The review is", TASK, top_k=5)
     engine = EngineConfig(max_model_len=256, kv_cache_memory_bytes=64 * 2**20, dtype="float32")
 
@@ -108,13 +108,15 @@ def test_the_engines_reading_is_the_teachers_next_token_after_the_bare_prompt_an
         from distill.engine import make_llm
 
         llm = make_llm(model, engine)
-        results = llm.generate(*reading.requests(llm.get_tokenizer(), rows), use_tqdm=False)
+        asked, prompts, params = reading.requests(llm.get_tokenizer(), rows, engine.max_model_len)
+        results = llm.generate(prompts, params, use_tqdm=False)
         return ([pack_topk(r.outputs[0].logprobs, list(r.outputs[0].token_ids), 5)[:2] for r in results],
-                reading.scores(llm.get_tokenizer(), rows, results))
+                reading.scores(llm.get_tokenizer(), asked, results))
 
     tops, scores = ray.get(read.remote(), timeout=200)
     tok = AutoTokenizer.from_pretrained(model)
     hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    assert len(tops) == 2  # the third row is too long for the engine: not asked, not read
     for row, (ids, lps) in zip(rows, tops):
         prompt = prompt_token_ids(tok, row["messages"]) + tok.encode("The review is", add_special_tokens=False)
         with torch.no_grad():

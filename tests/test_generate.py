@@ -80,9 +80,12 @@ def test_each_planned_block_reaches_the_teacher_as_one_batch_in_the_plans_order(
 
 def test_the_async_engine_with_blocks_in_flight_writes_what_the_synchronous_one_wrote(generated_run, tiny_model,
                                                                                       tmp_path):
+    """Also with a bare reading of each label (`teacher.bare_reading`), asked of the same engine
+    beside each block's requests: the tiny model states no label, so it leaves every row as it was."""
     from conftest import copy_run, with_overrides
 
-    cfg = with_overrides(copy_run(generated_run[0], tmp_path / "run", tiny_model), "generation.blocks_in_flight=3")
+    cfg = with_overrides(copy_run(generated_run[0], tmp_path / "run", tiny_model), "generation.blocks_in_flight=3",
+                         "teacher.bare_reading=The review is")
     run_stage("generate", cfg, force=True)
     sync = {r["id"]: r for r in _teacher_rows(generated_run[0])}
     rows = _teacher_rows(tmp_path / "run")
@@ -210,7 +213,8 @@ def test_the_teachers_context_reaches_the_engine_and_never_the_rows(generated_ru
     shots = tmp_path / "shots.jsonl"
     shots.write_text(json.dumps({"prompt": "Review: it broke on day one.", "answer": "negative"}) + "\n")
     cfg = with_overrides(copy_run(generated_run[0], tmp_path / "run", tiny_model),
-                         "teacher.system_prompt=Label the review's sentiment.", f"teacher.few_shot={shots}")
+                         "teacher.system_prompt=Label the review's sentiment.", f"teacher.few_shot={shots}",
+                         "teacher.bare_reading=The review is")  # read bare beside the context: rows unchanged
     run_stage("generate", cfg)
     bare = {r["id"]: r for r in _teacher_rows(generated_run[0])}
     rows = _teacher_rows(tmp_path / "run")
