@@ -32,7 +32,8 @@ from distill.errors import UserError
 @dataclass(frozen=True)
 class BareReading:
     """`prefix`: how the teacher's bare reply begins (the label's word comes next, after a space);
-    `task`: the run's task (its labels, and where a response states one)."""
+    `task`: the run's task (its labels, and where a response states one); `top_k`: how many of
+    the next token's likeliest tokens are read (`generation.top_k_logprobs`)."""
 
     prefix: str
     task: TaskConfig
