@@ -27,6 +27,7 @@ import numpy as np
 from distill import schema as S
 from distill.config import TaskConfig
 from distill.errors import UserError
+from distill.tokenizers import codec_of
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,6 @@ class BareReading:
     prefix: str
     task: TaskConfig
     top_k: int
-
-    def codec(self, tokenizer):
-        """(encode, decode) of text without special tokens in the engine's tokenizer."""
-        return (lambda text: tokenizer.encode(text, add_special_tokens=False),
-                lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
     def label_ids(self, encode) -> list[int]:
         """Each label's first token after `prefix` and a space; labels must start apart."""
@@ -68,8 +64,7 @@ class BareReading:
 
         from distill.chat import prompt_token_ids
 
-        encode, _ = self.codec(tokenizer)
-        head = encode(self.prefix)
+        head = codec_of(tokenizer)[0](self.prefix)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_k, flat_logprobs=True)
         asked, prompts = [], []
         for row in rows:
@@ -84,7 +79,7 @@ class BareReading:
         `results`: the rows `requests` asked about and their RequestOutputs, in order)."""
         from distill.engine import pack_topk
 
-        label_ids = self.label_ids(self.codec(tokenizer)[0])
+        label_ids = self.label_ids(codec_of(tokenizer)[0])
         return {row[S.ID]: read_labels(pack_topk(r.outputs[0].logprobs, list(r.outputs[0].token_ids), self.top_k),
                                        label_ids)
                 for row, r in zip(rows, results)}
@@ -95,7 +90,7 @@ class BareReading:
         from distill.calibration import LabelCalibration, divided
         from distill.tasks import task_from_config
 
-        calibration = LabelCalibration(task_from_config(self.task), *self.codec(tokenizer))
+        calibration = LabelCalibration(task_from_config(self.task), *codec_of(tokenizer))
         out = []
         for row in out_rows:
             answer = calibration.answer(row)

@@ -161,10 +161,10 @@ class AsyncTeacherWorker(TeacherWorker):
             self._slots = asyncio.Semaphore(self.blocks_in_flight)
         rows = batch.to_pylist()
         async with self._slots:  # Ray Data may hand over more batches than that at once
-            errors, prompts, params = await asyncio.to_thread(
-                prepare_requests, self.llm.get_tokenizer(), rows, self.sampling, self.top_k,
-                self.engine, self.request_params, self.context)
             tokenizer = self.llm.get_tokenizer()
+            errors, prompts, params = await asyncio.to_thread(
+                prepare_requests, tokenizer, rows, self.sampling, self.top_k,
+                self.engine, self.request_params, self.context)
             asked, bare = [], []
             if self.reading is not None:  # answered last, one per row asked
                 asked, bare_prompts, bare_params = self.reading.requests(tokenizer, rows, self.engine.max_model_len)

@@ -77,7 +77,11 @@ def text_codec(name: str) -> tuple[Callable[[str], list[int]], Callable[[list[in
 
     from distill.model_files import resolve_model
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    return codec_of(AutoTokenizer.from_pretrained(resolve_model(name)))
+
+
+def codec_of(tok) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """`text_codec` of a tokenizer already loaded (an engine's)."""
     return (lambda text: tok(text, add_special_tokens=False)["input_ids"],
             lambda ids: tok.decode(ids, skip_special_tokens=True))
 

@@ -17,10 +17,10 @@ SPACED_POS, SPACED_NEG = 3, 4  # " positive", " negative" in test_calibration's 
 
 
 class WordTokenizer:
-    """test_calibration's word-level codec behind the two methods the reading calls."""
+    """test_calibration's word-level codec behind the two calls the reading makes."""
 
-    def encode(self, text, add_special_tokens=False):
-        return encode(text)
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": encode(text)}
 
     def decode(self, ids, skip_special_tokens=True):
         return decode(ids)
