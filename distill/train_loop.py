@@ -42,11 +42,15 @@ class ResponseLogits(torch.nn.Module):
     tokens, takes about 40% off every forward and backward pass.
 
     With `neftune_alpha` (`training.neftune_alpha`), transformers' NEFTune hook adds uniform noise to
-    the input embeddings in train mode only: validation, export and serving read them clean."""
+    the input embeddings in train mode only: validation, export and serving read them clean.
+
+    It is built in train mode, its model with it: transformers loads a model in eval mode and
+    DeepSpeed leaves the mode as it finds it, so the first epoch would otherwise run without the
+    noise (or LoRA's dropout) until the first validation pass switched it back."""
 
     def __init__(self, lm: torch.nn.Module, neftune_alpha: float | None = None):
         super().__init__()
-        self.lm = lm
+        self.lm = lm.train()
         if neftune_alpha is not None:
             from transformers.integrations.neftune import activate_neftune
 

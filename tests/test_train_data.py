@@ -172,7 +172,8 @@ def test_deepspeeds_gradient_all_reduce_is_skipped_only_where_it_is_the_identity
 
 def test_noisy_embeddings_perturb_the_student_in_training_only_and_by_at_most_alpha_over_root_size(tiny_model):
     """`training.neftune_alpha`: the response logits move in train mode, by a fresh draw each pass
-    (the embedding noise is at most alpha / sqrt(tokens x hidden) per element); in eval mode
+    (the embedding noise is at most alpha / sqrt(tokens x hidden) per element), from the first step:
+    the wrapper puts the model transformers loaded in eval mode into train mode; in eval mode
     (validation, and the exported model) they equal the plain model's."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -185,7 +186,7 @@ def test_noisy_embeddings_perturb_the_student_in_training_only_and_by_at_most_al
     mask, positions = torch.ones_like(ids), torch.ones(2, 11, dtype=torch.bool)
     with torch.no_grad():
         clean = plain(ids, mask, positions)
-        noisy.train()
+        assert noisy.lm.training and noisy.lm.get_input_embeddings().training  # as built, not after a .train()
         first, second = noisy(ids, mask, positions), noisy(ids, mask, positions)
         embed = noisy.lm.get_input_embeddings()
         shift = embed(ids) - embed.weight[ids]
