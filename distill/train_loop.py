@@ -51,10 +51,17 @@ class ResponseLogits(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, neftune_alpha: float | None = None):
         super().__init__()
         self.lm = lm.train()
+        self.neftune_alpha = None
         if neftune_alpha is not None:
-            from transformers.integrations.neftune import activate_neftune
+            self.add_noise(neftune_alpha)
 
-            activate_neftune(lm, neftune_alpha)
+    def add_noise(self, alpha: float) -> None:
+        """Noisy input embeddings from now on, in train mode (transformers' NEFTune hook); the recipe
+        calls it at `training.neftune_from` when the noise starts later than the first step."""
+        from transformers.integrations.neftune import activate_neftune
+
+        activate_neftune(self.lm, alpha)
+        self.neftune_alpha = alpha
 
     def forward(self, input_ids, attention_mask, positions, hidden_states=False):
         """positions [B, L-1] bool (where labels[:, 1:] count) -> logits [1, N, V] at those positions;
@@ -181,7 +188,9 @@ class DistillRecipe:
                 r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                 target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
         lm = self.model.get_base_model() if t.lora is not None else self.model  # adapters injected in place
-        wrapped = ResponseLogits(lm, neftune_alpha=t.neftune_alpha)
+        # noise that starts later is added by `train` at its step (`training.neftune_from`)
+        self.noise_start = int(t.neftune_from * self.steps_total()) or None
+        wrapped = ResponseLogits(lm, neftune_alpha=None if self.noise_start else t.neftune_alpha)
         skip_deepspeed_shm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
@@ -268,6 +277,9 @@ class DistillRecipe:
                     continue  # consumed before the restart
                 if state["step"] >= steps_total:
                     break  # training.max_steps reached within this epoch
+                if self.noise_start is not None and state["step"] >= self.noise_start:
+                    self.engine.module.add_noise(t.neftune_alpha)  # once, and again after a resume past it
+                    self.noise_start = None
                 loss, parts, n_tokens = self.loss_step(collate(examples, self.pad_id, self.top_k))
                 self.engine.backward(loss)
                 self.engine.step()

@@ -125,6 +125,9 @@ class TrainingConfig(Strict):
     hidden size) is added to the student's input embeddings, so a word reaches it a little off its
     place, as an unseen neighbour would; the teacher of the hidden-state term reads the clean input,
     and evaluation and serving see none. Off when null; the paper's values are 5 to 15."""
+    neftune_from: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the training steps before the noise of `neftune_alpha` starts (0: from the first
+    step; 0.5: the second half, the student first learning from the clean words)."""
     teacher_state_cache_gib: float = Field(2.0, ge=0.0)
     """Host memory each worker may fill with the hidden-state term's teacher states
     (`kd.hidden_weight`) for the rows it has read, so that later epochs and validation passes
@@ -176,6 +179,13 @@ class TrainingConfig(Strict):
         if self.freeze_layers and self.lora is not None:
             raise ValueError("training.freeze_layers fixes whole layers, and LoRA already fixes every base weight: "
                              "set training.freeze_layers=0 or drop training.lora")
+        return self
+
+    @model_validator(mode="after")
+    def _noise_to_start(self) -> "TrainingConfig":
+        if self.neftune_from and self.neftune_alpha is None:
+            raise ValueError(f"training.neftune_from={self.neftune_from} starts noise that training.neftune_alpha "
+                             "does not add: set training.neftune_alpha (5 to 15), or training.neftune_from=0")
         return self
 
     @model_validator(mode="after")
