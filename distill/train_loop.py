@@ -51,7 +51,6 @@ class ResponseLogits(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, neftune_alpha: float | None = None):
         super().__init__()
         self.lm = lm.train()
-        self.neftune_alpha = None
         if neftune_alpha is not None:
             self.add_noise(neftune_alpha)
 
@@ -61,7 +60,6 @@ class ResponseLogits(torch.nn.Module):
         from transformers.integrations.neftune import activate_neftune
 
         activate_neftune(self.lm, alpha)
-        self.neftune_alpha = alpha
 
     def forward(self, input_ids, attention_mask, positions, hidden_states=False):
         """positions [B, L-1] bool (where labels[:, 1:] count) -> logits [1, N, V] at those positions;
