@@ -175,7 +175,12 @@ class DistillRecipe:
         saved = AutoConfig.from_pretrained(path)
         dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None) or torch.float32
         self.export_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if t.attention_dropout and not hasattr(saved, "attention_dropout"):
+            raise ValueError(f"training.attention_dropout={t.attention_dropout}: the student's model type "
+                             f"({saved.model_type}) has no attention dropout; set training.attention_dropout=0")
+        dropout = {"attention_dropout": t.attention_dropout} if t.attention_dropout else {}
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **dropout)
+        self.shipped_attention_dropout = getattr(saved, "attention_dropout", None)
         if t.freeze_embeddings:  # with tied weights this freezes the output head too
             self.model.get_input_embeddings().weight.requires_grad_(False)
         freeze_first_layers(self.model, t.freeze_layers)
@@ -369,6 +374,8 @@ class DistillRecipe:
         state = {k: v.detach().to("cpu", self.export_dtype) if v.is_floating_point() else v
                  for k, v in tied_state_dict(module, state).items()}
         module.config.dtype = self.export_dtype
+        if self.cfg.training.attention_dropout:  # training's dropout is not the model's
+            module.config.attention_dropout = self.shipped_attention_dropout
         remote = "://" in export_dir
         tmp = tempfile.mkdtemp() if remote else export_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """train on real Ray Train + DeepSpeed (one or two CPU workers) with a tiny random student."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -183,18 +184,24 @@ def test_lora_with_noisy_embeddings_trains_adapters_and_exports_a_plain_model(ge
     assert stats["method"] == "sequence"
 
 
-def test_noise_from_half_the_steps_leaves_the_first_half_as_without_noise(generated_run, tiny_model, tmp_path,
-                                                                          ray_cluster):
+def test_noise_from_half_the_steps_and_attention_dropout_change_training_where_they_act(
+        generated_run, tiny_model, tmp_path, ray_cluster):
     """`training.neftune_from: 0.5` of 8 steps: the first 4 are computed as by a student without noise, to
-    the last digit, and the noise changes the fifth (alpha 5: noise above the tiny model's embedding scale)."""
-    def losses(name, **noise):
-        cfg = _run(generated_run, tiny_model, tmp_path / name, epochs=2, **ONE_WORKER, **noise)
+    the last digit, and the noise changes the fifth (alpha 5: noise above the tiny model's embedding scale).
+    `training.attention_dropout` changes the first step, and the exported model's config keeps the
+    value it shipped with (0): evaluation and serving read it as a plain model."""
+    def losses(name, **regularizer):
+        cfg = _run(generated_run, tiny_model, tmp_path / name, epochs=2, **ONE_WORKER, **regularizer)
         run_stage("train", cfg)
         return [h["loss"] for h in _history(tmp_path / name / "run") if "loss" in h]
 
     plain, noisy = losses("plain"), losses("noisy", neftune_alpha=5.0, neftune_from=0.5)
     assert len(plain) == len(noisy) == 8
     assert noisy[:4] == plain[:4] and noisy[4] != plain[4], (plain, noisy)
+    dropped = losses("dropped", attention_dropout=0.5)
+    assert len(dropped) == 8 and dropped[0] != plain[0], (plain, dropped)
+    exported = json.loads((tmp_path / "dropped" / "run" / "student" / "config.json").read_text())
+    assert exported["attention_dropout"] == json.loads(Path(tiny_model, "config.json").read_text())["attention_dropout"] == 0
 
 
 def test_the_validation_set_is_capped_and_made_once_and_small_train_examples_are_tokenized_once(

@@ -128,6 +128,11 @@ class TrainingConfig(Strict):
     neftune_from: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of the training steps before the noise of `neftune_alpha` starts (0: from the first
     step; 0.5: the second half, the student first learning from the clean words)."""
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the student's attention weights while it trains (its model config's
+    `attention_dropout`, which Llama-type models read in train mode only), so that no single word
+    it attends to decides an answer alone; the exported model keeps the value it was loaded with.
+    0: off, as the model ships."""
     teacher_state_cache_gib: float = Field(2.0, ge=0.0)
     """Host memory each worker may fill with the hidden-state term's teacher states
     (`kd.hidden_weight`) for the rows it has read, so that later epochs and validation passes
