@@ -43,6 +43,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("training={freeze_layers: 1, lora: {r: 4}}", "training: Value error, training.freeze_layers fixes whole layers"),
     ("training.freeze_layers=8", "training.freeze_layers=8 would fix every one of the student's 8 layers"),
     ("training.neftune_from=0.5", "training.neftune_from=0.5 starts noise that training.neftune_alpha does not add"),
+    ("training.attention_dropout=1", "training.attention_dropout: Input should be less than 1"),
 ])
 def test_bad_values_name_the_field_and_the_problem(override, fragment):
     with pytest.raises(ConfigError) as e:
