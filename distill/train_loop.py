@@ -90,6 +90,17 @@ def freeze_first_layers(model: torch.nn.Module, n: int) -> None:
         layer.requires_grad_(False)
 
 
+def attention_dropout_kwargs(saved_config, value: float) -> dict[str, float]:
+    """The `from_pretrained` config override for `training.attention_dropout`. A model type whose
+    config has no `attention_dropout` has no such dropout to set: it is refused, naming the field."""
+    if not value:
+        return {}
+    if not hasattr(saved_config, "attention_dropout"):
+        raise ValueError(f"training.attention_dropout={value}: the student's model type "
+                         f"({saved_config.model_type}) has no attention dropout; set training.attention_dropout=0")
+    return {"attention_dropout": value}
+
+
 def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     """The precision DeepSpeed computes the student in: bf16 or fp16 where enabled, else fp32."""
     for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
@@ -175,10 +186,7 @@ class DistillRecipe:
         saved = AutoConfig.from_pretrained(path)
         dtype = getattr(saved, "dtype", None) or getattr(saved, "torch_dtype", None) or torch.float32
         self.export_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if t.attention_dropout and not hasattr(saved, "attention_dropout"):
-            raise ValueError(f"training.attention_dropout={t.attention_dropout}: the student's model type "
-                             f"({saved.model_type}) has no attention dropout; set training.attention_dropout=0")
-        dropout = {"attention_dropout": t.attention_dropout} if t.attention_dropout else {}
+        dropout = attention_dropout_kwargs(saved, t.attention_dropout)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **dropout)
         self.shipped_attention_dropout = getattr(saved, "attention_dropout", None)
         if t.freeze_embeddings:  # with tied weights this freezes the output head too

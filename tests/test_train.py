@@ -255,6 +255,17 @@ def test_train_examples_are_kept_while_their_largest_size_fits_a_quarter_of_the_
         assert cache_train_examples(cfg, rows, top_k=20) is kept
 
 
+def test_attention_dropout_reaches_a_llama_config_and_is_refused_for_a_model_type_without_it():
+    from transformers import GPT2Config, LlamaConfig
+
+    from distill.train_loop import attention_dropout_kwargs
+
+    assert attention_dropout_kwargs(LlamaConfig(), 0.1) == {"attention_dropout": 0.1}
+    assert attention_dropout_kwargs(GPT2Config(), 0.0) == {}  # off: nothing to check
+    with pytest.raises(ValueError, match=r"model type \(gpt2\).*training.attention_dropout=0"):
+        attention_dropout_kwargs(GPT2Config(), 0.1)
+
+
 def test_deepspeed_is_kept_from_building_its_inference_only_shm_op():
     import importlib
 
